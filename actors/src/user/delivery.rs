@@ -1,0 +1,130 @@
+//! Stanzas addressed to the user (RFC 6121 §8.5): delivery rules for bare and full JIDs and
+//! each stanza type, probes, IQs answered on the account's behalf, unknown users.
+
+use jid::Jid;
+
+use super::UserActor;
+use crate::msg::{Envelope, SessionMsg};
+use crate::xml::Element;
+
+impl UserActor {
+    pub(super) fn inbound(&mut self, st: Element, now: u64) {
+        let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) else { return };
+        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else { return };
+        if !self.exists && self.sessions.is_empty() {
+            // No such user (§8.5.1): errors for messages and IQs, silence for presence.
+            if st.name != "presence" {
+                self.bounce(&st, "service-unavailable", None);
+            }
+            return;
+        }
+        let resource = to.resource().map(|r| r.to_string());
+        match st.name.as_str() {
+            "message" => self.inbound_message(resource.as_deref(), st, now),
+            "presence" => self.inbound_presence(resource.as_deref(), from, st),
+            "iq" => match resource {
+                Some(r) => match self.session(&r) {
+                    Some(s) => {
+                        let a = s.addr;
+                        self.send(Envelope::to_session(a, SessionMsg::Stanza(st)));
+                    }
+                    None => self.bounce(&st, "service-unavailable", None),
+                },
+                None => self.account_iq(None, st),
+            },
+            _ => {}
+        }
+    }
+
+    fn inbound_message(&mut self, resource: Option<&str>, st: Element, now: u64) {
+        let ty = st.attr("type").unwrap_or("normal").to_string();
+        if let Some(r) = resource {
+            if let Some(s) = self.session(r) {
+                let a = s.addr;
+                return self.send(Envelope::to_session(a, SessionMsg::Stanza(st)));
+            }
+            // §8.5.3.2.1: no such resource.
+            match ty.as_str() {
+                "groupchat" => return self.bounce(&st, "service-unavailable", None),
+                "headline" | "error" => return,
+                _ => {} // normal and chat: as if to the bare JID
+            }
+        }
+        match ty.as_str() {
+            "groupchat" => self.bounce(&st, "service-unavailable", None),
+            "headline" => {
+                for e in self.to_available_nonneg(&st, false) {
+                    self.send(e);
+                }
+            }
+            "error" => {
+                for e in self.to_available_nonneg(&st, true) {
+                    self.send(e);
+                }
+            }
+            _ => {
+                let targets = self.to_available_nonneg(&st, true);
+                if targets.is_empty() {
+                    self.store_offline(st, now);
+                } else {
+                    for e in targets {
+                        self.send(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies of `st` for the available resources with non-negative priority; only those of
+    /// the highest priority when `highest` (§8.5.2.1.1).
+    fn to_available_nonneg(&self, st: &Element, highest: bool) -> Vec<Envelope> {
+        let eligible = self.sessions.iter().filter(|s| s.available && s.priority >= 0);
+        let max = eligible.clone().map(|s| s.priority).max();
+        eligible
+            .filter(|s| !highest || Some(s.priority) == max)
+            .map(|s| Envelope::to_session(s.addr, SessionMsg::Stanza(st.clone())))
+            .collect()
+    }
+
+    /// Copies of `st` for every available resource (presence to the bare JID).
+    pub(super) fn to_available(&self, st: &Element) -> Vec<Envelope> {
+        self.sessions
+            .iter()
+            .filter(|s| s.available)
+            .map(|s| Envelope::to_session(s.addr, SessionMsg::Stanza(st.clone())))
+            .collect()
+    }
+
+    fn inbound_presence(&mut self, resource: Option<&str>, from: Jid, st: Element) {
+        let ty = st.attr("type").map(str::to_owned);
+        match ty.as_deref() {
+            Some(t @ ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")) => {
+                let t = t.to_string();
+                self.inbound_subscription(&t, from.to_bare(), st)
+            }
+            Some("probe") => {
+                // §4.3.2: answer only subscribers (from/both); say nothing to others.
+                let prober = from.to_bare().to_string();
+                if self.subscription_of(&prober).has_from() {
+                    for e in self.current_presences(&from.to_string()) {
+                        self.send(e);
+                    }
+                }
+            }
+            None | Some("unavailable") | Some("error") => match resource {
+                Some(r) => {
+                    if let Some(s) = self.session(r) {
+                        let a = s.addr;
+                        self.send(Envelope::to_session(a, SessionMsg::Stanza(st)));
+                    }
+                }
+                None => {
+                    for e in self.to_available(&st) {
+                        self.send(e);
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The user actor: one per bare JID, placed by its key. It holds the user's sessions, roster,
+//! presence and offline queue, and applies RFC 6121 to everything addressed to or sent by the
+//! user.
+//!
+//! Sans-io: [`UserActor::handle`] takes a message and `now` and returns [`Effect`]s. Writes
+//! that a client is told about (roster pushes, subscription changes, offline storage) come as
+//! [`Effect::Persist`], whose follow-up messages the host sends only once the writes are
+//! durable.
+
+mod delivery;
+mod offline;
+mod presence;
+mod roster;
+mod subscription;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::rc::Rc;
+
+use jid::{BareJid, Jid};
+use starling_storage::{OfflineMessage, RosterItem, UserData, Write};
+
+use crate::address::SessionAddr;
+use crate::msg::{Envelope, SessionMsg, UserMsg};
+use crate::ns;
+use crate::stanza;
+use crate::xml::Element;
+
+#[derive(Clone, Debug)]
+pub struct UserConfig {
+    pub max_offline: usize,
+    pub max_roster_items: usize,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Effect {
+    Send(Envelope),
+    /// Make `writes` durable, then send `then` in order.
+    Persist { writes: Vec<Write>, then: Vec<Envelope> },
+}
+
+#[derive(Debug)]
+struct Session {
+    resource: String,
+    addr: SessionAddr,
+    /// Sent initial presence and not unavailable since (RFC 6121 §4.2).
+    available: bool,
+    presence: Option<Element>,
+    priority: i8,
+    /// Asked for the roster: receives roster pushes (RFC 6121 §2.1.6).
+    interested: bool,
+    /// Full or bare JIDs that got directed presence from this resource (§4.6).
+    directed: BTreeSet<String>,
+}
+
+pub struct UserActor {
+    jid: BareJid,
+    exists: bool,
+    cfg: Rc<UserConfig>,
+    roster: BTreeMap<String, RosterItem>,
+    roster_ver: u64,
+    offline: VecDeque<OfflineMessage>,
+    next_seq: u64,
+    sessions: Vec<Session>,
+    fx: Vec<Effect>,
+}
+
+impl UserActor {
+    /// `exists`: the account exists (an anonymous user has no account but may bind).
+    pub fn new(jid: BareJid, exists: bool, data: UserData, cfg: Rc<UserConfig>) -> Self {
+        let next_seq = data.offline.iter().map(|m| m.seq + 1).max().unwrap_or(1);
+        UserActor {
+            jid,
+            exists,
+            cfg,
+            roster: data.roster.into_iter().map(|i| (i.jid.clone(), i)).collect(),
+            roster_ver: data.roster_ver,
+            offline: data.offline.into(),
+            next_seq,
+            sessions: Vec::new(),
+            fx: Vec::new(),
+        }
+    }
+
+    pub fn jid(&self) -> &BareJid {
+        &self.jid
+    }
+
+    /// No session is bound: the actor may be dropped; its durable state reloads on demand.
+    pub fn is_idle(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// The sessions to notify if this actor dies.
+    pub fn session_addrs(&self) -> Vec<SessionAddr> {
+        self.sessions.iter().map(|s| s.addr).collect()
+    }
+
+    pub fn offline_len(&self) -> usize {
+        self.offline.len()
+    }
+
+    pub fn handle(&mut self, msg: UserMsg, now: u64) -> Vec<Effect> {
+        match msg {
+            UserMsg::Bind { session, resource } => self.bind(session, resource),
+            UserMsg::Unbind { session, resource } => self.unbind(session, &resource),
+            UserMsg::Outbound { resource, stanza } => self.outbound(&resource, stanza, now),
+            UserMsg::Inbound { stanza } => self.inbound(stanza, now),
+        }
+        std::mem::take(&mut self.fx)
+    }
+
+    fn send(&mut self, env: Envelope) {
+        self.fx.push(Effect::Send(env));
+    }
+
+    fn persist(&mut self, writes: Vec<Write>, then: Vec<Envelope>) {
+        self.fx.push(Effect::Persist { writes, then });
+    }
+
+    fn full_jid(&self, resource: &str) -> String {
+        format!("{}/{}", self.jid, resource)
+    }
+
+    fn session(&self, resource: &str) -> Option<&Session> {
+        self.sessions.iter().find(|s| s.resource == resource)
+    }
+
+    fn session_mut(&mut self, resource: &str) -> Option<&mut Session> {
+        self.sessions.iter_mut().find(|s| s.resource == resource)
+    }
+
+    fn bind(&mut self, addr: SessionAddr, resource: String) {
+        if let Some(i) = self.sessions.iter().position(|s| s.resource == resource) {
+            // RFC 6120 §7.7.2.2: the newer session wins; the older one is told why it ends.
+            let old = self.sessions.remove(i);
+            tracing::info!(user = %self.jid, resource, "resource conflict: replacing the older session");
+            self.send(Envelope::to_session(
+                old.addr,
+                SessionMsg::Kick { condition: "conflict", text: "replaced by a new connection".into() },
+            ));
+            if old.available {
+                let then = self.unavailable_broadcast(&old, None);
+                for e in then {
+                    self.send(e);
+                }
+            }
+        }
+        self.sessions.push(Session {
+            resource: resource.clone(),
+            addr,
+            available: false,
+            presence: None,
+            priority: 0,
+            interested: false,
+            directed: BTreeSet::new(),
+        });
+        self.send(Envelope::to_session(addr, SessionMsg::Bound { resource }));
+    }
+
+    fn unbind(&mut self, addr: SessionAddr, resource: &str) {
+        let Some(i) = self.sessions.iter().position(|s| s.resource == resource && s.addr == addr) else {
+            return;
+        };
+        let old = self.sessions.remove(i);
+        if old.available || !old.directed.is_empty() {
+            for e in self.unavailable_broadcast(&old, None) {
+                self.send(e);
+            }
+        }
+    }
+
+    /// Stanzas the user's own session sends for processing by the user's server.
+    fn outbound(&mut self, resource: &str, st: Element, now: u64) {
+        if self.session(resource).is_none() {
+            return;
+        }
+        match st.name.as_str() {
+            "presence" => self.outbound_presence(resource, st, now),
+            "iq" => self.account_iq(Some(resource), st),
+            _ => {}
+        }
+    }
+
+    /// IQs addressed to the account (bare JID) — from the user's own session
+    /// (`own_resource`) or from anyone else.
+    fn account_iq(&mut self, own_resource: Option<&str>, iq: Element) {
+        let ty = iq.attr("type").unwrap_or("");
+        if ty == "result" || ty == "error" {
+            return;
+        }
+        let Some(payload) = iq.first_child() else { return };
+        if payload.ns == ns::ROSTER {
+            match own_resource {
+                Some(r) => return self.roster_iq(r, &iq),
+                None => return self.reply(&iq, stanza::error_reply(&iq, "forbidden", None)),
+            }
+        }
+        let reply = match (ty, payload.name.as_str(), payload.ns.as_str()) {
+            ("get", "ping", ns::PING) => stanza::iq_result(&iq),
+            ("get", "query", ns::DISCO_INFO) if payload.attr("node").is_none() => {
+                let mut q = Element::new("query", ns::DISCO_INFO).with_child(
+                    Element::new("identity", ns::DISCO_INFO).with_attr("category", "account").with_attr("type", "registered"),
+                );
+                q.push_child(Element::new("feature", ns::DISCO_INFO).with_attr("var", ns::DISCO_INFO));
+                stanza::iq_result(&iq).with_child(q)
+            }
+            ("get", "query", ns::DISCO_ITEMS) => stanza::iq_result(&iq).with_child(Element::new("query", ns::DISCO_ITEMS)),
+            _ => stanza::error_reply(&iq, "service-unavailable", None),
+        };
+        self.reply(&iq, reply);
+    }
+
+    /// Sends `reply` to whoever sent `req` (its `from`).
+    fn reply(&mut self, req: &Element, reply: Element) {
+        if let Some(env) = self.route_to_from(req, reply) {
+            self.send(env);
+        }
+    }
+
+    /// An envelope carrying `st` to the entity named by `req`'s `from`.
+    fn route_to_from(&self, req: &Element, st: Element) -> Option<Envelope> {
+        let from = Jid::new(req.attr("from")?).ok()?;
+        Some(self.route_to(&from, st))
+    }
+
+    /// Envelope for a stanza to `to`: the user's own sessions directly, anyone else via their
+    /// user actor.
+    fn route_to(&self, to: &Jid, st: Element) -> Envelope {
+        if to.to_bare() == self.jid {
+            if let Some(s) = to.resource().and_then(|r| self.session(r.as_str())) {
+                return Envelope::to_session(s.addr, SessionMsg::Stanza(st));
+            }
+        }
+        Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st })
+    }
+
+    fn bounce(&mut self, st: &Element, condition: &str, text: Option<&str>) {
+        if stanza::may_bounce(st) {
+            let e = stanza::error_reply(st, condition, text);
+            self.reply(st, e);
+        }
+    }
+}
+
+/// RFC 3339 UTC timestamp (XEP-0082) from Unix milliseconds.
+pub fn xmpp_timestamp(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,51 @@
+//! Offline storage (XEP-0160) with delayed-delivery stamps (XEP-0203), capped per user.
+
+use starling_storage::{OfflineMessage, Write};
+
+use super::{xmpp_timestamp, UserActor};
+use crate::address::SessionAddr;
+use crate::msg::{Envelope, SessionMsg};
+use crate::ns;
+use crate::parser::{parse_element, Limits};
+use crate::xml::Element;
+
+impl UserActor {
+    pub(super) fn store_offline(&mut self, st: Element, now: u64) {
+        if self.offline.len() >= self.cfg.max_offline {
+            // Never drop silently: the sender learns the message was not kept.
+            tracing::info!(user = %self.jid, "offline queue full; bouncing message");
+            return self.bounce(&st, "resource-constraint", Some("the recipient's offline queue is full"));
+        }
+        let msg = OfflineMessage { seq: self.next_seq, stamp_unix_ms: now, xml: st.to_client_xml() };
+        self.next_seq += 1;
+        self.offline.push_back(msg.clone());
+        self.persist(vec![Write::PushOffline { user: self.jid.to_string(), msg }], Vec::new());
+    }
+
+    /// Sends the offline queue to a session, then deletes what was sent.
+    pub(super) fn deliver_offline(&mut self, addr: SessionAddr, full: &str, _now: u64) {
+        if self.offline.is_empty() {
+            return;
+        }
+        let domain = self.jid.domain().to_string();
+        let base = vec![("".to_string(), ns::CLIENT.to_string())];
+        let mut upto = 0;
+        let msgs: Vec<OfflineMessage> = self.offline.drain(..).collect();
+        for m in msgs {
+            upto = m.seq;
+            match parse_element(m.xml.as_bytes(), &base, Limits { max_stanza_bytes: usize::MAX, max_depth: 64, max_attrs: 256 }) {
+                Ok(mut el) => {
+                    el.set_attr("to", full);
+                    el.push_child(
+                        Element::new("delay", ns::DELAY)
+                            .with_attr("from", domain.as_str())
+                            .with_attr("stamp", xmpp_timestamp(m.stamp_unix_ms)),
+                    );
+                    self.send(Envelope::to_session(addr, SessionMsg::Stanza(el)));
+                }
+                Err(e) => tracing::error!(user = %self.jid, seq = m.seq, error = ?e, "stored offline message does not parse; skipped"),
+            }
+        }
+        self.persist(vec![Write::DeleteOffline { user: self.jid.to_string(), upto }], Vec::new());
+    }
+}

@@ -1,0 +1,143 @@
+//! The subscription state machine of RFC 6121 §3 and Appendix A, both directions, with
+//! pre-approval (§3.4).
+
+use jid::BareJid;
+use starling_storage::{RosterItem, Subscription as S};
+
+use super::UserActor;
+use crate::msg::{Envelope, UserMsg};
+use crate::xml::Element;
+
+impl UserActor {
+    fn item_for(&self, contact: &str) -> RosterItem {
+        self.roster.get(contact).cloned().unwrap_or_else(|| RosterItem { jid: contact.to_string(), ..Default::default() })
+    }
+
+    /// The user sent a subscription stanza to `contact`.
+    pub(super) fn outbound_subscription(&mut self, ty: &str, contact: BareJid, mut st: Element) {
+        let c = contact.to_string();
+        // Subscription stanzas carry the bare JID (§3.1.2).
+        st.set_attr("from", self.jid.to_string());
+        st.set_attr("to", c.as_str());
+        let route = Envelope::to_user(contact.clone(), UserMsg::Inbound { stanza: st.clone() });
+        let mut item = self.item_for(&c);
+        let before = item.clone();
+        let mut then = Vec::new();
+        match ty {
+            "subscribe" => {
+                if !item.in_roster && self.roster.values().filter(|i| i.in_roster).count() >= self.cfg.max_roster_items {
+                    return self.bounce(&st, "not-allowed", Some("the roster is full"));
+                }
+                if !item.subscription.has_to() {
+                    item.ask_out = true;
+                    item.in_roster = true;
+                }
+                then.push(route);
+            }
+            "subscribed" => {
+                if item.pending_in {
+                    item.pending_in = false;
+                    item.in_roster = true;
+                    item.subscription = if item.subscription.has_to() { S::Both } else { S::From };
+                    then.push(route);
+                    then.extend(self.current_presences(&c));
+                } else if !item.subscription.has_from() && !item.approved {
+                    item.approved = true;
+                    item.in_roster = true;
+                }
+            }
+            "unsubscribe" => {
+                if item.subscription.has_to() || item.ask_out {
+                    item.ask_out = false;
+                    item.subscription = if item.subscription.has_from() { S::From } else { S::None };
+                }
+                then.push(route);
+            }
+            "unsubscribed" => {
+                if item.subscription.has_from() || item.pending_in {
+                    item.pending_in = false;
+                    item.approved = false;
+                    item.subscription = if item.subscription.has_to() { S::To } else { S::None };
+                    then.push(route);
+                    then.extend(self.unavailable_to(&c));
+                } else if item.approved {
+                    item.approved = false;
+                }
+            }
+            _ => return,
+        }
+        if item != before {
+            self.commit_item(item, false, None, then);
+        } else {
+            for e in then {
+                self.send(e);
+            }
+        }
+    }
+
+    /// A subscription stanza from `contact` arrived for the user.
+    pub(super) fn inbound_subscription(&mut self, ty: &str, contact: BareJid, mut st: Element) {
+        let c = contact.to_string();
+        st.set_attr("from", c.as_str());
+        st.set_attr("to", self.jid.to_string());
+        let mut item = self.item_for(&c);
+        let before = item.clone();
+        let mut then = Vec::new();
+        let reply = |ty: &str, me: &BareJid| {
+            let p = Element::new("presence", crate::ns::CLIENT)
+                .with_attr("type", ty)
+                .with_attr("from", me.to_string())
+                .with_attr("to", c.as_str());
+            Envelope::to_user(contact.clone(), UserMsg::Inbound { stanza: p })
+        };
+        let mut deliver = false;
+        match ty {
+            "subscribe" => {
+                if item.subscription.has_from() {
+                    then.push(reply("subscribed", &self.jid));
+                } else if item.approved {
+                    item.approved = false;
+                    item.subscription = if item.subscription.has_to() { S::Both } else { S::From };
+                    then.push(reply("subscribed", &self.jid));
+                    then.extend(self.current_presences(&c));
+                } else {
+                    item.pending_in = true;
+                    deliver = true;
+                }
+            }
+            "subscribed" => {
+                if item.ask_out && !item.subscription.has_to() {
+                    item.ask_out = false;
+                    item.subscription = if item.subscription.has_from() { S::Both } else { S::To };
+                    deliver = true;
+                }
+            }
+            "unsubscribe" => {
+                if item.subscription.has_from() || item.pending_in {
+                    item.pending_in = false;
+                    item.subscription = if item.subscription.has_to() { S::To } else { S::None };
+                    deliver = item.in_roster;
+                    then.extend(self.unavailable_to(&c));
+                }
+            }
+            "unsubscribed" => {
+                if item.subscription.has_to() || item.ask_out {
+                    item.ask_out = false;
+                    item.subscription = if item.subscription.has_from() { S::From } else { S::None };
+                    deliver = true;
+                }
+            }
+            _ => return,
+        }
+        if deliver {
+            then.extend(self.to_available(&st));
+        }
+        if item != before {
+            self.commit_item(item, false, None, then);
+        } else {
+            for e in then {
+                self.send(e);
+            }
+        }
+    }
+}

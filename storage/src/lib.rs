@@ -1,0 +1,44 @@
+//! Storage for Starling: the [`Storage`] trait, its sled implementation (the node's) and an
+//! in-memory implementation with a durable and a volatile part (the simulator's).
+//!
+//! The trait is synchronous on purpose: the node calls it from a dedicated storage thread (sled's
+//! `flush` blocks and must never run on a shard), the simulator calls it inline in virtual time.
+//! Writes are applied in batches and made durable by [`Storage::flush`]; the node's storage
+//! thread applies every queued batch, flushes once (group commit) and only then replies.
+
+mod memory;
+mod sled_store;
+mod types;
+
+pub use memory::MemoryStorage;
+pub use sled_store::SledStorage;
+pub use types::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("the data directory {0} is in use by another process (is a server running on it?)")]
+    Locked(String),
+    #[error("storage backend error: {0}")]
+    Backend(String),
+    #[error("corrupt record under key {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// The operations Starling needs from a store. Keys are bare JIDs as strings (`user@domain`,
+/// already normalised by the caller).
+pub trait Storage {
+    /// The account's credentials, if it exists.
+    fn account(&self, user: &str) -> Result<Option<Account>>;
+    /// Creates an account; `false` when it already exists (nothing is changed then).
+    fn create_account(&mut self, user: &str, account: &Account) -> Result<bool>;
+    /// Everything the user actor needs on activation: roster, roster version, offline queue.
+    fn load_user(&self, user: &str) -> Result<UserData>;
+    /// Applies writes in order. Not durable until [`Storage::flush`] returns.
+    fn apply(&mut self, writes: &[Write]) -> Result<()>;
+    /// Makes every applied write durable.
+    fn flush(&mut self) -> Result<()>;
+    /// All accounts, sorted.
+    fn list_accounts(&self) -> Result<Vec<String>>;
+}

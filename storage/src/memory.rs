@@ -1,0 +1,94 @@
+use std::collections::BTreeMap;
+
+use crate::{Account, Result, Storage, UserData, Write};
+
+#[derive(Clone, Debug, Default)]
+struct State {
+    accounts: BTreeMap<String, Account>,
+    users: BTreeMap<String, UserData>,
+}
+
+/// In-memory storage with a durable part (what `flush` made durable) and a volatile part
+/// (applied, not yet flushed). [`MemoryStorage::crash`] loses the volatile part, as a power cut
+/// would: the simulator uses it to check that nothing acknowledged was unflushed.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStorage {
+    durable: State,
+    current: State,
+}
+
+impl MemoryStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Forgets every write since the last flush.
+    pub fn crash(&mut self) {
+        self.current = self.durable.clone();
+    }
+}
+
+fn apply_one(state: &mut State, w: &Write) {
+    match w {
+        Write::PutAccount { user, account } => {
+            state.accounts.insert(user.clone(), account.clone());
+        }
+        Write::DeleteUser { user } => {
+            state.accounts.remove(user);
+            state.users.remove(user);
+        }
+        Write::PutRosterItem { user, item } => {
+            let roster = &mut state.users.entry(user.clone()).or_default().roster;
+            match roster.iter_mut().find(|i| i.jid == item.jid) {
+                Some(old) => *old = item.clone(),
+                None => roster.push(item.clone()),
+            }
+        }
+        Write::DeleteRosterItem { user, contact } => {
+            if let Some(u) = state.users.get_mut(user) {
+                u.roster.retain(|i| &i.jid != contact);
+            }
+        }
+        Write::SetRosterVer { user, ver } => {
+            state.users.entry(user.clone()).or_default().roster_ver = *ver;
+        }
+        Write::PushOffline { user, msg } => {
+            state.users.entry(user.clone()).or_default().offline.push(msg.clone());
+        }
+        Write::DeleteOffline { user, upto } => {
+            if let Some(u) = state.users.get_mut(user) {
+                u.offline.retain(|m| m.seq > *upto);
+            }
+        }
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn account(&self, user: &str) -> Result<Option<Account>> {
+        Ok(self.current.accounts.get(user).cloned())
+    }
+    fn create_account(&mut self, user: &str, account: &Account) -> Result<bool> {
+        if self.current.accounts.contains_key(user) {
+            return Ok(false);
+        }
+        self.current.accounts.insert(user.to_owned(), account.clone());
+        Ok(true)
+    }
+    fn load_user(&self, user: &str) -> Result<UserData> {
+        let mut data = self.current.users.get(user).cloned().unwrap_or_default();
+        data.roster.sort_by(|a, b| a.jid.cmp(&b.jid));
+        Ok(data)
+    }
+    fn apply(&mut self, writes: &[Write]) -> Result<()> {
+        for w in writes {
+            apply_one(&mut self.current, w);
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.durable = self.current.clone();
+        Ok(())
+    }
+    fn list_accounts(&self) -> Result<Vec<String>> {
+        Ok(self.current.accounts.keys().cloned().collect())
+    }
+}

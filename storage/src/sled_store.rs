@@ -1,0 +1,239 @@
+//! sled key layout (one tree each, keys are UTF-8 bare JIDs):
+//! - `accounts`: `user` → postcard(Account)
+//! - `roster`:   `user \0 contact` → postcard(RosterItem)
+//! - `meta`:     `rver \0 user` → u64 big-endian (roster version)
+//! - `offline`:  `user \0 seq(u64 BE)` → postcard(OfflineMessage); BE keeps them in order
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{
+    Account, OfflineMessage, Result, RosterItem, Storage, StorageError, UserData, Write,
+};
+
+pub struct SledStorage {
+    db: sled::Db,
+    accounts: sled::Tree,
+    roster: sled::Tree,
+    meta: sled::Tree,
+    offline: sled::Tree,
+}
+
+fn backend(e: sled::Error) -> StorageError {
+    StorageError::Backend(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("postcard encoding of plain structs cannot fail")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn prefix(user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user.len() + 1);
+    k.extend_from_slice(user.as_bytes());
+    k.push(0);
+    k
+}
+
+fn roster_key(user: &str, contact: &str) -> Vec<u8> {
+    let mut k = prefix(user);
+    k.extend_from_slice(contact.as_bytes());
+    k
+}
+
+fn offline_key(user: &str, seq: u64) -> Vec<u8> {
+    let mut k = prefix(user);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn ver_key(user: &str) -> Vec<u8> {
+    let mut k = b"rver\0".to_vec();
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+impl SledStorage {
+    /// Opens (or creates) the store under `dir`. A store held by a running server is reported as
+    /// [`StorageError::Locked`].
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StorageError::Locked(dir.display().to_string())
+            }
+            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                StorageError::Locked(dir.display().to_string())
+            }
+            other => backend(other),
+        })?;
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        Ok(Self {
+            accounts: tree("accounts")?,
+            roster: tree("roster")?,
+            meta: tree("meta")?,
+            offline: tree("offline")?,
+            db,
+        })
+    }
+
+    fn delete_prefix(tree: &sled::Tree, p: &[u8]) -> Result<()> {
+        for kv in tree.scan_prefix(p) {
+            let (k, _) = kv.map_err(backend)?;
+            tree.remove(k).map_err(backend)?;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for SledStorage {
+    fn account(&self, user: &str) -> Result<Option<Account>> {
+        match self.accounts.get(user.as_bytes()).map_err(backend)? {
+            Some(v) => Ok(Some(decode(user.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn create_account(&mut self, user: &str, account: &Account) -> Result<bool> {
+        let swapped = self
+            .accounts
+            .compare_and_swap(user.as_bytes(), None::<&[u8]>, Some(encode(account)))
+            .map_err(backend)?;
+        Ok(swapped.is_ok())
+    }
+
+    fn load_user(&self, user: &str) -> Result<UserData> {
+        let p = prefix(user);
+        let mut data = UserData::default();
+        for kv in self.roster.scan_prefix(&p) {
+            let (k, v) = kv.map_err(backend)?;
+            data.roster.push(decode::<RosterItem>(&k, &v)?);
+        }
+        for kv in self.offline.scan_prefix(&p) {
+            let (k, v) = kv.map_err(backend)?;
+            data.offline.push(decode::<OfflineMessage>(&k, &v)?);
+        }
+        if let Some(v) = self.meta.get(ver_key(user)).map_err(backend)? {
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StorageError::Corrupt {
+                key: format!("rver/{user}"),
+                reason: "roster version is not 8 bytes".into(),
+            })?;
+            data.roster_ver = u64::from_be_bytes(bytes);
+        }
+        Ok(data)
+    }
+
+    fn apply(&mut self, writes: &[Write]) -> Result<()> {
+        for w in writes {
+            match w {
+                Write::PutAccount { user, account } => {
+                    self.accounts.insert(user.as_bytes(), encode(account)).map_err(backend)?;
+                }
+                Write::DeleteUser { user } => {
+                    self.accounts.remove(user.as_bytes()).map_err(backend)?;
+                    Self::delete_prefix(&self.roster, &prefix(user))?;
+                    Self::delete_prefix(&self.offline, &prefix(user))?;
+                    self.meta.remove(ver_key(user)).map_err(backend)?;
+                }
+                Write::PutRosterItem { user, item } => {
+                    self.roster.insert(roster_key(user, &item.jid), encode(item)).map_err(backend)?;
+                }
+                Write::DeleteRosterItem { user, contact } => {
+                    self.roster.remove(roster_key(user, contact)).map_err(backend)?;
+                }
+                Write::SetRosterVer { user, ver } => {
+                    self.meta.insert(ver_key(user), &ver.to_be_bytes()).map_err(backend)?;
+                }
+                Write::PushOffline { user, msg } => {
+                    self.offline.insert(offline_key(user, msg.seq), encode(msg)).map_err(backend)?;
+                }
+                Write::DeleteOffline { user, upto } => {
+                    let start = offline_key(user, 0);
+                    let end = offline_key(user, *upto);
+                    for kv in self.offline.range(start..=end) {
+                        let (k, _) = kv.map_err(backend)?;
+                        self.offline.remove(k).map_err(backend)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn list_accounts(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for kv in self.accounts.iter() {
+            let (k, _) = kv.map_err(backend)?;
+            out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ScramCreds, Subscription};
+
+    fn account() -> Account {
+        let c = ScramCreds { salt: vec![1], iterations: 1, stored_key: vec![2], server_key: vec![3] };
+        Account { sha1: c.clone(), sha256: c }
+    }
+
+    #[test]
+    fn data_survives_reopen_and_second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = SledStorage::open(dir.path()).unwrap();
+            assert!(s.create_account("a@x", &account()).unwrap());
+            assert!(!s.create_account("a@x", &account()).unwrap());
+            let item = RosterItem {
+                jid: "b@x".into(),
+                subscription: Subscription::Both,
+                in_roster: true,
+                ..Default::default()
+            };
+            let msg = |seq| OfflineMessage { seq, stamp_unix_ms: 5, xml: format!("<m{seq}/>") };
+            s.apply(&[
+                Write::PutRosterItem { user: "a@x".into(), item },
+                Write::SetRosterVer { user: "a@x".into(), ver: 7 },
+                Write::PushOffline { user: "a@x".into(), msg: msg(1) },
+                Write::PushOffline { user: "a@x".into(), msg: msg(2) },
+                Write::PushOffline { user: "a@x".into(), msg: msg(300) },
+                Write::DeleteOffline { user: "a@x".into(), upto: 1 },
+            ])
+            .unwrap();
+            s.flush().unwrap();
+            assert!(matches!(SledStorage::open(dir.path()), Err(StorageError::Locked(_))));
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        let d = s.load_user("a@x").unwrap();
+        assert_eq!(d.roster_ver, 7);
+        assert_eq!(d.roster[0].subscription, Subscription::Both);
+        assert_eq!(d.offline.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2, 300]);
+        assert_eq!(s.list_accounts().unwrap(), vec!["a@x".to_string()]);
+        // A user whose name is a prefix of another's must not see the other's data.
+        assert!(s.load_user("a@").unwrap().offline.is_empty());
+    }
+
+    #[test]
+    fn memory_crash_loses_only_unflushed_writes() {
+        let mut m = crate::MemoryStorage::new();
+        m.create_account("a@x", &account()).unwrap();
+        m.flush().unwrap();
+        m.apply(&[Write::SetRosterVer { user: "a@x".into(), ver: 3 }]).unwrap();
+        m.crash();
+        assert!(m.account("a@x").unwrap().is_some());
+        assert_eq!(m.load_user("a@x").unwrap().roster_ver, 0);
+    }
+}

@@ -1,0 +1,93 @@
+use serde::{Deserialize, Serialize};
+
+/// SCRAM credentials for one hash function (RFC 5802): what the server stores instead of a
+/// password.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramCreds {
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    pub stored_key: Vec<u8>,
+    pub server_key: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub sha1: ScramCreds,
+    pub sha256: ScramCreds,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Subscription {
+    #[default]
+    None,
+    To,
+    From,
+    Both,
+}
+
+impl Subscription {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subscription::None => "none",
+            Subscription::To => "to",
+            Subscription::From => "from",
+            Subscription::Both => "both",
+        }
+    }
+    /// The user receives the contact's presence.
+    pub fn has_to(self) -> bool {
+        matches!(self, Subscription::To | Subscription::Both)
+    }
+    /// The contact receives the user's presence.
+    pub fn has_from(self) -> bool {
+        matches!(self, Subscription::From | Subscription::Both)
+    }
+}
+
+/// One roster entry with the full RFC 6121 subscription state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RosterItem {
+    pub jid: String,
+    pub name: Option<String>,
+    pub groups: Vec<String>,
+    pub subscription: Subscription,
+    /// We asked the contact for a subscription ("Pending Out").
+    pub ask_out: bool,
+    /// The contact asked us and we have not answered ("Pending In").
+    pub pending_in: bool,
+    /// Pre-approved subscription (RFC 6121 §3.4).
+    pub approved: bool,
+    /// False for an entry that only records an inbound request from someone not on the roster:
+    /// such entries are never shown to the client as roster items.
+    pub in_roster: bool,
+}
+
+/// A message kept for an offline user (XEP-0160), with its arrival time for XEP-0203.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineMessage {
+    pub seq: u64,
+    pub stamp_unix_ms: u64,
+    /// The stanza as serialised XML in the jabber:client namespace.
+    pub xml: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct UserData {
+    pub roster: Vec<RosterItem>,
+    pub roster_ver: u64,
+    pub offline: Vec<OfflineMessage>,
+}
+
+/// One write. Batches of writes are applied in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    PutAccount { user: String, account: Account },
+    /// Removes the account and everything stored for it.
+    DeleteUser { user: String },
+    PutRosterItem { user: String, item: RosterItem },
+    DeleteRosterItem { user: String, contact: String },
+    SetRosterVer { user: String, ver: u64 },
+    PushOffline { user: String, msg: OfflineMessage },
+    /// Removes offline messages with `seq <= upto`.
+    DeleteOffline { user: String, upto: u64 },
+}
