@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use jid::{BareJid, FullJid};
-use rand_chacha::ChaCha8Rng;
+use rand_chacha::ChaCha20Rng;
 use rand_core::RngCore;
 use starling_storage::Account;
 
@@ -105,7 +105,7 @@ pub struct C2sSession {
     header_sent: bool,
     domain: String,
     ip: u128,
-    rng: ChaCha8Rng,
+    rng: ChaCha20Rng,
     /// Set once SASL succeeded.
     user: Option<BareJid>,
     anonymous: bool,
@@ -117,7 +117,7 @@ pub struct C2sSession {
 
 impl C2sSession {
     /// `tls`: the connection is already encrypted (Direct TLS, XEP-0368).
-    pub fn new(addr: SessionAddr, cfg: Rc<C2sConfig>, ip: u128, tls: bool, rng: ChaCha8Rng) -> Self {
+    pub fn new(addr: SessionAddr, cfg: Rc<C2sConfig>, ip: u128, tls: bool, rng: ChaCha20Rng) -> Self {
         let parser = StreamParser::new(cfg.limits);
         C2sSession {
             addr,

@@ -1,0 +1,236 @@
+//! The command line: `starling serve`, `starling user …`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rand_core::{OsRng, RngCore};
+use starling_actors::c2s::C2sConfig;
+use starling_actors::parser::Limits;
+use starling_actors::scram;
+use starling_actors::user::UserConfig;
+use starling_storage::{SledStorage, Storage, Write};
+
+use crate::config::{Config, RegistrationMode};
+use crate::control::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::shard::ShardParams;
+use crate::storage_thread::{self, StorageHandle};
+
+#[derive(Parser)]
+#[command(name = "starling", version, about = "Starling, a horizontally scalable XMPP server")]
+struct Cli {
+    /// Configuration file (TOML). Without one, the embedded defaults apply.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Override a setting: --set c2s.listen=127.0.0.1:5222 (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Shortcut for --set server.data_dir=DIR.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        /// Shortcut for --set server.shards=N.
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+    /// Manage accounts (on the data dir of a stopped server).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    Add { jid: String, password: String },
+    Del { jid: String },
+    Passwd { jid: String, password: String },
+    List,
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let mut overrides = cli.set.clone();
+    if let Some(d) = &cli.data_dir {
+        overrides.push(format!("server.data_dir={:?}", d.display().to_string()));
+    }
+    if let Cmd::Serve { shards: Some(n) } = &cli.cmd {
+        overrides.push(format!("server.shards={n}"));
+    }
+    let cfg = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("starling: {e}");
+            return 2;
+        }
+    };
+    init_logs(&cfg.log.level);
+    let r = match cli.cmd {
+        Cmd::Serve { .. } => serve(cfg),
+        Cmd::User { cmd } => user(cfg, cmd),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("starling: {e}");
+            1
+        }
+    }
+}
+
+fn init_logs(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn open_store(cfg: &Config) -> Result<SledStorage, String> {
+    std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| format!("cannot create data dir {}: {e}", cfg.server.data_dir.display()))?;
+    SledStorage::open(&cfg.server.data_dir.join("db")).map_err(|e| e.to_string())
+}
+
+fn check_memlock() -> Result<(), String> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < 512 * 1024 {
+        return Err(format!(
+            "RLIMIT_MEMLOCK is {} bytes; glommio needs at least 512 KiB (ulimit -l 8192)",
+            lim.rlim_cur
+        ));
+    }
+    Ok(())
+}
+
+fn serve(cfg: Config) -> Result<(), String> {
+    check_memlock()?;
+    let store = open_store(&cfg)?;
+    let (cert, key) = crate::tls::cert_paths(&cfg)?;
+    let tls = crate::tls::server_config(&cert, &key)?;
+    let shards = cfg.shards();
+    let (storage_tx, storage_rx) = flume::bounded(storage_thread::QUEUE);
+    let params = ShardParams {
+        node: 0,
+        shards,
+        c2s: C2sConfig {
+            domains: cfg.server.domains.clone(),
+            require_tls: cfg.c2s.require_tls,
+            tls_available: true,
+            anonymous: cfg.auth.anonymous,
+            registration_open: cfg.registration.mode == RegistrationMode::Open,
+            limits: Limits {
+                max_stanza_bytes: cfg.c2s.max_stanza_bytes,
+                max_depth: cfg.c2s.max_depth,
+                max_attrs: cfg.c2s.max_attributes,
+            },
+            scram_iterations: cfg.auth.scram_iterations,
+            max_pending: 64,
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        user: UserConfig { max_offline: cfg.offline.max_per_user, max_roster_items: cfg.roster.max_items },
+        c2s_listen: cfg.c2s.listen,
+        direct_tls_listen: cfg.direct_tls_addr(),
+        tls,
+        storage: StorageHandle::new(storage_tx.clone()),
+        mailbox: cfg.c2s.mailbox,
+        max_auth_failures: cfg.auth.max_failures_per_minute,
+        grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("control")
+        .build()
+        .map_err(|e| format!("cannot start the control plane: {e}"))?;
+    rt.block_on(async move {
+        let args = SupervisorArgs { store, params, storage_tx, storage_rx };
+        let (sup, handle) = ractor::Actor::spawn(Some("supervisor".into()), Supervisor, args)
+            .await
+            .map_err(|e| format!("startup failed: {e}"))?;
+        tracing::info!(
+            domains = ?cfg.server.domains,
+            c2s = %cfg.c2s.listen,
+            direct_tls = %cfg.c2s.direct_tls_listen,
+            shards,
+            data_dir = %cfg.server.data_dir.display(),
+            "starling is up"
+        );
+        wait_for_signal().await;
+        tracing::info!("signal received");
+        ractor::call!(sup, SupervisorMsg::Shutdown).map_err(|e| format!("shutdown: {e}"))?;
+        sup.stop(None);
+        let _ = handle.await;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn user(cfg: Config, cmd: UserCmd) -> Result<(), String> {
+    let mut store = open_store(&cfg)?;
+    let bare = |j: &str| -> Result<String, String> {
+        let b = jid::BareJid::new(j).map_err(|e| format!("{j:?} is not a valid JID: {e}"))?;
+        if b.node().is_none() {
+            return Err(format!("{j:?} needs a user part (user@domain)"));
+        }
+        if !cfg.server.domains.iter().any(|d| d == b.domain().as_str()) {
+            eprintln!("warning: {} is not one of server.domains {:?}", b.domain(), cfg.server.domains);
+        }
+        Ok(b.to_string())
+    };
+    let creds = |password: &str| {
+        let mut s1 = [0u8; 16];
+        let mut s2 = [0u8; 16];
+        OsRng.fill_bytes(&mut s1);
+        OsRng.fill_bytes(&mut s2);
+        scram::new_account(password, s1, s2, cfg.auth.scram_iterations)
+    };
+    let e = |e: starling_storage::StorageError| e.to_string();
+    match cmd {
+        UserCmd::Add { jid, password } => {
+            let u = bare(&jid)?;
+            if !store.create_account(&u, &creds(&password)).map_err(e)? {
+                return Err(format!("{u} already exists"));
+            }
+            store.flush().map_err(e)?;
+            println!("added {u}");
+        }
+        UserCmd::Del { jid } => {
+            let u = bare(&jid)?;
+            if store.account(&u).map_err(e)?.is_none() {
+                return Err(format!("{u} does not exist"));
+            }
+            store.apply(&[Write::DeleteUser { user: u.clone() }]).map_err(e)?;
+            store.flush().map_err(e)?;
+            println!("deleted {u}");
+        }
+        UserCmd::Passwd { jid, password } => {
+            let u = bare(&jid)?;
+            if store.account(&u).map_err(e)?.is_none() {
+                return Err(format!("{u} does not exist"));
+            }
+            store.apply(&[Write::PutAccount { user: u.clone(), account: creds(&password) }]).map_err(e)?;
+            store.flush().map_err(e)?;
+            println!("password changed for {u}");
+        }
+        UserCmd::List => {
+            for u in store.list_accounts().map_err(e)? {
+                println!("{u}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! One client connection: owns the socket (plain, STARTTLS-upgraded or Direct TLS) and the
+//! sans-io `C2sSession`, and carries out the session's actions.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use futures::future::Either;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_rustls::server::TlsStream;
+use futures_rustls::TlsAcceptor;
+use glommio::channels::local_channel;
+use glommio::net::TcpStream;
+use starling_actors::address::SessionAddr;
+use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
+use starling_actors::msg::SessionMsg;
+use starling_storage::Write;
+
+use crate::shard::Shard;
+use crate::user_host::now_ms;
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Gone => Poll::Ready(Ok(0)),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_close(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn ip_key(ip: Option<IpAddr>) -> u128 {
+    match ip {
+        Some(IpAddr::V4(v4)) => u128::from(v4.to_ipv6_mapped()),
+        Some(IpAddr::V6(v6)) => u128::from(v6),
+        None => 0,
+    }
+}
+
+/// Owned inputs queued while carrying out actions.
+enum Next {
+    Tls,
+    Account(Option<starling_storage::Account>),
+    Created(bool),
+    PasswordSet(bool),
+}
+
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let id = shard.next_session_id();
+    let addr = SessionAddr { node: shard.node, shard: shard.id, id };
+    let (tx, rx) = local_channel::new_bounded(shard.mailbox);
+    shard.sessions.borrow_mut().insert(id, Rc::new(tx));
+    tracing::debug!(?addr, ?peer, direct_tls, "connection accepted");
+    let conn = if direct_tls {
+        match TlsAcceptor::from(shard.tls.clone()).accept(stream).await {
+            Ok(s) => Conn::Tls(Box::new(s)),
+            Err(e) => {
+                tracing::info!(?peer, error = %e, "TLS handshake failed");
+                shard.sessions.borrow_mut().remove(&id);
+                return;
+            }
+        }
+    } else {
+        Conn::Plain(stream)
+    };
+    let mut session = C2sSession::new(addr, shard.c2s_cfg.clone(), ip_key(peer.map(|p| p.ip())), direct_tls, shard.session_rng());
+    let mut conn = conn;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let event = {
+            let read = conn.read(&mut buf);
+            let recv = rx.recv();
+            futures::pin_mut!(read, recv);
+            match futures::future::select(read, recv).await {
+                Either::Left((r, _)) => Either::Left(r),
+                Either::Right((m, _)) => Either::Right(m),
+            }
+        };
+        let open = match event {
+            Either::Left(Ok(0)) | Either::Left(Err(_)) => {
+                handle(&shard, &mut session, Input::Closed);
+                carry_out(&shard, &mut session, &mut conn).await;
+                false
+            }
+            Either::Left(Ok(n)) => {
+                handle(&shard, &mut session, Input::Bytes(&buf[..n]));
+                carry_out(&shard, &mut session, &mut conn).await
+            }
+            Either::Right(Some(m)) => {
+                handle(&shard, &mut session, Input::Router(m));
+                carry_out(&shard, &mut session, &mut conn).await
+            }
+            Either::Right(None) => false,
+        };
+        if !open {
+            break;
+        }
+    }
+    let _ = conn.close().await;
+    shard.sessions.borrow_mut().remove(&id);
+    // Messages that raced with the close go back to the user actor (see Shard::session_gone).
+    while let Some(Some(m)) = futures::future::poll_immediate(rx.recv()).await {
+        if let SessionMsg::Stanza(_) = m {
+            shard.deliver_local(starling_actors::msg::Envelope::to_session(addr, m));
+        }
+    }
+    tracing::debug!(?addr, "connection closed");
+}
+
+/// Feeds one input; a panic in the session ends this session with a stream error.
+fn handle(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
+    let now = now_ms();
+    let mut throttle = shard.throttle.borrow_mut();
+    let mut ctx = Ctx { throttle: &mut throttle };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.handle(input, now, &mut ctx)));
+    if r.is_err() {
+        tracing::error!(session = ?session.addr, "session panicked; closing it");
+        session.stream_error("internal-server-error", None);
+    }
+}
+
+/// Writes the session's output and carries out its actions until it has nothing left.
+/// Returns false once the connection is to be closed.
+async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn) -> bool {
+    let mut open = true;
+    let mut queue: VecDeque<Next> = VecDeque::new();
+    loop {
+        let out = session.take_output();
+        if out.bytes.is_empty() && out.actions.is_empty() && queue.is_empty() {
+            return open;
+        }
+        if !out.bytes.is_empty() {
+            if conn.write_all(&out.bytes).await.is_err() || conn.flush().await.is_err() {
+                open = false;
+            }
+        }
+        for action in out.actions {
+            match action {
+                Action::Route(env) => shard.route(env),
+                Action::Close => open = false,
+                Action::StartTls => {
+                    let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {
+                        open = false;
+                        continue;
+                    };
+                    match TlsAcceptor::from(shard.tls.clone()).accept(tcp).await {
+                        Ok(s) => {
+                            *conn = Conn::Tls(Box::new(s));
+                            queue.push_back(Next::Tls);
+                        }
+                        Err(e) => {
+                            tracing::info!(session = ?session.addr, error = %e, "STARTTLS handshake failed");
+                            open = false;
+                        }
+                    }
+                }
+                Action::LoadAccount(user) => match shard.storage.account(user).await {
+                    Ok(a) => queue.push_back(Next::Account(a)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "account lookup failed");
+                        session.stream_error("internal-server-error", Some("storage unavailable"));
+                    }
+                },
+                Action::CreateAccount { user, account } => match shard.storage.create_account(user, account).await {
+                    Ok(created) => queue.push_back(Next::Created(created)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "account creation failed");
+                        session.stream_error("internal-server-error", Some("storage unavailable"));
+                    }
+                },
+                Action::SetPassword { user, account } => {
+                    let ok = shard.storage.write(vec![Write::PutAccount { user, account }]).await.is_ok();
+                    queue.push_back(Next::PasswordSet(ok));
+                }
+            }
+        }
+        if !open {
+            session.handle(Input::Closed, now_ms(), &mut Ctx { throttle: &mut shard.throttle.borrow_mut() });
+            let rest = session.take_output();
+            for a in rest.actions {
+                if let Action::Route(env) = a {
+                    shard.route(env);
+                }
+            }
+            return false;
+        }
+        while let Some(n) = queue.pop_front() {
+            let input = match n {
+                Next::Tls => Input::TlsEstablished,
+                Next::Account(a) => Input::Account(a),
+                Next::Created(c) => Input::AccountCreated(c),
+                Next::PasswordSet(ok) => Input::PasswordSet(ok),
+            };
+            handle(shard, session, input);
+        }
+    }
+}

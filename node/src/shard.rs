@@ -1,0 +1,279 @@
+//! One shard: a glommio executor pinned to a core. It accepts c2s connections (SO_REUSEPORT
+//! spreads them over shards), hosts the sessions it accepted and the user actors that hash to
+//! it, and routes envelopes: locally through bounded mailboxes, to other shards over the
+//! channel mesh. Nothing here is shared with another shard.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::{MeshBuilder, Full, Senders};
+use glommio::channels::local_channel::LocalSender;
+use glommio::net::TcpListener;
+use glommio::{GlommioError, ResourceType};
+use jid::{BareJid, Jid};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+use starling_actors::address::{Address, NodeId, Placement, ShardId, SingleNode};
+use starling_actors::c2s::C2sConfig;
+use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use starling_actors::stanza;
+use starling_actors::throttle::AuthThrottle;
+use starling_actors::user::UserConfig;
+use starling_actors::xml::Element;
+
+use crate::storage_thread::StorageHandle;
+
+/// What every shard is started with.
+#[derive(Clone)]
+pub struct ShardParams {
+    pub node: NodeId,
+    pub shards: usize,
+    pub c2s: C2sConfig,
+    pub user: UserConfig,
+    pub c2s_listen: std::net::SocketAddr,
+    pub direct_tls_listen: Option<std::net::SocketAddr>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub storage: StorageHandle,
+    pub mailbox: usize,
+    pub max_auth_failures: u32,
+    pub grace: Duration,
+}
+
+pub struct Shard {
+    pub id: ShardId,
+    pub node: NodeId,
+    placement: SingleNode,
+    mesh: Option<Senders<Envelope>>,
+    pub sessions: RefCell<HashMap<u64, Rc<LocalSender<SessionMsg>>>>,
+    pub users: RefCell<HashMap<BareJid, Rc<LocalSender<UserMsg>>>>,
+    pub storage: StorageHandle,
+    pub c2s_cfg: Rc<C2sConfig>,
+    pub user_cfg: Rc<UserConfig>,
+    pub throttle: RefCell<AuthThrottle>,
+    pub tls: Arc<rustls::ServerConfig>,
+    next_session: Cell<u64>,
+    pub mailbox: usize,
+    rng: RefCell<ChaCha20Rng>,
+}
+
+impl Shard {
+    pub fn next_session_id(&self) -> u64 {
+        let id = self.next_session.get();
+        self.next_session.set(id + 1);
+        id
+    }
+
+    /// A fresh RNG for a session, seeded from the shard's (itself seeded from the OS).
+    pub fn session_rng(&self) -> ChaCha20Rng {
+        let mut seed = [0u8; 32];
+        self.rng.borrow_mut().fill_bytes(&mut seed);
+        ChaCha20Rng::from_seed(seed)
+    }
+
+    /// Sends an envelope wherever its target lives.
+    pub fn route(self: &Rc<Self>, env: Envelope) {
+        let (node, shard) = match &env.to {
+            Address::User(j) => self.placement.place_user(j),
+            Address::Session(a) => (a.node, a.shard),
+        };
+        if node != self.node {
+            // One node until the cluster lands: nothing else can be addressed.
+            tracing::error!(?env.to, node, "envelope for another node; no cluster transport yet");
+            return self.undeliverable(env, "remote-server-not-found");
+        }
+        if shard == self.id {
+            return self.deliver_local(env);
+        }
+        match &self.mesh {
+            Some(m) => {
+                if let Err(e) = m.try_send_to(shard as usize, env) {
+                    if let Some(env) = give_back(e) {
+                        self.overflow(env, "shard mesh channel full");
+                    }
+                }
+            }
+            None => self.undeliverable(env, "internal-server-error"),
+        }
+    }
+
+    pub fn deliver_local(self: &Rc<Self>, env: Envelope) {
+        match (env.to, env.msg) {
+            (Address::Session(a), Msg::Session(m)) => {
+                let tx = self.sessions.borrow().get(&a.id).cloned();
+                match tx {
+                    Some(tx) => {
+                        if let Err(e) = tx.try_send(m) {
+                            if let Some(m) = give_back(e) {
+                                self.overflow(Envelope::to_session(a, m), "session mailbox full");
+                            }
+                        }
+                    }
+                    None => self.session_gone(m),
+                }
+            }
+            (Address::User(j), Msg::User(m)) => {
+                let tx = self.users.borrow().get(&j).cloned();
+                let tx = match tx {
+                    Some(tx) => tx,
+                    None => crate::user_host::activate(self, j.clone()),
+                };
+                if let Err(e) = tx.try_send(m) {
+                    if let Some(m) = give_back(e) {
+                        self.overflow(Envelope::to_user(j, m), "user mailbox full");
+                    }
+                }
+            }
+            (to, msg) => tracing::error!(?to, ?msg, "envelope kind does not match its address"),
+        }
+    }
+
+    /// A mailbox is full. Control messages wait for room (they are few: one bind/unbind/kick
+    /// per session); stanzas bounce with `resource-constraint`.
+    fn overflow(self: &Rc<Self>, env: Envelope, why: &'static str) {
+        let control = matches!(
+            env.msg,
+            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. }) | Msg::Session(SessionMsg::Kick { .. } | SessionMsg::Bound { .. } | SessionMsg::BindFailed { .. })
+        );
+        if !control {
+            tracing::warn!(?env.to, why, "bouncing stanza");
+            return self.undeliverable(env, "resource-constraint");
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            me.route(env);
+        })
+        .detach();
+    }
+
+    /// A session ended before a stanza for it arrived: messages go back to the user actor,
+    /// which by now knows the session is gone and treats them as for the bare JID.
+    fn session_gone(self: &Rc<Self>, m: SessionMsg) {
+        if let SessionMsg::Stanza(st) = m {
+            if st.name == "message" {
+                if let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) {
+                    return self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }));
+                }
+            }
+        }
+    }
+
+    /// Answers the sender of an undeliverable stanza with an error.
+    pub fn undeliverable(self: &Rc<Self>, env: Envelope, condition: &str) {
+        let st: Option<Element> = match env.msg {
+            Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. }) => Some(stanza),
+            Msg::Session(SessionMsg::Stanza(s)) => Some(s),
+            _ => None,
+        };
+        let Some(st) = st.filter(stanza::may_bounce) else { return };
+        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else { return };
+        let err = stanza::error_reply(&st, condition, None);
+        self.route(Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err }));
+    }
+}
+
+/// The message a failed `try_send` hands back.
+fn give_back<T>(e: GlommioError<T>) -> Option<T> {
+    match e {
+        GlommioError::Closed(ResourceType::Channel(t)) | GlommioError::WouldBlock(ResourceType::Channel(t)) => Some(t),
+        _ => None,
+    }
+}
+
+fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| std::io::Error::other(format!("cannot listen on {addr}: {e}")))
+}
+
+/// The body of a shard's executor: join the mesh, listen, serve until `stop` fires.
+pub async fn run(params: ShardParams, mesh: Option<MeshBuilder<Envelope, Full>>, stop: flume::Receiver<()>, ready: flume::Sender<Result<(), String>>) {
+    let (senders, receivers, id) = match mesh {
+        Some(m) => match m.join().await {
+            Ok((s, r)) => {
+                let id = s.peer_id() as ShardId;
+                (Some(s), Some(r), id)
+            }
+            Err(_) => {
+                let _ = ready.send(Err("cannot join the shard mesh".into()));
+                return;
+            }
+        },
+        None => (None, None, 0),
+    };
+    let mut seed = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut seed);
+    let shard = Rc::new(Shard {
+        id,
+        node: params.node,
+        placement: SingleNode { node: params.node, shards: params.shards as ShardId },
+        mesh: senders,
+        sessions: RefCell::new(HashMap::new()),
+        users: RefCell::new(HashMap::new()),
+        storage: params.storage.clone(),
+        c2s_cfg: Rc::new(params.c2s.clone()),
+        user_cfg: Rc::new(params.user.clone()),
+        throttle: RefCell::new(AuthThrottle::new(params.max_auth_failures, 60_000, 100_000)),
+        tls: params.tls.clone(),
+        next_session: Cell::new(1),
+        mailbox: params.mailbox,
+        rng: RefCell::new(ChaCha20Rng::from_seed(seed)),
+    });
+    if let Some(mut r) = receivers {
+        for (_, rx) in r.streams() {
+            let s = shard.clone();
+            glommio::spawn_local(async move {
+                while let Some(env) = rx.recv().await {
+                    s.deliver_local(env);
+                }
+            })
+            .detach();
+        }
+    }
+    let mut listeners = vec![(params.c2s_listen, false)];
+    if let Some(a) = params.direct_tls_listen {
+        listeners.push((a, true));
+    }
+    let mut accept_tasks = Vec::new();
+    for (addr, direct_tls) in listeners {
+        let l = match bind_listener(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let s = shard.clone();
+        accept_tasks.push(glommio::spawn_local(accept_loop(s, l, direct_tls)));
+    }
+    let _ = ready.send(Ok(()));
+    tracing::info!(shard = id, "shard serving");
+    let _ = stop.recv_async().await;
+    drop(accept_tasks);
+    // Tell every client we are going away, then give them a moment.
+    let sessions: Vec<Rc<LocalSender<SessionMsg>>> = shard.sessions.borrow().values().cloned().collect();
+    for tx in sessions {
+        let _ = tx.try_send(SessionMsg::Kick { condition: "system-shutdown", text: "the server is shutting down".into() });
+    }
+    let deadline = std::time::Instant::now() + params.grace;
+    while (!shard.sessions.borrow().is_empty() || !shard.users.borrow().is_empty()) && std::time::Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(shard = id, "shard stopped");
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, direct_tls: bool) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(crate::conn::serve(shard.clone(), stream, direct_tls)).detach();
+            }
+            Err(e) => {
+                // EMFILE and friends: say so, refuse for a moment, never spin.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The storage thread: sled behind the `Storage` trait, off the shards. Shards send requests
+//! over a bounded channel and await replies. Writes are group-committed: the thread applies
+//! every write request it has queued, flushes once, and only then answers them.
+
+use futures::channel::oneshot;
+use starling_storage::{Account, Storage, StorageError, UserData, Write};
+
+pub type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+
+pub enum StorageReq {
+    Account { user: String, reply: Reply<Option<Account>> },
+    CreateAccount { user: String, account: Account, reply: Reply<bool> },
+    /// Whether the account exists, and the user's data.
+    LoadUser { user: String, reply: Reply<(bool, UserData)> },
+    Write { writes: Vec<Write>, reply: Reply<()> },
+    Shutdown,
+}
+
+#[derive(Clone)]
+pub struct StorageHandle {
+    tx: flume::Sender<StorageReq>,
+}
+
+/// Requests queued toward the storage thread before senders wait (backpressure).
+pub const QUEUE: usize = 8192;
+
+impl StorageHandle {
+    pub fn new(tx: flume::Sender<StorageReq>) -> Self {
+        StorageHandle { tx }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> StorageReq) -> Result<T, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send_async(make(tx))
+            .await
+            .map_err(|_| StorageError::Backend("storage thread has stopped".into()))?;
+        rx.await.map_err(|_| StorageError::Backend("storage thread dropped the request".into()))?
+    }
+
+    pub async fn account(&self, user: String) -> Result<Option<Account>, StorageError> {
+        self.ask(|reply| StorageReq::Account { user, reply }).await
+    }
+    pub async fn create_account(&self, user: String, account: Account) -> Result<bool, StorageError> {
+        self.ask(|reply| StorageReq::CreateAccount { user, account, reply }).await
+    }
+    pub async fn load_user(&self, user: String) -> Result<(bool, UserData), StorageError> {
+        self.ask(|reply| StorageReq::LoadUser { user, reply }).await
+    }
+    /// Returns once the writes are durable.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<(), StorageError> {
+        self.ask(|reply| StorageReq::Write { writes, reply }).await
+    }
+}
+
+/// Runs until `Shutdown` or until every sender is gone; flushes before returning.
+pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
+    let mut acks: Vec<Reply<()>> = Vec::new();
+    let mut created: Vec<(Reply<bool>, bool)> = Vec::new();
+    let mut stop = false;
+    while !stop {
+        let Ok(first) = rx.recv() else { break };
+        let mut next = Some(first);
+        // Take whatever else is queued: one flush covers them all.
+        while let Some(req) = next.take().or_else(|| rx.try_recv().ok()) {
+            match req {
+                StorageReq::Account { user, reply } => {
+                    let _ = reply.send(store.account(&user));
+                }
+                StorageReq::LoadUser { user, reply } => {
+                    let r = store.account(&user).and_then(|a| Ok((a.is_some(), store.load_user(&user)?)));
+                    let _ = reply.send(r);
+                }
+                StorageReq::CreateAccount { user, account, reply } => match store.create_account(&user, &account) {
+                    Ok(c) => created.push((reply, c)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                StorageReq::Write { writes, reply } => match store.apply(&writes) {
+                    Ok(()) => acks.push(reply),
+                    Err(e) => {
+                        tracing::error!(error = %e, "storage write failed");
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                StorageReq::Shutdown => stop = true,
+            }
+            if acks.len() + created.len() >= 1024 {
+                break;
+            }
+        }
+        if acks.is_empty() && created.is_empty() {
+            continue;
+        }
+        let flushed = store.flush();
+        if let Err(e) = &flushed {
+            tracing::error!(error = %e, "storage flush failed; writes not acknowledged");
+        }
+        for r in acks.drain(..) {
+            let _ = r.send(flushed.as_ref().map(|_| ()).map_err(|e| StorageError::Backend(e.to_string())));
+        }
+        for (r, c) in created.drain(..) {
+            let _ = r.send(flushed.as_ref().map(|_| c).map_err(|e| StorageError::Backend(e.to_string())));
+        }
+    }
+    if let Err(e) = store.flush() {
+        tracing::error!(error = %e, "final storage flush failed");
+    }
+    tracing::info!("storage thread stopped");
+}

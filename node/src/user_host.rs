@@ -1,0 +1,103 @@
+//! Hosts user actors on a shard: one task per active user with a bounded mailbox. The task
+//! loads the user's state, feeds messages to the sans-io actor, and carries out its effects in
+//! order — a persist is awaited (durable) before the messages that depend on it are sent. A
+//! panic in the actor ends that actor only: its sessions get a stream error.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use jid::BareJid;
+use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use starling_actors::stanza;
+use starling_actors::user::{Effect, UserActor};
+
+use crate::shard::Shard;
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Creates the mailbox for `jid` and starts its actor.
+pub fn activate(shard: &Rc<Shard>, jid: BareJid) -> Rc<LocalSender<UserMsg>> {
+    let (tx, rx) = local_channel::new_bounded(shard.mailbox);
+    let tx = Rc::new(tx);
+    shard.users.borrow_mut().insert(jid.clone(), tx.clone());
+    glommio::spawn_local(run(shard.clone(), jid, rx)).detach();
+    tx
+}
+
+async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
+    let (exists, data) = match shard.storage.load_user(jid.to_string()).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(user = %jid, error = %e, "cannot load user; failing its messages");
+            shard.users.borrow_mut().remove(&jid);
+            while let Ok(Some(m)) = futures::future::poll_immediate(rx.recv()).await.ok_or(()) {
+                fail(&shard, m);
+            }
+            return;
+        }
+    };
+    let mut actor = UserActor::new(jid.clone(), exists, data, shard.user_cfg.clone());
+    while let Some(msg) = rx.recv().await {
+        let now = now_ms();
+        let effects = match catch_unwind(AssertUnwindSafe(|| actor.handle(msg, now))) {
+            Ok(fx) => fx,
+            Err(_) => {
+                tracing::error!(user = %jid, "user actor panicked; ending it and its sessions");
+                shard.users.borrow_mut().remove(&jid);
+                for a in actor.session_addrs() {
+                    shard.route(Envelope::to_session(
+                        a,
+                        SessionMsg::Kick { condition: "internal-server-error", text: "internal error".into() },
+                    ));
+                }
+                return;
+            }
+        };
+        for fx in effects {
+            match fx {
+                Effect::Send(env) => shard.route(env),
+                Effect::Persist { writes, then } => match shard.storage.write(writes).await {
+                    Ok(()) => then.into_iter().for_each(|e| shard.route(e)),
+                    Err(e) => {
+                        // Nothing that depended on the write is claimed: IQ results become
+                        // errors, the rest is not sent.
+                        tracing::error!(user = %jid, error = %e, "write failed");
+                        for env in then {
+                            if let Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
+                                if st.name == "iq" && st.attr("type") == Some("result") {
+                                    let mut err = st.clone();
+                                    err.children.clear();
+                                    err.set_attr("type", "error");
+                                    err.push_child(stanza::error_element("internal-server-error", Some("storage failure")));
+                                    shard.route(Envelope { to: env.to.clone(), msg: Msg::Session(SessionMsg::Stanza(err)) });
+                                }
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        // Idle and nothing queued: let go; the durable state reloads on the next message.
+        let queued = shard.users.borrow().get(&jid).map(|tx| tx.len()).unwrap_or(0);
+        if actor.is_idle() && queued == 0 {
+            shard.users.borrow_mut().remove(&jid);
+            return;
+        }
+    }
+}
+
+fn fail(shard: &Rc<Shard>, m: UserMsg) {
+    match m {
+        UserMsg::Bind { session, .. } => {
+            shard.route(Envelope::to_session(session, SessionMsg::BindFailed { condition: "internal-server-error" }))
+        }
+        UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } => {
+            let env = Envelope::to_user(BareJid::new("x@x").expect("valid"), UserMsg::Inbound { stanza });
+            shard.undeliverable(env, "internal-server-error");
+        }
+        UserMsg::Unbind { .. } => {}
+    }
+}
