@@ -90,6 +90,9 @@ pub struct StreamParser {
     state: Scan,
     depth: usize,
     stanza_start: Option<usize>,
+    /// Names of the open elements inside the stream (bounded by `max_depth`), so that a
+    /// mismatched end tag fails at once instead of leaving the stanza open.
+    open: Vec<Vec<u8>>,
     header_seen: bool,
     /// Prefix declarations of the stream header, inherited by every stanza.
     stream_scope: Vec<(String, String)>,
@@ -107,6 +110,7 @@ impl StreamParser {
             state: Scan::Text,
             depth: 0,
             stanza_start: None,
+            open: Vec::new(),
             header_seen: false,
             stream_scope: Vec::new(),
             limits,
@@ -287,6 +291,14 @@ impl StreamParser {
                     out.push(StreamEvent::End);
                 }
                 _ => {
+                    let name = tag_name(&tok[2..]);
+                    if self.open.last().map(Vec::as_slice) != Some(name) {
+                        return Err(ParseError::NotWellFormed(format!(
+                            "end tag </{}> does not match the open element",
+                            String::from_utf8_lossy(name)
+                        )));
+                    }
+                    self.open.pop();
                     self.depth -= 1;
                     if self.depth == 1 {
                         self.emit_stanza(end, out)?;
@@ -309,6 +321,8 @@ impl StreamParser {
             self.consumed = end;
             out.push(StreamEvent::Header(header));
         } else {
+            let name = tag_name(&tok[1..]).to_vec();
+            self.open.push(name);
             self.depth += 1;
             if self.depth == 2 {
                 self.stanza_start = Some(self.tok_start);
@@ -371,6 +385,15 @@ impl StreamParser {
         self.stream_scope = scope;
         Ok(attrs)
     }
+}
+
+/// The element name at the start of a tag's body (after `<` or `</`).
+fn tag_name(body: &[u8]) -> &[u8] {
+    let end = body
+        .iter()
+        .position(|&c| c.is_ascii_whitespace() || c == b'>' || c == b'/')
+        .unwrap_or(body.len());
+    &body[..end]
 }
 
 fn split_qname(q: &str) -> (&str, &str) {
@@ -542,13 +565,13 @@ mod tests {
 
     #[test]
     fn refuses_oversized_deep_wide_and_restricted_input() {
-        let lim = Limits { max_stanza_bytes: 100, max_depth: 4, max_attrs: 3 };
-        let big = format!("{HEADER}<message><body>{}</body></message>", "x".repeat(200));
+        let lim = Limits { max_stanza_bytes: 300, max_depth: 4, max_attrs: 4 };
+        let big = format!("{HEADER}<message><body>{}</body></message>", "x".repeat(600));
         let e = feed_all(&mut StreamParser::new(lim), &big).unwrap_err();
         assert_eq!(e.condition(), "policy-violation");
         let deep = format!("{HEADER}<a><b><c><d><e><f>");
         assert_eq!(feed_all(&mut StreamParser::new(lim), &deep).unwrap_err().condition(), "policy-violation");
-        let wide = format!("{HEADER}<a b='1' c='2' d='3' e='4'/>");
+        let wide = format!("{HEADER}<a b='1' c='2' d='3' e='4' f='5'/>");
         assert_eq!(feed_all(&mut StreamParser::new(lim), &wide).unwrap_err().condition(), "policy-violation");
         let dtd = "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaaa'>]>";
         assert_eq!(feed_all(&mut StreamParser::new(lim), dtd).unwrap_err().condition(), "restricted-xml");
@@ -556,7 +579,7 @@ mod tests {
         assert_eq!(feed_all(&mut StreamParser::new(lim), &comment).unwrap_err().condition(), "restricted-xml");
         let entity = format!("{HEADER}<message>&foo;</message>");
         assert_eq!(feed_all(&mut StreamParser::new(lim), &entity).unwrap_err().condition(), "not-well-formed");
-        let bad = format!("{HEADER}<message></presence>");
+        let bad = format!("{HEADER}<message><body>x</message>");
         assert_eq!(feed_all(&mut StreamParser::new(lim), &bad).unwrap_err().condition(), "not-well-formed");
         let wrong_ns = "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>";
         assert_eq!(feed_all(&mut StreamParser::new(lim), wrong_ns).unwrap_err().condition(), "invalid-namespace");
@@ -564,7 +587,7 @@ mod tests {
 
     #[test]
     fn whitespace_keepalives_do_not_grow_the_buffer() {
-        let mut p = StreamParser::new(Limits { max_stanza_bytes: 100, ..Limits::default() });
+        let mut p = StreamParser::new(Limits { max_stanza_bytes: 300, ..Limits::default() });
         feed_all(&mut p, HEADER).unwrap();
         for _ in 0..1000 {
             feed_all(&mut p, " \n").unwrap();
