@@ -1,0 +1,151 @@
+//! The c2s session driven directly: bytes in, bytes and actions out, no runtime.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rand_core::SeedableRng;
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::address::Address;
+use crate::scram;
+
+const HEADER: &str = "<stream:stream to='localhost' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+fn cfg(require_tls: bool) -> Rc<C2sConfig> {
+    Rc::new(C2sConfig {
+        domains: vec!["localhost".into()],
+        require_tls,
+        tls_available: true,
+        anonymous: false,
+        registration_open: false,
+        limits: Limits::default(),
+        scram_iterations: 4096,
+        max_pending: 8,
+        version: "test".into(),
+    })
+}
+
+struct Harness {
+    s: C2sSession,
+    throttle: AuthThrottle,
+    now: u64,
+}
+
+impl Harness {
+    fn new(require_tls: bool, tls: bool) -> Self {
+        let addr = SessionAddr { node: 0, shard: 0, id: 7 };
+        let s = C2sSession::new(addr, cfg(require_tls), 1, tls, ChaCha20Rng::seed_from_u64(1));
+        Harness { s, throttle: AuthThrottle::new(5, 60_000, 100), now: 1_000 }
+    }
+    fn input(&mut self, i: Input<'_>) -> (String, Vec<Action>) {
+        let mut ctx = Ctx { throttle: &mut self.throttle };
+        self.s.handle(i, self.now, &mut ctx);
+        let o = self.s.take_output();
+        (String::from_utf8(o.bytes).unwrap(), o.actions)
+    }
+    fn send(&mut self, xml: &str) -> (String, Vec<Action>) {
+        self.input(Input::Bytes(xml.as_bytes()))
+    }
+}
+
+fn hmac256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    m.update(data);
+    m.finalize().into_bytes().to_vec()
+}
+
+/// A SCRAM-SHA-256 client, written from RFC 5802 independently of the server code.
+fn client_final(password: &str, client_first_bare: &str, server_first: &str) -> (String, Vec<u8>) {
+    let attrs: Vec<(&str, &str)> = server_first.split(',').map(|a| a.split_at(2)).collect();
+    let get = |k: &str| attrs.iter().find(|(p, _)| *p == k).unwrap().1;
+    let salt = B64.decode(get("s=")).unwrap();
+    let iters: u32 = get("i=").parse().unwrap();
+    let mut salted = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, iters, &mut salted);
+    let client_key = hmac256(&salted, b"Client Key");
+    let stored = Sha256::digest(&client_key);
+    let without_proof = format!("c=biws,r={}", get("r="));
+    let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+    let sig = hmac256(&stored, auth_message.as_bytes());
+    let proof: Vec<u8> = client_key.iter().zip(sig).map(|(a, b)| a ^ b).collect();
+    let server_key = hmac256(&salted, b"Server Key");
+    (format!("{without_proof},p={}", B64.encode(proof)), hmac256(&server_key, auth_message.as_bytes()))
+}
+
+#[test]
+fn scram_login_bind_and_routing() {
+    let mut h = Harness::new(true, true);
+    let (out, _) = h.send(HEADER);
+    assert!(out.contains("<mechanism>SCRAM-SHA-256</mechanism>") && out.contains("<mechanism>PLAIN</mechanism>"), "{out}");
+    let first_bare = "n=alice,r=clientnonce";
+    let (_, acts) = h.send(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>{}</auth>",
+        B64.encode(format!("n,,{first_bare}"))
+    ));
+    assert_eq!(acts, vec![Action::LoadAccount("alice@localhost".into())]);
+    let account = scram::new_account("secret", [3; 16], [4; 16], 4096);
+    let (out, _) = h.input(Input::Account(Some(account)));
+    let ch = out.split('>').nth(1).unwrap().split('<').next().unwrap();
+    let server_first = String::from_utf8(B64.decode(ch).unwrap()).unwrap();
+    assert!(server_first.starts_with("r=clientnonce"), "{server_first}");
+    let (fin, server_sig) = client_final("secret", first_bare, &server_first);
+    let (out, _) = h.send(&format!("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>", B64.encode(fin)));
+    let expected = B64.encode(format!("v={}", B64.encode(server_sig)));
+    assert!(out.contains(&format!(">{expected}</success>")), "server signature must verify: {out}");
+
+    let (out, _) = h.send(HEADER);
+    assert!(out.contains("<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>"), "{out}");
+    let (_, acts) = h.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>phone</resource></bind></iq>");
+    let [Action::Route(env)] = acts.as_slice() else { panic!("{acts:?}") };
+    assert!(matches!(&env.msg, crate::msg::Msg::User(UserMsg::Bind { resource, .. }) if resource == "phone"));
+    // A stanza pipelined before the bind answer waits for it.
+    let (_, acts) = h.send("<message to='bob@localhost'><body>early</body></message>");
+    assert!(acts.is_empty());
+    let (out, acts) = h.input(Input::Router(SessionMsg::Bound { resource: "phone".into() }));
+    assert!(out.contains("<jid>alice@localhost/phone</jid>"), "{out}");
+    let [Action::Route(env)] = acts.as_slice() else { panic!("{acts:?}") };
+    assert_eq!(env.to, Address::User("bob@localhost".parse().unwrap()));
+    let crate::msg::Msg::User(UserMsg::Inbound { stanza }) = &env.msg else { panic!() };
+    assert_eq!(stanza.attr("from"), Some("alice@localhost/phone"), "from is stamped");
+
+    // Spoofing another sender ends the stream and unbinds.
+    let (out, acts) = h.send("<message from='bob@localhost' to='carol@localhost'/>");
+    assert!(out.contains("<invalid-from"), "{out}");
+    assert!(acts.iter().any(|a| matches!(a, Action::Route(e) if matches!(e.msg, crate::msg::Msg::User(UserMsg::Unbind { .. })))));
+    assert!(acts.contains(&Action::Close));
+}
+
+#[test]
+fn tls_is_offered_and_required_before_auth() {
+    let mut h = Harness::new(true, false);
+    let (out, _) = h.send(HEADER);
+    assert!(out.contains("<required/>") && !out.contains("<mechanisms"), "{out}");
+    let (out, _) = h.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>");
+    assert!(out.contains("<encryption-required/>"), "{out}");
+    let (out, acts) = h.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+    assert!(out.contains("<proceed"));
+    assert_eq!(acts, vec![Action::StartTls]);
+    h.input(Input::TlsEstablished);
+    let (out, _) = h.send(HEADER);
+    assert!(out.contains("PLAIN") && !out.contains("starttls"), "{out}");
+}
+
+#[test]
+fn wrong_password_fails_then_throttles_and_stanzas_before_auth_close() {
+    let mut h = Harness::new(false, false);
+    h.send(HEADER);
+    for i in 0..6 {
+        let (_, acts) = h.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHdyb25n</auth>");
+        if i < 5 {
+            assert_eq!(acts, vec![Action::LoadAccount("alice@localhost".into())]);
+            let (out, _) = h.input(Input::Account(Some(scram::new_account("right", [1; 16], [2; 16], 4096))));
+            assert!(out.contains("<not-authorized/>"), "{out}");
+        } else {
+            assert!(acts.is_empty(), "throttled attempts do not reach storage");
+        }
+    }
+    let (out, _) = h.send("<message to='x@localhost'/>");
+    assert!(out.contains("<not-authorized"), "{out}");
+    assert!(h.s.is_closed());
+}

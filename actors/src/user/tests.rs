@@ -1,0 +1,165 @@
+//! User actors driven directly: a tiny router moves envelopes between two actors and records
+//! what reaches sessions. No runtime, no storage (persists are taken as durable).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use starling_storage::Subscription;
+
+use super::*;
+use crate::address::Address;
+use crate::msg::Msg;
+use crate::parser::{parse_element, Limits};
+
+fn el(xml: &str) -> Element {
+    parse_element(xml.as_bytes(), &[("".into(), ns::CLIENT.into())], Limits::default()).unwrap()
+}
+
+fn cfg() -> Rc<UserConfig> {
+    Rc::new(UserConfig { max_offline: 2, max_roster_items: 10 })
+}
+
+struct World {
+    users: BTreeMap<String, UserActor>,
+    /// What sessions received: (session id, stanza).
+    delivered: Vec<(u64, Element)>,
+    writes: Vec<Write>,
+    kicked: Vec<u64>,
+}
+
+impl World {
+    fn new(names: &[&str]) -> World {
+        let users = names
+            .iter()
+            .map(|n| {
+                let j: BareJid = format!("{n}@localhost").parse().unwrap();
+                (j.to_string(), UserActor::new(j, true, UserData::default(), cfg()))
+            })
+            .collect();
+        World { users, delivered: Vec::new(), writes: Vec::new(), kicked: Vec::new() }
+    }
+
+    fn run(&mut self, to: &str, msg: UserMsg) {
+        let mut q = VecDeque::from([Envelope::to_user(to.parse().unwrap(), msg)]);
+        while let Some(env) = q.pop_front() {
+            match (env.to, env.msg) {
+                (Address::User(j), Msg::User(m)) => {
+                    let Some(actor) = self.users.get_mut(j.as_str()) else { continue };
+                    for fx in actor.handle(m, 1_700_000_000_000) {
+                        match fx {
+                            Effect::Send(e) => q.push_back(e),
+                            Effect::Persist { writes, then } => {
+                                self.writes.extend(writes);
+                                q.extend(then);
+                            }
+                        }
+                    }
+                }
+                (Address::Session(a), Msg::Session(SessionMsg::Stanza(s))) => self.delivered.push((a.id, s)),
+                (Address::Session(a), Msg::Session(SessionMsg::Kick { .. })) => self.kicked.push(a.id),
+                _ => {}
+            }
+        }
+    }
+
+    fn online(&mut self, user: &str, resource: &str, id: u64) {
+        let addr = SessionAddr { node: 0, shard: 0, id };
+        self.run(&format!("{user}@localhost"), UserMsg::Bind { session: addr, resource: resource.into() });
+        self.run(&format!("{user}@localhost"), UserMsg::Outbound { resource: resource.into(), stanza: el(&format!("<presence from='{user}@localhost/{resource}'/>")) });
+    }
+
+    fn take(&mut self, id: u64) -> Vec<Element> {
+        let (mine, rest) = std::mem::take(&mut self.delivered).into_iter().partition(|(i, _)| *i == id);
+        self.delivered = rest;
+        mine.into_iter().map(|(_, s)| s).collect()
+    }
+}
+
+#[test]
+fn subscription_handshake_converges_and_presence_flows() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "a", 1);
+    w.online("bob", "b", 2);
+    w.take(1);
+    w.take(2);
+    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>") });
+    assert!(w.take(2).iter().any(|s| s.attr("type") == Some("subscribe") && s.attr("from") == Some("alice@localhost")));
+    assert!(w.users["alice@localhost"].roster["bob@localhost"].ask_out);
+    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>") });
+    assert_eq!(w.users["alice@localhost"].roster["bob@localhost"].subscription, Subscription::To);
+    assert_eq!(w.users["bob@localhost"].roster["alice@localhost"].subscription, Subscription::From);
+    // Alice got bob's current presence after approval.
+    assert!(w.take(1).iter().any(|s| s.name == "presence" && s.attr("from") == Some("bob@localhost/b") && s.attr("type").is_none()));
+    // Bob's next presence reaches alice; alice's does not reach bob (he has no "to").
+    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b'><show>away</show></presence>") });
+    assert!(w.take(1).iter().any(|s| s.child("show", ns::CLIENT).is_some()));
+    w.take(2);
+    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a'><show>dnd</show></presence>") });
+    assert!(w.take(2).is_empty());
+    // Unsubscribe by bob (unsubscribed): both sides drop the relation.
+    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='unsubscribed'/>") });
+    assert_eq!(w.users["alice@localhost"].roster["bob@localhost"].subscription, Subscription::None);
+    assert_eq!(w.users["bob@localhost"].roster["alice@localhost"].subscription, Subscription::None);
+    assert!(w.take(1).iter().any(|s| s.attr("type") == Some("unavailable")));
+    assert!(w.writes.iter().any(|x| matches!(x, Write::SetRosterVer { .. })), "roster changes are persisted");
+}
+
+#[test]
+fn pre_approval_auto_accepts() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("bob", "b", 2);
+    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>") });
+    assert!(w.users["bob@localhost"].roster["alice@localhost"].approved);
+    w.take(2);
+    w.online("alice", "a", 1);
+    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>") });
+    assert_eq!(w.users["alice@localhost"].roster["bob@localhost"].subscription, Subscription::To);
+    assert!(!w.take(2).iter().any(|s| s.attr("type") == Some("subscribe")), "pre-approved requests are not shown");
+}
+
+#[test]
+fn offline_queue_caps_with_an_error_and_delivers_with_delay() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "a", 1);
+    w.take(1);
+    for i in 0..3 {
+        w.run("bob@localhost", UserMsg::Inbound { stanza: el(&format!("<message from='alice@localhost/a' to='bob@localhost' id='m{i}' type='chat'><body>{i}</body></message>")) });
+    }
+    assert_eq!(w.users["bob@localhost"].offline_len(), 2);
+    let errs = w.take(1);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].attr("id"), Some("m2"));
+    assert!(errs[0].child("error", ns::CLIENT).unwrap().child("resource-constraint", ns::STANZAS_ERR).is_some());
+    w.online("bob", "b", 2);
+    let got = w.take(2);
+    let msgs: Vec<&Element> = got.iter().filter(|s| s.name == "message").collect();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0].child("delay", ns::DELAY).unwrap().attr("stamp"), Some("2023-11-14T22:13:20.000Z"));
+    assert!(w.writes.iter().any(|x| matches!(x, Write::DeleteOffline { upto: 2, .. })));
+    assert_eq!(w.users["bob@localhost"].offline_len(), 0);
+}
+
+#[test]
+fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
+    let mut w = World::new(&["alice"]);
+    w.online("alice", "a", 1);
+    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<iq from='alice@localhost/a' type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>") });
+    w.take(1);
+    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<iq from='alice@localhost/a' type='set' id='s'><query xmlns='jabber:iq:roster'><item jid='carol@localhost' name='C'/></query></iq>") });
+    let got = w.take(1);
+    assert_eq!(got[0].attr("type"), Some("result"));
+    assert_eq!(got[1].attr("type"), Some("set"), "push after the result");
+    assert_eq!(got[1].child("query", ns::ROSTER).unwrap().attr("ver"), Some("1"));
+    // Same resource again: the older session is kicked.
+    w.run("alice@localhost", UserMsg::Bind { session: SessionAddr { node: 0, shard: 1, id: 9 }, resource: "a".into() });
+    assert_eq!(w.kicked, vec![1]);
+    // A message to a bare JID with only negative-priority sessions is stored.
+    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a'><priority>-1</priority></presence>") });
+    w.run("alice@localhost", UserMsg::Inbound { stanza: el("<message from='x@localhost/r' to='alice@localhost'><body>k</body></message>") });
+    assert_eq!(w.users["alice@localhost"].offline_len(), 1);
+}
+
+#[test]
+fn timestamps_are_rfc3339() {
+    assert_eq!(xmpp_timestamp(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(xmpp_timestamp(951_782_400_123), "2000-02-29T00:00:00.123Z");
+}
