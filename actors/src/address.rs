@@ -61,6 +61,9 @@ mod tests {
         assert!(seen.iter().all(|&c| c > 50), "{seen:?}");
         // Fixed value: placement must not change between builds or platforms.
         let j: BareJid = "alice@localhost".parse().unwrap();
-        assert_eq!(p.place_user(&j).1, (xxhash_rust::xxh3::xxh3_64(b"alice@localhost") % 4) as u16);
+        assert_eq!(
+            p.place_user(&j).1,
+            (xxhash_rust::xxh3::xxh3_64(b"alice@localhost") % 4) as u16
+        );
     }
 }

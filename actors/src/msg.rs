@@ -44,9 +44,15 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn to_session(to: SessionAddr, msg: SessionMsg) -> Self {
-        Envelope { to: Address::Session(to), msg: Msg::Session(msg) }
+        Envelope {
+            to: Address::Session(to),
+            msg: Msg::Session(msg),
+        }
     }
     pub fn to_user(to: jid::BareJid, msg: UserMsg) -> Self {
-        Envelope { to: Address::User(to), msg: Msg::User(msg) }
+        Envelope {
+            to: Address::User(to),
+            msg: Msg::User(msg),
+        }
     }
 }

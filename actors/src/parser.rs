@@ -23,7 +23,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_stanza_bytes: 256 * 1024, max_depth: 32, max_attrs: 64 }
+        Limits {
+            max_stanza_bytes: 256 * 1024,
+            max_depth: 32,
+            max_attrs: 64,
+        }
     }
 }
 
@@ -73,7 +77,10 @@ enum Scan {
     /// Just after `<`.
     Open,
     /// Inside `<...>`; `quote` is the open attribute quote, `attrs` the `=` seen so far.
-    Tag { quote: u8, attrs: usize },
+    Tag {
+        quote: u8,
+        attrs: usize,
+    },
     /// After `<!`, deciding between CDATA and things we refuse.
     Bang,
     Cdata,
@@ -150,12 +157,8 @@ impl StreamParser {
                     // Skip to the next '<'; text outside stanzas must be whitespace.
                     let rest = &self.buf[self.pos..];
                     let n = rest.iter().position(|&c| c == b'<').unwrap_or(rest.len());
-                    if self.stanza_start.is_none()
-                        && !rest[..n].iter().all(|c| c.is_ascii_whitespace())
-                    {
-                        return Err(ParseError::NotWellFormed(
-                            "character data outside of a stanza".into(),
-                        ));
+                    if self.stanza_start.is_none() && !rest[..n].iter().all(|c| c.is_ascii_whitespace()) {
+                        return Err(ParseError::NotWellFormed("character data outside of a stanza".into()));
                     }
                     self.pos += n;
                     if self.stanza_start.is_none() {
@@ -187,9 +190,7 @@ impl StreamParser {
                     }
                     if n == want.len() {
                         if self.stanza_start.is_none() {
-                            return Err(ParseError::NotWellFormed(
-                                "CDATA outside of a stanza".into(),
-                            ));
+                            return Err(ParseError::NotWellFormed("CDATA outside of a stanza".into()));
                         }
                         self.state = Scan::Cdata;
                         self.pos = self.tok_start + want.len();
@@ -230,7 +231,10 @@ impl StreamParser {
                                 self.limits.max_attrs
                             )));
                         }
-                        self.state = Scan::Tag { quote: 0, attrs: attrs + 1 };
+                        self.state = Scan::Tag {
+                            quote: 0,
+                            attrs: attrs + 1,
+                        };
                     } else if b == b'<' {
                         return Err(ParseError::NotWellFormed("'<' inside a tag".into()));
                     } else if b == b'>' {
@@ -349,8 +353,8 @@ impl StreamParser {
         // Parse the open tag as an empty element.
         let mut tag = self.buf[start..end - 1].to_vec();
         tag.extend_from_slice(b"/>");
-        let text = std::str::from_utf8(&tag)
-            .map_err(|_| ParseError::NotWellFormed("stream header is not UTF-8".into()))?;
+        let text =
+            std::str::from_utf8(&tag).map_err(|_| ParseError::NotWellFormed("stream header is not UTF-8".into()))?;
         let mut reader = Reader::from_str(text);
         let start = loop {
             match reader.read_event() {
@@ -414,7 +418,9 @@ fn raw_attrs(e: &BytesStart<'_>) -> Result<Vec<(String, String)>, ParseError> {
         let k = std::str::from_utf8(a.key.as_ref())
             .map_err(|_| ParseError::NotWellFormed("attribute name is not UTF-8".into()))?
             .to_string();
-        let v = a.unescape_value().map_err(|e| ParseError::NotWellFormed(e.to_string()))?;
+        let v = a
+            .unescape_value()
+            .map_err(|e| ParseError::NotWellFormed(e.to_string()))?;
         out.push((k, v.into_owned()));
     }
     Ok(out)
@@ -423,8 +429,7 @@ fn raw_attrs(e: &BytesStart<'_>) -> Result<Vec<(String, String)>, ParseError> {
 /// Parses one complete element (a stanza), resolving namespaces against `base` (the stream
 /// header's declarations).
 pub fn parse_element(bytes: &[u8], base: &[(String, String)], limits: Limits) -> Result<Element, ParseError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| ParseError::NotWellFormed("stanza is not valid UTF-8".into()))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| ParseError::NotWellFormed("stanza is not valid UTF-8".into()))?;
     let mut reader = Reader::from_str(text);
     reader.config_mut().trim_text(false);
     reader.config_mut().check_end_names = true;
@@ -432,7 +437,9 @@ pub fn parse_element(bytes: &[u8], base: &[(String, String)], limits: Limits) ->
     let mut marks: Vec<usize> = Vec::new();
     let mut stack: Vec<Element> = Vec::new();
     loop {
-        let ev = reader.read_event().map_err(|e| ParseError::NotWellFormed(e.to_string()))?;
+        let ev = reader
+            .read_event()
+            .map_err(|e| ParseError::NotWellFormed(e.to_string()))?;
         match ev {
             Event::Start(e) => {
                 marks.push(scope.len());
@@ -451,7 +458,9 @@ pub fn parse_element(bytes: &[u8], base: &[(String, String)], limits: Limits) ->
                 }
             }
             Event::End(_) => {
-                let el = stack.pop().ok_or_else(|| ParseError::NotWellFormed("unbalanced end tag".into()))?;
+                let el = stack
+                    .pop()
+                    .ok_or_else(|| ParseError::NotWellFormed("unbalanced end tag".into()))?;
                 scope.truncate(marks.pop().unwrap_or(base.len()));
                 if let Some(done) = close(&mut stack, el) {
                     return Ok(done);
@@ -525,7 +534,12 @@ fn open_element(e: &BytesStart<'_>, scope: &mut Vec<(String, String)>) -> Result
     let ns = lookup(scope, prefix)
         .ok_or_else(|| ParseError::NotWellFormed(format!("undeclared prefix {prefix:?}")))?
         .to_string();
-    Ok(Element { name: local.to_string(), ns, attrs, children: Vec::new() })
+    Ok(Element {
+        name: local.to_string(),
+        ns,
+        attrs,
+        children: Vec::new(),
+    })
 }
 
 #[cfg(test)]
@@ -555,7 +569,9 @@ mod tests {
         }
         assert_eq!(whole, bytewise);
         assert_eq!(whole.len(), 4);
-        let StreamEvent::Stanza(m) = &whole[1] else { panic!("{whole:?}") };
+        let StreamEvent::Stanza(m) = &whole[1] else {
+            panic!("{whole:?}")
+        };
         assert!(m.is("message", ns::CLIENT));
         assert_eq!(m.child("body", ns::CLIENT).unwrap().text(), "a & b < cA<x>");
         let x = m.child("x", "urn:x").unwrap();
@@ -565,29 +581,57 @@ mod tests {
 
     #[test]
     fn refuses_oversized_deep_wide_and_restricted_input() {
-        let lim = Limits { max_stanza_bytes: 300, max_depth: 4, max_attrs: 4 };
+        let lim = Limits {
+            max_stanza_bytes: 300,
+            max_depth: 4,
+            max_attrs: 4,
+        };
         let big = format!("{HEADER}<message><body>{}</body></message>", "x".repeat(600));
         let e = feed_all(&mut StreamParser::new(lim), &big).unwrap_err();
         assert_eq!(e.condition(), "policy-violation");
         let deep = format!("{HEADER}<a><b><c><d><e><f>");
-        assert_eq!(feed_all(&mut StreamParser::new(lim), &deep).unwrap_err().condition(), "policy-violation");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(lim), &deep).unwrap_err().condition(),
+            "policy-violation"
+        );
         let wide = format!("{HEADER}<a b='1' c='2' d='3' e='4' f='5'/>");
-        assert_eq!(feed_all(&mut StreamParser::new(lim), &wide).unwrap_err().condition(), "policy-violation");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(lim), &wide).unwrap_err().condition(),
+            "policy-violation"
+        );
         let dtd = "<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'aaaa'>]>";
-        assert_eq!(feed_all(&mut StreamParser::new(lim), dtd).unwrap_err().condition(), "restricted-xml");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(lim), dtd).unwrap_err().condition(),
+            "restricted-xml"
+        );
         let comment = format!("{HEADER}<!-- hi -->");
-        assert_eq!(feed_all(&mut StreamParser::new(lim), &comment).unwrap_err().condition(), "restricted-xml");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(lim), &comment).unwrap_err().condition(),
+            "restricted-xml"
+        );
         let entity = format!("{HEADER}<message>&foo;</message>");
-        assert_eq!(feed_all(&mut StreamParser::new(lim), &entity).unwrap_err().condition(), "not-well-formed");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(lim), &entity).unwrap_err().condition(),
+            "not-well-formed"
+        );
         let bad = format!("{HEADER}<message><body>x</message>");
-        assert_eq!(feed_all(&mut StreamParser::new(lim), &bad).unwrap_err().condition(), "not-well-formed");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(lim), &bad).unwrap_err().condition(),
+            "not-well-formed"
+        );
         let wrong_ns = "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>";
-        assert_eq!(feed_all(&mut StreamParser::new(lim), wrong_ns).unwrap_err().condition(), "invalid-namespace");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(lim), wrong_ns).unwrap_err().condition(),
+            "invalid-namespace"
+        );
     }
 
     #[test]
     fn whitespace_keepalives_do_not_grow_the_buffer() {
-        let mut p = StreamParser::new(Limits { max_stanza_bytes: 300, ..Limits::default() });
+        let mut p = StreamParser::new(Limits {
+            max_stanza_bytes: 300,
+            ..Limits::default()
+        });
         feed_all(&mut p, HEADER).unwrap();
         for _ in 0..1000 {
             feed_all(&mut p, " \n").unwrap();

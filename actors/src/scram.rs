@@ -54,7 +54,9 @@ fn salted_password(h: Hash, password: &[u8], salt: &[u8], iterations: u32) -> Ve
 /// Prepares a password with SASLprep (RFC 4013); falls back to the raw bytes for strings that
 /// SASLprep refuses, so such a password still works consistently.
 fn prep(password: &str) -> String {
-    stringprep::saslprep(password).map(|c| c.into_owned()).unwrap_or_else(|_| password.to_owned())
+    stringprep::saslprep(password)
+        .map(|c| c.into_owned())
+        .unwrap_or_else(|_| password.to_owned())
 }
 
 pub fn derive(h: Hash, password: &str, salt: &[u8], iterations: u32) -> ScramCreds {
@@ -151,7 +153,9 @@ pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst, SaslError> {
     }
     let authzid = match authz {
         "" => None,
-        a => Some(unescape_saslname(a.strip_prefix("a=").ok_or(SaslError::Malformed("bad authzid"))?)?),
+        a => Some(unescape_saslname(
+            a.strip_prefix("a=").ok_or(SaslError::Malformed("bad authzid"))?,
+        )?),
     };
     let mut username = None;
     let mut nonce = None;
@@ -165,7 +169,9 @@ pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst, SaslError> {
         }
     }
     let username = username.ok_or(SaslError::Malformed("missing username"))?;
-    let client_nonce = nonce.filter(|n| !n.is_empty()).ok_or(SaslError::Malformed("missing nonce"))?;
+    let client_nonce = nonce
+        .filter(|n| !n.is_empty())
+        .ok_or(SaslError::Malformed("missing nonce"))?;
     Ok(ClientFirst {
         gs2_header: format!("{cb},{authz},"),
         authzid,
@@ -188,17 +194,42 @@ pub struct ScramExchange {
 }
 
 impl ScramExchange {
-    pub fn new(hash: Hash, first: ClientFirst, account: Option<&Account>, server_nonce: &str, dummy_salt: [u8; 16]) -> Self {
+    pub fn new(
+        hash: Hash,
+        first: ClientFirst,
+        account: Option<&Account>,
+        server_nonce: &str,
+        dummy_salt: [u8; 16],
+    ) -> Self {
         let (creds, real) = match account {
-            Some(a) => (if hash == Hash::Sha1 { a.sha1.clone() } else { a.sha256.clone() }, true),
+            Some(a) => (
+                if hash == Hash::Sha1 {
+                    a.sha1.clone()
+                } else {
+                    a.sha256.clone()
+                },
+                true,
+            ),
             None => (
-                ScramCreds { salt: dummy_salt.to_vec(), iterations: 4096, stored_key: vec![], server_key: vec![] },
+                ScramCreds {
+                    salt: dummy_salt.to_vec(),
+                    iterations: 4096,
+                    stored_key: vec![],
+                    server_key: vec![],
+                },
                 false,
             ),
         };
         let nonce = format!("{}{}", first.client_nonce, server_nonce);
         let server_first = format!("r={},s={},i={}", nonce, B64.encode(&creds.salt), creds.iterations);
-        ScramExchange { hash, first, nonce, server_first, creds, real }
+        ScramExchange {
+            hash,
+            first,
+            nonce,
+            server_first,
+            creds,
+            real,
+        }
     }
 
     pub fn server_first(&self) -> &str {
@@ -233,7 +264,9 @@ impl ScramExchange {
         if nonce != Some(self.nonce.as_str()) {
             return Err(SaslError::NotAuthorized);
         }
-        let proof = B64.decode(proof).map_err(|_| SaslError::Malformed("proof is not base64"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| SaslError::Malformed("proof is not base64"))?;
         if !self.real {
             return Err(SaslError::NotAuthorized);
         }
@@ -273,15 +306,27 @@ mod tests {
     fn rfc7677_example_verifies() {
         let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
         let creds = derive(Hash::Sha256, "pencil", &salt, 4096);
-        let account = Account { sha1: creds.clone(), sha256: creds };
+        let account = Account {
+            sha1: creds.clone(),
+            sha256: creds,
+        };
         let first = parse_client_first(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO").unwrap();
-        let mut ex = ScramExchange::new(Hash::Sha256, first, Some(&account), "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0", [0; 16]);
+        let mut ex = ScramExchange::new(
+            Hash::Sha256,
+            first,
+            Some(&account),
+            "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
+            [0; 16],
+        );
         assert_eq!(
             ex.server_first(),
             "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
         );
         let fin = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
-        assert_eq!(ex.finish(fin.as_bytes()).unwrap(), "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+        assert_eq!(
+            ex.finish(fin.as_bytes()).unwrap(),
+            "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
         let bad = fin.replace("p=dHzb", "p=dHzc");
         assert_eq!(ex.finish(bad.as_bytes()), Err(SaslError::NotAuthorized));
         // Unknown users fail at the end, like wrong passwords.

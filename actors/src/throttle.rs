@@ -12,7 +12,12 @@ pub struct AuthThrottle {
 
 impl AuthThrottle {
     pub fn new(max_failures: u32, window_ms: u64, max_entries: usize) -> Self {
-        AuthThrottle { max_failures, window_ms, max_entries, failures: HashMap::new() }
+        AuthThrottle {
+            max_failures,
+            window_ms,
+            max_entries,
+            failures: HashMap::new(),
+        }
     }
 
     /// Whether `ip` may try to authenticate now.

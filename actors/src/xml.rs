@@ -20,7 +20,12 @@ pub struct Element {
 
 impl Element {
     pub fn new(name: &str, ns: &str) -> Self {
-        Element { name: name.into(), ns: ns.into(), attrs: Vec::new(), children: Vec::new() }
+        Element {
+            name: name.into(),
+            ns: ns.into(),
+            attrs: Vec::new(),
+            children: Vec::new(),
+        }
     }
 
     pub fn is(&self, name: &str, ns: &str) -> bool {

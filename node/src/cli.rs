@@ -79,7 +79,6 @@ pub fn main() -> i32 {
     match r {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("starling: {e}");
             1
         }
@@ -89,18 +88,28 @@ pub fn main() -> i32 {
 fn init_logs(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn open_store(cfg: &Config) -> Result<SledStorage, String> {
-    std::fs::create_dir_all(&cfg.server.data_dir).map_err(|e| format!("cannot create data dir {}: {e}", cfg.server.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.server.data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", cfg.server.data_dir.display()))?;
     SledStorage::open(&cfg.server.data_dir.join("db")).map_err(|e| e.to_string())
 }
 
 fn check_memlock() -> Result<(), String> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < 512 * 1024 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+        && lim.rlim_cur != libc::RLIM_INFINITY
+        && lim.rlim_cur < 512 * 1024
+    {
         return Err(format!(
             "RLIMIT_MEMLOCK is {} bytes; glommio needs at least 512 KiB (ulimit -l 8192)",
             lim.rlim_cur
@@ -134,7 +143,10 @@ fn serve(cfg: Config) -> Result<(), String> {
             max_pending: 64,
             version: env!("CARGO_PKG_VERSION").into(),
         },
-        user: UserConfig { max_offline: cfg.offline.max_per_user, max_roster_items: cfg.roster.max_items },
+        user: UserConfig {
+            max_offline: cfg.offline.max_per_user,
+            max_roster_items: cfg.roster.max_items,
+        },
         c2s_listen: cfg.c2s.listen,
         direct_tls_listen: cfg.direct_tls_addr(),
         tls,
@@ -149,7 +161,12 @@ fn serve(cfg: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
     rt.block_on(async move {
-        let args = SupervisorArgs { store, params, storage_tx, storage_rx };
+        let args = SupervisorArgs {
+            store,
+            params,
+            storage_tx,
+            storage_rx,
+        };
         let (sup, handle) = ractor::Actor::spawn(Some("supervisor".into()), Supervisor, args)
             .await
             .map_err(|e| format!("startup failed: {e}"))?;
@@ -187,7 +204,11 @@ fn user(cfg: Config, cmd: UserCmd) -> Result<(), String> {
             return Err(format!("{j:?} needs a user part (user@domain)"));
         }
         if !cfg.server.domains.iter().any(|d| d == b.domain().as_str()) {
-            eprintln!("warning: {} is not one of server.domains {:?}", b.domain(), cfg.server.domains);
+            eprintln!(
+                "warning: {} is not one of server.domains {:?}",
+                b.domain(),
+                cfg.server.domains
+            );
         }
         Ok(b.to_string())
     };
@@ -222,7 +243,12 @@ fn user(cfg: Config, cmd: UserCmd) -> Result<(), String> {
             if store.account(&u).map_err(e)?.is_none() {
                 return Err(format!("{u} does not exist"));
             }
-            store.apply(&[Write::PutAccount { user: u.clone(), account: creds(&password) }]).map_err(e)?;
+            store
+                .apply(&[Write::PutAccount {
+                    user: u.clone(),
+                    account: creds(&password),
+                }])
+                .map_err(e)?;
             store.flush().map_err(e)?;
             println!("password changed for {u}");
         }

@@ -97,7 +97,9 @@ impl Default for Config {
         Config {
             server: Server::default(),
             c2s: C2s::default(),
-            registration: Registration { mode: RegistrationMode::Closed },
+            registration: Registration {
+                mode: RegistrationMode::Closed,
+            },
             auth: Auth::default(),
             offline: Offline { max_per_user: 100 },
             roster: Roster { max_items: 1000 },
@@ -109,7 +111,12 @@ impl Default for Config {
 
 impl Default for Server {
     fn default() -> Self {
-        Server { domains: vec!["localhost".into()], data_dir: "./data".into(), shards: 0, shutdown_grace_secs: 5 }
+        Server {
+            domains: vec!["localhost".into()],
+            data_dir: "./data".into(),
+            shards: 0,
+            shutdown_grace_secs: 5,
+        }
     }
 }
 
@@ -129,13 +136,19 @@ impl Default for C2s {
 
 impl Default for Registration {
     fn default() -> Self {
-        Registration { mode: RegistrationMode::Closed }
+        Registration {
+            mode: RegistrationMode::Closed,
+        }
     }
 }
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth { anonymous: false, scram_iterations: 4096, max_failures_per_minute: 5 }
+        Auth {
+            anonymous: false,
+            scram_iterations: 4096,
+            max_failures_per_minute: 5,
+        }
     }
 }
 
@@ -163,20 +176,26 @@ impl Config {
     pub fn load(file: Option<&std::path::Path>, overrides: &[String]) -> Result<Config, String> {
         let mut root: toml::Table = match file {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
                 text.parse().map_err(|e| format!("config {}: {e}", p.display()))?
             }
             None => toml::Table::new(),
         };
         for o in overrides {
-            let (key, value) = o.split_once('=').ok_or_else(|| format!("--set {o:?}: expected section.key=value"))?;
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| format!("--set {o:?}: expected section.key=value"))?;
             let value: toml::Value = format!("v = {value}")
                 .parse::<toml::Table>()
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or_else(|| toml::Value::String(value.to_string()));
             let mut parts: Vec<&str> = key.trim().split('.').collect();
-            let last = parts.pop().filter(|l| !l.is_empty()).ok_or_else(|| format!("--set {o:?}: empty key"))?;
+            let last = parts
+                .pop()
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| format!("--set {o:?}: empty key"))?;
             let mut table = &mut root;
             for p in parts {
                 table = table
@@ -187,7 +206,9 @@ impl Config {
             }
             table.insert(last.to_string(), value);
         }
-        let cfg: Config = toml::Value::Table(root).try_into().map_err(|e: toml::de::Error| format!("invalid configuration: {e}"))?;
+        let cfg: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("invalid configuration: {e}"))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -243,7 +264,15 @@ mod tests {
         let c = Config::load(None, &[]).unwrap();
         assert_eq!(c.server.domains, vec!["localhost"]);
         assert_eq!(c.offline.max_per_user, 100);
-        let c = Config::load(None, &["offline.max_per_user=3".into(), "registration.mode=open".into(), "c2s.listen=127.0.0.1:1".into()]).unwrap();
+        let c = Config::load(
+            None,
+            &[
+                "offline.max_per_user=3".into(),
+                "registration.mode=open".into(),
+                "c2s.listen=127.0.0.1:1".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.offline.max_per_user, 3);
         assert_eq!(c.registration.mode, RegistrationMode::Open);
         let e = Config::load(None, &["c2s.bogus=1".into()]).unwrap_err();

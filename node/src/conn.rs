@@ -81,7 +81,11 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let id = shard.next_session_id();
-    let addr = SessionAddr { node: shard.node, shard: shard.id, id };
+    let addr = SessionAddr {
+        node: shard.node,
+        shard: shard.id,
+        id,
+    };
     let (tx, rx) = local_channel::new_bounded(shard.mailbox);
     shard.sessions.borrow_mut().insert(id, Rc::new(tx));
     tracing::debug!(?addr, ?peer, direct_tls, "connection accepted");
@@ -97,7 +101,13 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     } else {
         Conn::Plain(stream)
     };
-    let mut session = C2sSession::new(addr, shard.c2s_cfg.clone(), ip_key(peer.map(|p| p.ip())), direct_tls, shard.session_rng());
+    let mut session = C2sSession::new(
+        addr,
+        shard.c2s_cfg.clone(),
+        ip_key(peer.map(|p| p.ip())),
+        direct_tls,
+        shard.session_rng(),
+    );
     let mut conn = conn;
     let mut buf = vec![0u8; 4096];
     loop {
@@ -145,7 +155,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
 fn handle(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
     let now = now_ms();
     let mut throttle = shard.throttle.borrow_mut();
-    let mut ctx = Ctx { throttle: &mut throttle };
+    let mut ctx = Ctx {
+        throttle: &mut throttle,
+    };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.handle(input, now, &mut ctx)));
     if r.is_err() {
         tracing::error!(session = ?session.addr, "session panicked; closing it");
@@ -163,10 +175,8 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
         if out.bytes.is_empty() && out.actions.is_empty() && queue.is_empty() {
             return open;
         }
-        if !out.bytes.is_empty() {
-            if conn.write_all(&out.bytes).await.is_err() || conn.flush().await.is_err() {
-                open = false;
-            }
+        if !out.bytes.is_empty() && (conn.write_all(&out.bytes).await.is_err() || conn.flush().await.is_err()) {
+            open = false;
         }
         for action in out.actions {
             match action {
@@ -203,13 +213,23 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
                     }
                 },
                 Action::SetPassword { user, account } => {
-                    let ok = shard.storage.write(vec![Write::PutAccount { user, account }]).await.is_ok();
+                    let ok = shard
+                        .storage
+                        .write(vec![Write::PutAccount { user, account }])
+                        .await
+                        .is_ok();
                     queue.push_back(Next::PasswordSet(ok));
                 }
             }
         }
         if !open {
-            session.handle(Input::Closed, now_ms(), &mut Ctx { throttle: &mut shard.throttle.borrow_mut() });
+            session.handle(
+                Input::Closed,
+                now_ms(),
+                &mut Ctx {
+                    throttle: &mut shard.throttle.borrow_mut(),
+                },
+            );
             let rest = session.take_output();
             for a in rest.actions {
                 if let Action::Route(env) = a {

@@ -25,15 +25,26 @@ impl Actor for StorageService {
     type State = StorageState;
     type Arguments = (SledStorage, flume::Sender<StorageReq>, flume::Receiver<StorageReq>);
 
-    async fn pre_start(&self, _me: ActorRef<()>, (store, tx, rx): Self::Arguments) -> Result<StorageState, ActorProcessingErr> {
-        let thread = std::thread::Builder::new().name("storage".into()).spawn(move || storage_thread::run(store, rx))?;
-        Ok(StorageState { thread: Some(thread), tx })
+    async fn pre_start(
+        &self,
+        _me: ActorRef<()>,
+        (store, tx, rx): Self::Arguments,
+    ) -> Result<StorageState, ActorProcessingErr> {
+        let thread = std::thread::Builder::new()
+            .name("storage".into())
+            .spawn(move || storage_thread::run(store, rx))?;
+        Ok(StorageState {
+            thread: Some(thread),
+            tx,
+        })
     }
 
     async fn post_stop(&self, _me: ActorRef<()>, state: &mut StorageState) -> Result<(), ActorProcessingErr> {
         let _ = state.tx.send_async(StorageReq::Shutdown).await;
         if let Some(t) = state.thread.take() {
-            tokio::task::spawn_blocking(move || t.join()).await?.map_err(|_| "storage thread panicked")?;
+            tokio::task::spawn_blocking(move || t.join())
+                .await?
+                .map_err(|_| "storage thread panicked")?;
         }
         Ok(())
     }
@@ -45,8 +56,11 @@ pub enum SupervisorMsg {
 
 pub struct Supervisor;
 
+/// A running shard: its stop signal and the thread that joins its executor.
+type ShardHandle = (flume::Sender<()>, JoinHandle<()>);
+
 pub struct SupervisorState {
-    shards: Vec<(flume::Sender<()>, JoinHandle<()>)>,
+    shards: Vec<ShardHandle>,
     storage: ActorRef<()>,
 }
 
@@ -62,7 +76,11 @@ impl Actor for Supervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, me: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         let (storage, _) = Actor::spawn_linked(
             Some("storage".into()),
             StorageService,
@@ -77,7 +95,12 @@ impl Actor for Supervisor {
         Ok(SupervisorState { shards, storage })
     }
 
-    async fn handle(&self, _me: ActorRef<SupervisorMsg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Shutdown(reply) => {
                 tracing::info!("shutting down: stopping shards");
@@ -101,7 +124,7 @@ impl Actor for Supervisor {
 }
 
 /// Starts one pinned glommio executor per shard and waits until each listens.
-fn start_shards(params: ShardParams, n: usize) -> Result<Vec<(flume::Sender<()>, JoinHandle<()>)>, String> {
+fn start_shards(params: ShardParams, n: usize) -> Result<Vec<ShardHandle>, String> {
     let mesh = (n > 1).then(|| MeshBuilder::full(n, 1024));
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let (ready_tx, ready_rx) = flume::unbounded();

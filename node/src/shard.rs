@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use glommio::channels::channel_mesh::{MeshBuilder, Full, Senders};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::local_channel::LocalSender;
 use glommio::net::TcpListener;
 use glommio::{GlommioError, ResourceType};
@@ -135,7 +135,8 @@ impl Shard {
     fn overflow(self: &Rc<Self>, env: Envelope, why: &'static str) {
         let control = matches!(
             env.msg,
-            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. }) | Msg::Session(SessionMsg::Kick { .. } | SessionMsg::Bound { .. } | SessionMsg::BindFailed { .. })
+            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. })
+                | Msg::Session(SessionMsg::Kick { .. } | SessionMsg::Bound { .. } | SessionMsg::BindFailed { .. })
         );
         if !control {
             tracing::warn!(?env.to, why, "bouncing stanza");
@@ -155,7 +156,7 @@ impl Shard {
         if let SessionMsg::Stanza(st) = m {
             if st.name == "message" {
                 if let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) {
-                    return self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }));
+                    self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }));
                 }
             }
         }
@@ -168,8 +169,12 @@ impl Shard {
             Msg::Session(SessionMsg::Stanza(s)) => Some(s),
             _ => None,
         };
-        let Some(st) = st.filter(stanza::may_bounce) else { return };
-        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else { return };
+        let Some(st) = st.filter(stanza::may_bounce) else {
+            return;
+        };
+        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else {
+            return;
+        };
         let err = stanza::error_reply(&st, condition, None);
         self.route(Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err }));
     }
@@ -188,7 +193,12 @@ fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The body of a shard's executor: join the mesh, listen, serve until `stop` fires.
-pub async fn run(params: ShardParams, mesh: Option<MeshBuilder<Envelope, Full>>, stop: flume::Receiver<()>, ready: flume::Sender<Result<(), String>>) {
+pub async fn run(
+    params: ShardParams,
+    mesh: Option<MeshBuilder<Envelope, Full>>,
+    stop: flume::Receiver<()>,
+    ready: flume::Sender<Result<(), String>>,
+) {
     let (senders, receivers, id) = match mesh {
         Some(m) => match m.join().await {
             Ok((s, r)) => {
@@ -207,7 +217,10 @@ pub async fn run(params: ShardParams, mesh: Option<MeshBuilder<Envelope, Full>>,
     let shard = Rc::new(Shard {
         id,
         node: params.node,
-        placement: SingleNode { node: params.node, shards: params.shards as ShardId },
+        placement: SingleNode {
+            node: params.node,
+            shards: params.shards as ShardId,
+        },
         mesh: senders,
         sessions: RefCell::new(HashMap::new()),
         users: RefCell::new(HashMap::new()),
@@ -254,10 +267,15 @@ pub async fn run(params: ShardParams, mesh: Option<MeshBuilder<Envelope, Full>>,
     // Tell every client we are going away, then give them a moment.
     let sessions: Vec<Rc<LocalSender<SessionMsg>>> = shard.sessions.borrow().values().cloned().collect();
     for tx in sessions {
-        let _ = tx.try_send(SessionMsg::Kick { condition: "system-shutdown", text: "the server is shutting down".into() });
+        let _ = tx.try_send(SessionMsg::Kick {
+            condition: "system-shutdown",
+            text: "the server is shutting down".into(),
+        });
     }
     let deadline = std::time::Instant::now() + params.grace;
-    while (!shard.sessions.borrow().is_empty() || !shard.users.borrow().is_empty()) && std::time::Instant::now() < deadline {
+    while (!shard.sessions.borrow().is_empty() || !shard.users.borrow().is_empty())
+        && std::time::Instant::now() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(shard = id, "shard stopped");

@@ -8,11 +8,24 @@ use starling_storage::{Account, Storage, StorageError, UserData, Write};
 pub type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
 pub enum StorageReq {
-    Account { user: String, reply: Reply<Option<Account>> },
-    CreateAccount { user: String, account: Account, reply: Reply<bool> },
+    Account {
+        user: String,
+        reply: Reply<Option<Account>>,
+    },
+    CreateAccount {
+        user: String,
+        account: Account,
+        reply: Reply<bool>,
+    },
     /// Whether the account exists, and the user's data.
-    LoadUser { user: String, reply: Reply<(bool, UserData)> },
-    Write { writes: Vec<Write>, reply: Reply<()> },
+    LoadUser {
+        user: String,
+        reply: Reply<(bool, UserData)>,
+    },
+    Write {
+        writes: Vec<Write>,
+        reply: Reply<()>,
+    },
     Shutdown,
 }
 
@@ -35,14 +48,16 @@ impl StorageHandle {
             .send_async(make(tx))
             .await
             .map_err(|_| StorageError::Backend("storage thread has stopped".into()))?;
-        rx.await.map_err(|_| StorageError::Backend("storage thread dropped the request".into()))?
+        rx.await
+            .map_err(|_| StorageError::Backend("storage thread dropped the request".into()))?
     }
 
     pub async fn account(&self, user: String) -> Result<Option<Account>, StorageError> {
         self.ask(|reply| StorageReq::Account { user, reply }).await
     }
     pub async fn create_account(&self, user: String, account: Account) -> Result<bool, StorageError> {
-        self.ask(|reply| StorageReq::CreateAccount { user, account, reply }).await
+        self.ask(|reply| StorageReq::CreateAccount { user, account, reply })
+            .await
     }
     pub async fn load_user(&self, user: String) -> Result<(bool, UserData), StorageError> {
         self.ask(|reply| StorageReq::LoadUser { user, reply }).await
@@ -68,7 +83,9 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
                     let _ = reply.send(store.account(&user));
                 }
                 StorageReq::LoadUser { user, reply } => {
-                    let r = store.account(&user).and_then(|a| Ok((a.is_some(), store.load_user(&user)?)));
+                    let r = store
+                        .account(&user)
+                        .and_then(|a| Ok((a.is_some(), store.load_user(&user)?)));
                     let _ = reply.send(r);
                 }
                 StorageReq::CreateAccount { user, account, reply } => match store.create_account(&user, &account) {
@@ -98,10 +115,20 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
             tracing::error!(error = %e, "storage flush failed; writes not acknowledged");
         }
         for r in acks.drain(..) {
-            let _ = r.send(flushed.as_ref().map(|_| ()).map_err(|e| StorageError::Backend(e.to_string())));
+            let _ = r.send(
+                flushed
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| StorageError::Backend(e.to_string())),
+            );
         }
         for (r, c) in created.drain(..) {
-            let _ = r.send(flushed.as_ref().map(|_| c).map_err(|e| StorageError::Backend(e.to_string())));
+            let _ = r.send(
+                flushed
+                    .as_ref()
+                    .map(|_| c)
+                    .map_err(|e| StorageError::Backend(e.to_string())),
+            );
         }
     }
     if let Err(e) = store.flush() {

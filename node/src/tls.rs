@@ -24,7 +24,8 @@ pub fn cert_paths(cfg: &Config) -> Result<(PathBuf, PathBuf), String> {
     let generated = rcgen::generate_simple_self_signed(cfg.server.domains.clone())
         .map_err(|e| format!("cannot generate a self-signed certificate: {e}"))?;
     std::fs::write(&cert, generated.cert.pem()).map_err(|e| format!("cannot write {}: {e}", cert.display()))?;
-    std::fs::write(&key, generated.key_pair.serialize_pem()).map_err(|e| format!("cannot write {}: {e}", key.display()))?;
+    std::fs::write(&key, generated.key_pair.serialize_pem())
+        .map_err(|e| format!("cannot write {}: {e}", key.display()))?;
     tracing::warn!(cert = %cert.display(), "no tls.cert configured: generated a self-signed certificate");
     Ok((cert, key))
 }

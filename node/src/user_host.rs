@@ -15,7 +15,10 @@ use starling_actors::user::{Effect, UserActor};
 use crate::shard::Shard;
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Creates the mailbox for `jid` and starts its actor.
@@ -50,7 +53,10 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
                 for a in actor.session_addrs() {
                     shard.route(Envelope::to_session(
                         a,
-                        SessionMsg::Kick { condition: "internal-server-error", text: "internal error".into() },
+                        SessionMsg::Kick {
+                            condition: "internal-server-error",
+                            text: "internal error".into(),
+                        },
                     ));
                 }
                 return;
@@ -71,8 +77,14 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
                                     let mut err = st.clone();
                                     err.children.clear();
                                     err.set_attr("type", "error");
-                                    err.push_child(stanza::error_element("internal-server-error", Some("storage failure")));
-                                    shard.route(Envelope { to: env.to.clone(), msg: Msg::Session(SessionMsg::Stanza(err)) });
+                                    err.push_child(stanza::error_element(
+                                        "internal-server-error",
+                                        Some("storage failure"),
+                                    ));
+                                    shard.route(Envelope {
+                                        to: env.to.clone(),
+                                        msg: Msg::Session(SessionMsg::Stanza(err)),
+                                    });
                                 }
                             }
                         }
@@ -91,9 +103,12 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
 
 fn fail(shard: &Rc<Shard>, m: UserMsg) {
     match m {
-        UserMsg::Bind { session, .. } => {
-            shard.route(Envelope::to_session(session, SessionMsg::BindFailed { condition: "internal-server-error" }))
-        }
+        UserMsg::Bind { session, .. } => shard.route(Envelope::to_session(
+            session,
+            SessionMsg::BindFailed {
+                condition: "internal-server-error",
+            },
+        )),
         UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } => {
             let env = Envelope::to_user(BareJid::new("x@x").expect("valid"), UserMsg::Inbound { stanza });
             shard.undeliverable(env, "internal-server-error");

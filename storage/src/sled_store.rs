@@ -7,9 +7,7 @@ use std::path::Path;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{
-    Account, OfflineMessage, Result, RosterItem, Storage, StorageError, UserData, Write,
-};
+use crate::{Account, OfflineMessage, Result, RosterItem, Storage, StorageError, UserData, Write};
 
 pub struct SledStorage {
     db: sled::Db,
@@ -132,7 +130,9 @@ impl Storage for SledStorage {
         for w in writes {
             match w {
                 Write::PutAccount { user, account } => {
-                    self.accounts.insert(user.as_bytes(), encode(account)).map_err(backend)?;
+                    self.accounts
+                        .insert(user.as_bytes(), encode(account))
+                        .map_err(backend)?;
                 }
                 Write::DeleteUser { user } => {
                     self.accounts.remove(user.as_bytes()).map_err(backend)?;
@@ -141,7 +141,9 @@ impl Storage for SledStorage {
                     self.meta.remove(ver_key(user)).map_err(backend)?;
                 }
                 Write::PutRosterItem { user, item } => {
-                    self.roster.insert(roster_key(user, &item.jid), encode(item)).map_err(backend)?;
+                    self.roster
+                        .insert(roster_key(user, &item.jid), encode(item))
+                        .map_err(backend)?;
                 }
                 Write::DeleteRosterItem { user, contact } => {
                     self.roster.remove(roster_key(user, contact)).map_err(backend)?;
@@ -150,7 +152,9 @@ impl Storage for SledStorage {
                     self.meta.insert(ver_key(user), &ver.to_be_bytes()).map_err(backend)?;
                 }
                 Write::PushOffline { user, msg } => {
-                    self.offline.insert(offline_key(user, msg.seq), encode(msg)).map_err(backend)?;
+                    self.offline
+                        .insert(offline_key(user, msg.seq), encode(msg))
+                        .map_err(backend)?;
                 }
                 Write::DeleteOffline { user, upto } => {
                     let start = offline_key(user, 0);
@@ -186,8 +190,16 @@ mod tests {
     use crate::{ScramCreds, Subscription};
 
     fn account() -> Account {
-        let c = ScramCreds { salt: vec![1], iterations: 1, stored_key: vec![2], server_key: vec![3] };
-        Account { sha1: c.clone(), sha256: c }
+        let c = ScramCreds {
+            salt: vec![1],
+            iterations: 1,
+            stored_key: vec![2],
+            server_key: vec![3],
+        };
+        Account {
+            sha1: c.clone(),
+            sha256: c,
+        }
     }
 
     #[test]
@@ -203,14 +215,36 @@ mod tests {
                 in_roster: true,
                 ..Default::default()
             };
-            let msg = |seq| OfflineMessage { seq, stamp_unix_ms: 5, xml: format!("<m{seq}/>") };
+            let msg = |seq| OfflineMessage {
+                seq,
+                stamp_unix_ms: 5,
+                xml: format!("<m{seq}/>"),
+            };
             s.apply(&[
-                Write::PutRosterItem { user: "a@x".into(), item },
-                Write::SetRosterVer { user: "a@x".into(), ver: 7 },
-                Write::PushOffline { user: "a@x".into(), msg: msg(1) },
-                Write::PushOffline { user: "a@x".into(), msg: msg(2) },
-                Write::PushOffline { user: "a@x".into(), msg: msg(300) },
-                Write::DeleteOffline { user: "a@x".into(), upto: 1 },
+                Write::PutRosterItem {
+                    user: "a@x".into(),
+                    item,
+                },
+                Write::SetRosterVer {
+                    user: "a@x".into(),
+                    ver: 7,
+                },
+                Write::PushOffline {
+                    user: "a@x".into(),
+                    msg: msg(1),
+                },
+                Write::PushOffline {
+                    user: "a@x".into(),
+                    msg: msg(2),
+                },
+                Write::PushOffline {
+                    user: "a@x".into(),
+                    msg: msg(300),
+                },
+                Write::DeleteOffline {
+                    user: "a@x".into(),
+                    upto: 1,
+                },
             ])
             .unwrap();
             s.flush().unwrap();
@@ -231,7 +265,11 @@ mod tests {
         let mut m = crate::MemoryStorage::new();
         m.create_account("a@x", &account()).unwrap();
         m.flush().unwrap();
-        m.apply(&[Write::SetRosterVer { user: "a@x".into(), ver: 3 }]).unwrap();
+        m.apply(&[Write::SetRosterVer {
+            user: "a@x".into(),
+            ver: 3,
+        }])
+        .unwrap();
         m.crash();
         assert!(m.account("a@x").unwrap().is_some());
         assert_eq!(m.load_user("a@x").unwrap().roster_ver, 0);

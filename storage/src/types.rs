@@ -81,13 +81,33 @@ pub struct UserData {
 /// One write. Batches of writes are applied in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    PutAccount { user: String, account: Account },
+    PutAccount {
+        user: String,
+        account: Account,
+    },
     /// Removes the account and everything stored for it.
-    DeleteUser { user: String },
-    PutRosterItem { user: String, item: RosterItem },
-    DeleteRosterItem { user: String, contact: String },
-    SetRosterVer { user: String, ver: u64 },
-    PushOffline { user: String, msg: OfflineMessage },
+    DeleteUser {
+        user: String,
+    },
+    PutRosterItem {
+        user: String,
+        item: RosterItem,
+    },
+    DeleteRosterItem {
+        user: String,
+        contact: String,
+    },
+    SetRosterVer {
+        user: String,
+        ver: u64,
+    },
+    PushOffline {
+        user: String,
+        msg: OfflineMessage,
+    },
     /// Removes offline messages with `seq <= upto`.
-    DeleteOffline { user: String, upto: u64 },
+    DeleteOffline {
+        user: String,
+        upto: u64,
+    },
 }

@@ -27,7 +27,8 @@ pub fn binary() -> PathBuf {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(root).args(["build", "-q", "-p", "starling-node", "--bin", "starling"]);
+        cmd.current_dir(root)
+            .args(["build", "-q", "-p", "starling-node", "--bin", "starling"]);
         if release {
             cmd.arg("--release");
         }
@@ -43,7 +44,11 @@ pub fn binary() -> PathBuf {
 pub fn test_cert() -> &'static (PathBuf, PathBuf) {
     static CERT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     CERT.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("starling-cert").tempdir().expect("tempdir").keep();
+        let dir = tempfile::Builder::new()
+            .prefix("starling-cert")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
         let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
@@ -56,7 +61,11 @@ pub fn test_cert() -> &'static (PathBuf, PathBuf) {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub struct Server {
@@ -73,7 +82,10 @@ impl Server {
     /// `--set` settings. `use_test_cert`: configure the shared test certificate (otherwise
     /// the server generates its own on first start).
     pub fn start_with(settings: &[&str], users: &[(&str, &str)], use_test_cert: bool) -> Server {
-        let dir = tempfile::Builder::new().prefix("starling-e2e").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("starling-e2e")
+            .tempdir()
+            .expect("tempdir");
         let port = free_port();
         let tls_port = free_port();
         let mut all: Vec<String> = vec![
@@ -89,10 +101,21 @@ impl Server {
         }
         all.extend(settings.iter().map(|s| s.to_string()));
         let log = dir.path().join("server.log");
-        let mut s = Server { child: None, dir, port, tls_port, settings: all, log };
+        let mut s = Server {
+            child: None,
+            dir,
+            port,
+            tls_port,
+            settings: all,
+            log,
+        };
         for (jid, pw) in users {
             let out = s.cli(&["user", "add", jid, pw]);
-            assert!(out.status.success(), "user add {jid}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "user add {jid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         s.spawn();
         s
@@ -103,7 +126,10 @@ impl Server {
     }
 
     fn base_args(&self) -> Vec<String> {
-        let mut a = vec!["--data-dir".to_string(), self.dir.path().join("data").display().to_string()];
+        let mut a = vec![
+            "--data-dir".to_string(),
+            self.dir.path().join("data").display().to_string(),
+        ];
         for s in &self.settings {
             a.push("--set".into());
             a.push(s.clone());
@@ -119,7 +145,11 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let mut a = self.base_args();
         a.push("serve".into());
         let child = Command::new(binary())
@@ -142,7 +172,11 @@ impl Server {
                     self.log_text()
                 );
             }
-            assert!(Instant::now() < deadline, "starling did not listen within 30 s\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "starling did not listen within 30 s\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

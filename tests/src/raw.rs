@@ -20,12 +20,22 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(port: u16) -> Raw {
-        let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-        Raw { io: Box::new(s), buf: String::new(), closed: false }
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        Raw {
+            io: Box::new(s),
+            buf: String::new(),
+            closed: false,
+        }
     }
 
     pub fn from_io(io: Box<dyn Io>) -> Raw {
-        Raw { io, buf: String::new(), closed: false }
+        Raw {
+            io,
+            buf: String::new(),
+            closed: false,
+        }
     }
 
     pub async fn send(&mut self, s: &str) {
@@ -78,7 +88,10 @@ impl Raw {
         r.send(HEADER).await;
         r.until("</stream:features>").await;
         let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
-        r.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>")).await;
+        r.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+        ))
+        .await;
         let got = r.until("/>").await;
         assert!(got.contains("<success"), "login of {user} failed: {got}");
         r.send(HEADER).await;

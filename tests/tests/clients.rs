@@ -25,7 +25,9 @@ fn chat(to: &str, text: &str) -> Stanza {
 
 fn roster_push_item(s: &Stanza) -> Option<Element> {
     match s {
-        Stanza::Iq(Iq::Set { payload, .. }) if payload.is("query", ROSTER) => payload.get_child("item", ROSTER).cloned(),
+        Stanza::Iq(Iq::Set { payload, .. }) if payload.is("query", ROSTER) => {
+            payload.get_child("item", ROSTER).cloned()
+        }
         _ => None,
     }
 }
@@ -42,7 +44,9 @@ async fn roster_push_subscription_handshake_and_presence() {
         .await
         .await
         .expect("roster get");
-    let IqResponse::Result(Some(q)) = res else { panic!("roster get: {res:?}") };
+    let IqResponse::Result(Some(q)) = res else {
+        panic!("roster get: {res:?}")
+    };
     assert_eq!(q.attr("ver"), Some("0"));
     assert_eq!(q.children().count(), 0);
 
@@ -51,7 +55,10 @@ async fn roster_push_subscription_handshake_and_presence() {
         .parse()
         .unwrap();
     let set = alice
-        .send_iq(None, IqRequest::Set(Element::builder("query", ROSTER).append(item).build()))
+        .send_iq(
+            None,
+            IqRequest::Set(Element::builder("query", ROSTER).append(item).build()),
+        )
         .await;
     let push = expect_stanza(&mut alice, "roster push", |s| roster_push_item(s).is_some()).await;
     let item = roster_push_item(&push).unwrap();
@@ -60,7 +67,10 @@ async fn roster_push_subscription_handshake_and_presence() {
     assert!(matches!(set.await.expect("roster set"), IqResponse::Result(_)));
 
     // Both go online; alice asks bob for a subscription.
-    alice.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
+    alice
+        .send_stanza(Stanza::Presence(Presence::available()))
+        .await
+        .unwrap();
     bob.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
     let mut sub = Presence::new(PresenceType::Subscribe);
     sub.to = Some(jid("bob@localhost"));
@@ -70,12 +80,18 @@ async fn roster_push_subscription_handshake_and_presence() {
     })
     .await;
     assert_eq!(roster_push_item(&push).unwrap().attr("subscription"), Some("none"));
-    let req = expect_stanza(&mut bob, "subscription request", |s| {
-        matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe)
-    })
+    let req = expect_stanza(
+        &mut bob,
+        "subscription request",
+        |s| matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe),
+    )
     .await;
     let Stanza::Presence(req) = req else { unreachable!() };
-    assert_eq!(req.from, Some(jid("alice@localhost")), "subscription requests carry the bare JID");
+    assert_eq!(
+        req.from,
+        Some(jid("alice@localhost")),
+        "subscription requests carry the bare JID"
+    );
 
     // Bob approves: alice's item becomes "to", and she receives bob's presence.
     let mut ok = Presence::new(PresenceType::Subscribed);
@@ -85,9 +101,11 @@ async fn roster_push_subscription_handshake_and_presence() {
         roster_push_item(s).is_some_and(|i| i.attr("subscription") == Some("to") && i.attr("ask").is_none())
     })
     .await;
-    expect_stanza(&mut alice, "bob's presence", |s| {
-        matches!(s, Stanza::Presence(p) if p.from.as_ref() == Some(&bob_full) && p.type_ == PresenceType::None)
-    })
+    expect_stanza(
+        &mut alice,
+        "bob's presence",
+        |s| matches!(s, Stanza::Presence(p) if p.from.as_ref() == Some(&bob_full) && p.type_ == PresenceType::None),
+    )
     .await;
 
     // Bob's later presence changes reach alice (broadcast to subscribers).
@@ -113,29 +131,63 @@ async fn chat_to_full_and_bare_jids_with_server_stamped_from() {
     let (mut alice, alice_full) = login(&server, "alice@localhost", "a").await;
     let (mut bob, bob_full) = login(&server, "bob@localhost", "b").await;
     bob.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
-    alice.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
+    alice
+        .send_stanza(Stanza::Presence(Presence::available()))
+        .await
+        .unwrap();
 
     alice.send_stanza(chat("bob@localhost", "to bare")).await.unwrap();
-    let m = expect_stanza(&mut bob, "message to bare JID", |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("to bare"))).await;
+    let m = expect_stanza(
+        &mut bob,
+        "message to bare JID",
+        |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("to bare")),
+    )
+    .await;
     let Stanza::Message(m) = m else { unreachable!() };
-    assert_eq!(m.from, Some(alice_full.clone()), "the server stamps the sender's full JID");
+    assert_eq!(
+        m.from,
+        Some(alice_full.clone()),
+        "the server stamps the sender's full JID"
+    );
     assert_eq!(m.type_, MessageType::Chat);
 
     alice.send_stanza(chat(&bob_full.to_string(), "to full")).await.unwrap();
-    expect_stanza(&mut bob, "message to full JID", |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("to full"))).await;
+    expect_stanza(
+        &mut bob,
+        "message to full JID",
+        |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("to full")),
+    )
+    .await;
 
     // A second resource of bob with higher priority gets messages to the bare JID.
     let (mut bob2, bob2_full) = login(&server, "bob@localhost", "b").await;
     assert_ne!(bob2_full, bob_full);
-    bob2.send_stanza(Stanza::Presence(Presence::available().with_priority(10))).await.unwrap();
+    bob2.send_stanza(Stanza::Presence(Presence::available().with_priority(10)))
+        .await
+        .unwrap();
     // bob's first resource sees bob2 come online: the server has processed the presence.
-    expect_stanza(&mut bob, "own other resource online", |s| matches!(s, Stanza::Presence(p) if p.from.as_ref() == Some(&bob2_full))).await;
+    expect_stanza(
+        &mut bob,
+        "own other resource online",
+        |s| matches!(s, Stanza::Presence(p) if p.from.as_ref() == Some(&bob2_full)),
+    )
+    .await;
     alice.send_stanza(chat("bob@localhost", "to highest")).await.unwrap();
-    expect_stanza(&mut bob2, "message to highest priority", |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("to highest"))).await;
+    expect_stanza(
+        &mut bob2,
+        "message to highest priority",
+        |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("to highest")),
+    )
+    .await;
 
     // A reply the other way round.
     bob.send_stanza(chat(&alice_full.to_string(), "pong")).await.unwrap();
-    let m = expect_stanza(&mut alice, "reply", |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("pong"))).await;
+    let m = expect_stanza(
+        &mut alice,
+        "reply",
+        |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some("pong")),
+    )
+    .await;
     let Stanza::Message(m) = m else { unreachable!() };
     assert_eq!(m.from, Some(bob_full));
 }
@@ -146,30 +198,59 @@ async fn offline_messages_and_roster_survive_a_restart() {
     {
         let (mut alice, _) = login(&server, "alice@localhost", "a").await;
         let item: Element = "<item xmlns='jabber:iq:roster' jid='bob@localhost'/>".parse().unwrap();
-        let r = alice.send_iq(None, IqRequest::Set(Element::builder("query", ROSTER).append(item).build())).await.await;
+        let r = alice
+            .send_iq(
+                None,
+                IqRequest::Set(Element::builder("query", ROSTER).append(item).build()),
+            )
+            .await
+            .await;
         assert!(matches!(r, Ok(IqResponse::Result(_))), "{r:?}");
         for i in 0..3 {
-            alice.send_stanza(chat("bob@localhost", &format!("offline {i}"))).await.unwrap();
+            alice
+                .send_stanza(chat("bob@localhost", &format!("offline {i}")))
+                .await
+                .unwrap();
         }
         // A ping round trip after the messages: they have been handled by the server.
         let ping = Element::builder("ping", "urn:xmpp:ping").build();
-        alice.send_iq(Some(jid("localhost")), IqRequest::Get(ping)).await.await.expect("ping");
+        alice
+            .send_iq(Some(jid("localhost")), IqRequest::Get(ping))
+            .await
+            .await
+            .expect("ping");
         alice.send_end().await.unwrap();
     }
     server.restart();
     let (mut alice, _) = login(&server, "alice@localhost", "a").await;
-    let r = alice.send_iq(None, IqRequest::Get(Element::builder("query", ROSTER).build())).await.await.expect("roster");
-    let IqResponse::Result(Some(q)) = r else { panic!("{r:?}") };
-    assert!(q.children().any(|i| i.attr("jid") == Some("bob@localhost")), "roster lost in restart: {q:?}");
+    let r = alice
+        .send_iq(None, IqRequest::Get(Element::builder("query", ROSTER).build()))
+        .await
+        .await
+        .expect("roster");
+    let IqResponse::Result(Some(q)) = r else {
+        panic!("{r:?}")
+    };
+    assert!(
+        q.children().any(|i| i.attr("jid") == Some("bob@localhost")),
+        "roster lost in restart: {q:?}"
+    );
 
     let (mut bob, _) = login(&server, "bob@localhost", "b").await;
     bob.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
     for i in 0..3 {
         let want = format!("offline {i}");
-        let m = expect_stanza(&mut bob, "offline message", |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some(want.as_str()))).await;
+        let m = expect_stanza(
+            &mut bob,
+            "offline message",
+            |s| matches!(s, Stanza::Message(m) if body(m).as_deref() == Some(want.as_str())),
+        )
+        .await;
         let Stanza::Message(m) = m else { unreachable!() };
         assert!(
-            m.payloads.iter().any(|p| p.is("delay", "urn:xmpp:delay") && p.attr("stamp").is_some()),
+            m.payloads
+                .iter()
+                .any(|p| p.is("delay", "urn:xmpp:delay") && p.attr("stamp").is_some()),
             "offline messages carry a XEP-0203 delay stamp"
         );
     }
@@ -180,5 +261,9 @@ async fn offline_messages_and_roster_survive_a_restart() {
     alice.send_stanza(chat("bob@localhost", "fresh")).await.unwrap();
     let m = expect_stanza(&mut bob, "next message", |s| matches!(s, Stanza::Message(_))).await;
     let Stanza::Message(m) = m else { unreachable!() };
-    assert_eq!(body(&m).as_deref(), Some("fresh"), "offline messages were delivered twice");
+    assert_eq!(
+        body(&m).as_deref(),
+        Some("fresh"),
+        "offline messages were delivered twice"
+    );
 }

@@ -17,7 +17,10 @@ async fn malformed_xml_gets_not_well_formed_and_a_closed_stream() {
     r.until("</stream:features>").await;
     r.send("<message><body>oops</message>").await;
     let got = r.until_closed().await;
-    assert!(got.contains("<not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"), "{got}");
+    assert!(
+        got.contains("<not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"),
+        "{got}"
+    );
     assert!(got.ends_with("</stream:stream>"), "{got}");
     assert!(server.log_text().contains("not-well-formed"), "no log line for bad XML");
 }
@@ -26,19 +29,22 @@ async fn malformed_xml_gets_not_well_formed_and_a_closed_stream() {
 async fn restricted_xml_and_wrong_namespace_are_refused() {
     let server = Server::start(&[CLEAR], &[]);
     let mut r = Raw::connect(server.port).await;
-    r.send("<?xml version='1.0'?><!DOCTYPE lol [<!ENTITY lol 'lol'>]>").await;
+    r.send("<?xml version='1.0'?><!DOCTYPE lol [<!ENTITY lol 'lol'>]>")
+        .await;
     let got = r.until_closed().await;
     assert!(got.contains("<restricted-xml"), "{got}");
     // The error is sent inside a stream header of our own (RFC 6120 §4.9.1.1).
     assert!(got.starts_with("<?xml version='1.0'?><stream:stream"), "{got}");
 
     let mut r = Raw::connect(server.port).await;
-    r.send("<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>").await;
+    r.send("<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>")
+        .await;
     let got = r.until_closed().await;
     assert!(got.contains("<invalid-namespace"), "{got}");
 
     let mut r = Raw::connect(server.port).await;
-    r.send(&HEADER.replace("to='localhost'", "to='elsewhere.example'")).await;
+    r.send(&HEADER.replace("to='localhost'", "to='elsewhere.example'"))
+        .await;
     let got = r.until_closed().await;
     assert!(got.contains("<host-unknown"), "{got}");
 }
@@ -47,19 +53,26 @@ async fn restricted_xml_and_wrong_namespace_are_refused() {
 async fn oversized_stanza_gets_policy_violation() {
     let server = Server::start(&[CLEAR, "c2s.max_stanza_bytes=4096"], &[("alice@localhost", "pw")]);
     let mut r = Raw::login_plain(server.port, "alice", "pw", "r").await;
-    let big = format!("<message to='alice@localhost'><body>{}</body></message>", "x".repeat(10_000));
+    let big = format!(
+        "<message to='alice@localhost'><body>{}</body></message>",
+        "x".repeat(10_000)
+    );
     r.send(&big).await;
     let got = r.until_closed().await;
     assert!(got.contains("<policy-violation"), "{got}");
     // The server is fine afterwards.
     let mut r = Raw::login_plain(server.port, "alice", "pw", "r2").await;
-    r.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+    r.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
     assert!(r.until("id=\"p\"").await.contains("type=\"result\""));
 }
 
 #[tokio::test]
 async fn bad_credentials_fail_and_are_throttled_per_ip() {
-    let server = Server::start(&[CLEAR, "auth.max_failures_per_minute=3"], &[("alice@localhost", "right")]);
+    let server = Server::start(
+        &[CLEAR, "auth.max_failures_per_minute=3"],
+        &[("alice@localhost", "right")],
+    );
     let plain = |u: &str, p: &str| {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(format!("\0{u}\0{p}"))
@@ -68,16 +81,27 @@ async fn bad_credentials_fail_and_are_throttled_per_ip() {
     r.send(HEADER).await;
     r.until("</stream:features>").await;
     for _ in 0..3 {
-        r.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>", plain("alice", "wrong"))).await;
+        r.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>",
+            plain("alice", "wrong")
+        ))
+        .await;
         let got = r.until("</failure>").await;
         assert!(got.contains("<not-authorized/>"), "{got}");
     }
     // Unknown users look exactly like wrong passwords.
     // Fourth attempt from the same address, even with the right password: throttled.
-    r.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>", plain("alice", "right"))).await;
+    r.send(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>",
+        plain("alice", "right")
+    ))
+    .await;
     let got = r.until("</failure>").await;
     assert!(got.contains("<temporary-auth-failure/>"), "{got}");
-    assert!(server.log_text().contains("authentication failed"), "no log line for failed auth");
+    assert!(
+        server.log_text().contains("authentication failed"),
+        "no log line for failed auth"
+    );
 
     // SCRAM with a wrong password fails with not-authorized too (separate server: fresh limit).
     let server = Server::start(&[CLEAR], &[("alice@localhost", "right")]);
@@ -89,7 +113,10 @@ async fn bad_credentials_fail_and_are_throttled_per_ip() {
     assert!(ch.contains("<challenge"), "{ch}");
     r.send("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>Yz1iaXdzLHI9ZnlrbytkMmxiYkZnT05Sdjlxa3hkYXdMLHA9djBYOHYzQnoyVDBDSkdiSlF5RjBYK0hJNFRzPQ==</response>").await;
     let got = r.until("</failure>").await;
-    assert!(got.contains("<not-authorized/>") || got.contains("<malformed-request/>"), "{got}");
+    assert!(
+        got.contains("<not-authorized/>") || got.contains("<malformed-request/>"),
+        "{got}"
+    );
     // Unauthenticated stanzas are refused with a stream error.
     r.send("<message to='alice@localhost'><body>x</body></message>").await;
     let got = r.until_closed().await;
@@ -103,25 +130,38 @@ async fn spoofed_from_is_a_stream_error_and_never_routed() {
     bob.send("<presence/>").await;
     bob.until("<presence").await;
     let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
-    alice.send("<message from='carol@localhost/x' to='bob@localhost'><body>spoofed</body></message>").await;
+    alice
+        .send("<message from='carol@localhost/x' to='bob@localhost'><body>spoofed</body></message>")
+        .await;
     let got = alice.until_closed().await;
     assert!(got.contains("<invalid-from"), "{got}");
     // Bob gets nothing spoofed; the next thing he sees is a ping answer.
-    bob.send("<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+    bob.send("<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
     let seen = bob.until("id=\"p1\"").await;
     assert!(!seen.contains("spoofed"), "{seen}");
 }
 
 #[tokio::test]
 async fn full_offline_queue_bounces_resource_constraint() {
-    let server = Server::start(&[CLEAR, "offline.max_per_user=2"], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
+    let server = Server::start(
+        &[CLEAR, "offline.max_per_user=2"],
+        &[("alice@localhost", "a"), ("bob@localhost", "b")],
+    );
     let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
     for i in 0..3 {
-        alice.send(&format!("<message to='bob@localhost' id='m{i}' type='chat'><body>n{i}</body></message>")).await;
+        alice
+            .send(&format!(
+                "<message to='bob@localhost' id='m{i}' type='chat'><body>n{i}</body></message>"
+            ))
+            .await;
     }
     let got = alice.until("</message>").await;
     assert!(got.contains("id=\"m2\"") && got.contains("type=\"error\""), "{got}");
-    assert!(got.contains("<resource-constraint xmlns=\"urn:ietf:params:xml:ns:xmpp-stanzas\"/>"), "{got}");
+    assert!(
+        got.contains("<resource-constraint xmlns=\"urn:ietf:params:xml:ns:xmpp-stanzas\"/>"),
+        "{got}"
+    );
     // The two that fit are kept and delivered.
     let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
     bob.send("<presence/>").await;
@@ -133,23 +173,37 @@ async fn full_offline_queue_bounces_resource_constraint() {
 async fn unknown_users_iqs_and_stanza_kinds_get_errors() {
     let server = Server::start(&[CLEAR], &[("alice@localhost", "a")]);
     let mut r = Raw::login_plain(server.port, "alice", "a", "r").await;
-    r.send("<message to='nobody@localhost' id='u1' type='chat'><body>x</body></message>").await;
+    r.send("<message to='nobody@localhost' id='u1' type='chat'><body>x</body></message>")
+        .await;
     let got = r.until("</message>").await;
-    assert!(got.contains("type=\"error\"") && got.contains("<service-unavailable"), "{got}");
-    r.send("<iq type='get' id='q1' to='localhost'><query xmlns='urn:example:unknown'/></iq>").await;
+    assert!(
+        got.contains("type=\"error\"") && got.contains("<service-unavailable"),
+        "{got}"
+    );
+    r.send("<iq type='get' id='q1' to='localhost'><query xmlns='urn:example:unknown'/></iq>")
+        .await;
     let got = r.until("</iq>").await;
-    assert!(got.contains("id=\"q1\"") && got.contains("<service-unavailable"), "{got}");
+    assert!(
+        got.contains("id=\"q1\"") && got.contains("<service-unavailable"),
+        "{got}"
+    );
     r.send("<iq type='get' id='q2'/>").await;
     let got = r.until("</iq>").await;
     assert!(got.contains("id=\"q2\"") && got.contains("<bad-request"), "{got}");
-    r.send("<message to='someone@remote.example' id='rm'><body>x</body></message>").await;
+    r.send("<message to='someone@remote.example' id='rm'><body>x</body></message>")
+        .await;
     let got = r.until("</message>").await;
     assert!(got.contains("<remote-server-not-found"), "{got}");
     // disco#info of the server, version, legacy session.
-    r.send("<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await;
+    r.send("<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        .await;
     let got = r.until("</iq>").await;
-    assert!(got.contains("category=\"server\"") && got.contains("urn:xmpp:ping"), "{got}");
-    r.send("<iq type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>").await;
+    assert!(
+        got.contains("category=\"server\"") && got.contains("urn:xmpp:ping"),
+        "{got}"
+    );
+    r.send("<iq type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
+        .await;
     let got = r.until("id=\"s\"").await;
     assert!(got.contains("type=\"result\""), "{got}");
     r.send("<foo xmlns='jabber:client'/>").await;
@@ -164,7 +218,8 @@ async fn in_band_registration_when_open() {
     r.send(HEADER).await;
     let f = r.until("</stream:features>").await;
     assert!(f.contains("http://jabber.org/features/iq-register"), "{f}");
-    r.send("<iq type='get' id='g'><query xmlns='jabber:iq:register'/></iq>").await;
+    r.send("<iq type='get' id='g'><query xmlns='jabber:iq:register'/></iq>")
+        .await;
     let got = r.until("</iq>").await;
     assert!(got.contains("<username/>") && got.contains("<password/>"), "{got}");
     r.send("<iq type='set' id='t'><query xmlns='jabber:iq:register'><username>taken</username><password>p</password></query></iq>").await;
@@ -175,7 +230,8 @@ async fn in_band_registration_when_open() {
     assert!(got.contains("type=\"result\""), "{got}");
     // The new account logs in.
     let mut n = Raw::login_plain(server.port, "newbie", "secret", "r").await;
-    n.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+    n.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
     n.until("id=\"p\"").await;
 
     // Closed (the default): no feature, and the IQ is refused.
@@ -200,9 +256,13 @@ async fn tls_is_required_by_default_and_direct_tls_uses_the_generated_certificat
     let mut r = Raw::connect(server.port).await;
     r.send(HEADER).await;
     let f = r.until("</stream:features>").await;
-    assert!(f.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"), "{f}");
+    assert!(
+        f.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"),
+        "{f}"
+    );
     assert!(!f.contains("PLAIN"), "{f}");
-    r.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAGE=</auth>").await;
+    r.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAGE=</auth>")
+        .await;
     let got = r.until("</failure>").await;
     assert!(got.contains("<encryption-required/>"), "{got}");
 
@@ -212,12 +272,16 @@ async fn tls_is_required_by_default_and_direct_tls_uses_the_generated_certificat
     for c in rustls_pemfile_certs(&pem) {
         roots.add(c).unwrap();
     }
-    let cfg = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(tokio_rustls::rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.tls_port)).await.unwrap();
+    let cfg = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.tls_port))
+        .await
+        .unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
@@ -225,14 +289,20 @@ async fn tls_is_required_by_default_and_direct_tls_uses_the_generated_certificat
     let mut r = Raw::from_io(Box::new(tls));
     r.send(HEADER).await;
     let f = r.until("</stream:features>").await;
-    assert!(f.contains("<mechanism>PLAIN</mechanism>") && !f.contains("starttls"), "{f}");
-    r.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAGE=</auth>").await;
+    assert!(
+        f.contains("<mechanism>PLAIN</mechanism>") && !f.contains("starttls"),
+        "{f}"
+    );
+    r.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAGE=</auth>")
+        .await;
     assert!(r.until("/>").await.contains("<success"));
 }
 
 fn rustls_pemfile_certs(pem: &[u8]) -> Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
-    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem).map(|c| c.unwrap()).collect()
+    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.unwrap())
+        .collect()
 }
 
 #[test]

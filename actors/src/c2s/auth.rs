@@ -57,7 +57,11 @@ impl C2sSession {
         }
         if !ctx.throttle.allowed(self.ip, now) {
             tracing::warn!(session = ?self.addr, "authentication throttled for this address");
-            return self.sasl_fail("temporary-auth-failure", Some("too many failed attempts; try later"), None);
+            return self.sasl_fail(
+                "temporary-auth-failure",
+                Some("too many failed attempts; try later"),
+                None,
+            );
         }
         let mech = el.attr("mechanism").unwrap_or("");
         if !mechanisms(&self.cfg, self.tls).contains(&mech) {
@@ -69,7 +73,11 @@ impl C2sSession {
         };
         match mech {
             "SCRAM-SHA-256" | "SCRAM-SHA-1" => {
-                let hash = if mech == "SCRAM-SHA-1" { Hash::Sha1 } else { Hash::Sha256 };
+                let hash = if mech == "SCRAM-SHA-1" {
+                    Hash::Sha1
+                } else {
+                    Hash::Sha256
+                };
                 let first = match scram::parse_client_first(&payload) {
                     Ok(f) => f,
                     Err(e) => return self.sasl_fail(e.condition(), None, Some((ctx, now))),
@@ -105,7 +113,9 @@ impl C2sSession {
 
     /// The bare JID for a SASL username on this stream's domain (nodeprep applied).
     fn user_jid(&self, username: &str) -> Option<BareJid> {
-        BareJid::new(&format!("{username}@{}", self.domain)).ok().filter(|j| j.node().is_some())
+        BareJid::new(&format!("{username}@{}", self.domain))
+            .ok()
+            .filter(|j| j.node().is_some())
     }
 
     pub(super) fn on_account(&mut self, account: Option<Account>, now: u64, ctx: &mut Ctx<'_>) {
@@ -120,7 +130,9 @@ impl C2sSession {
                 self.rng.fill_bytes(&mut salt);
                 let ex = ScramExchange::new(hash, *first, account.as_ref(), &B64.encode(nonce), salt);
                 let challenge = B64.encode(ex.server_first());
-                self.write(&format!("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{challenge}</challenge>"));
+                self.write(&format!(
+                    "<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{challenge}</challenge>"
+                ));
                 self.state = State::Sasl(SaslState::ScramChallenge(Box::new(ScramExchangeDbg(ex))));
             }
             SaslState::Plain { username, password } => {
@@ -152,7 +164,11 @@ impl C2sSession {
         match ex.0.finish(&payload) {
             Ok(server_final) => {
                 let user = self.user_jid(ex.0.username()).expect("checked at auth");
-                if ex.0.authzid().is_some_and(|z| z != user.as_str() && z != ex.0.username()) {
+                if ex
+                    .0
+                    .authzid()
+                    .is_some_and(|z| z != user.as_str() && z != ex.0.username())
+                {
                     return self.sasl_fail("invalid-authzid", None, Some((ctx, now)));
                 }
                 self.succeed(user, Some(server_final));

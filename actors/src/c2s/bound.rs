@@ -13,13 +13,16 @@ use crate::xml::Element;
 impl C2sSession {
     pub(super) fn on_bound_stanza(&mut self, mut el: Element) {
         if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
-            return self.stream_error("unsupported-stanza-type", Some("only message, presence and iq are accepted"));
+            return self.stream_error(
+                "unsupported-stanza-type",
+                Some("only message, presence and iq are accepted"),
+            );
         }
         let full = self.jid.clone().expect("bound");
         let user = self.user.clone().expect("authenticated");
         if let Some(from) = el.attr("from") {
             // RFC 6120 §8.1.2.1: a client may only name itself.
-            let ok = Jid::new(from).is_ok_and(|j| j == Jid::from(full.clone()) || j == Jid::from(user.clone()));
+            let ok = Jid::new(from).is_ok_and(|j| j == full || j == user);
             if !ok {
                 tracing::info!(session = ?self.addr, from, "spoofed from address");
                 return self.stream_error("invalid-from", Some("the from address is not yours"));
@@ -46,13 +49,21 @@ impl C2sSession {
             return;
         }
         let resource = full.resource().to_string();
-        let to_server = to.as_ref().is_some_and(|t| t.node().is_none() && t.resource().is_none() && self.serves(t.domain().as_str()));
-        let local_user = to.as_ref().filter(|t| t.node().is_some() && self.serves(t.domain().as_str())).map(|t| t.to_bare());
+        let to_server = to
+            .as_ref()
+            .is_some_and(|t| t.node().is_none() && t.resource().is_none() && self.serves(t.domain().as_str()));
+        let local_user = to
+            .as_ref()
+            .filter(|t| t.node().is_some() && self.serves(t.domain().as_str()))
+            .map(|t| t.to_bare());
         let remote = to.as_ref().is_some_and(|t| !self.serves(t.domain().as_str()));
         match el.name.as_str() {
             "presence" => {
                 if remote {
-                    if el.attr("type").is_some_and(|t| t.starts_with("sub") || t.starts_with("unsub")) {
+                    if el
+                        .attr("type")
+                        .is_some_and(|t| t.starts_with("sub") || t.starts_with("unsub"))
+                    {
                         self.bounce(&el, "remote-server-not-found");
                     }
                     return;

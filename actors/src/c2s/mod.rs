@@ -19,11 +19,11 @@ use starling_storage::Account;
 
 use crate::address::SessionAddr;
 use crate::msg::{Envelope, SessionMsg, UserMsg};
+use crate::ns;
 use crate::parser::{Limits, StreamEvent, StreamParser};
 use crate::stanza;
 use crate::throttle::AuthThrottle;
 use crate::xml::{attr_escaped, Element};
-use crate::ns;
 
 /// Settings shared by every session of a shard.
 #[derive(Clone, Debug)]
@@ -60,8 +60,14 @@ pub enum Action {
     /// Write what is buffered so far in plain text, then run the TLS handshake.
     StartTls,
     LoadAccount(String),
-    CreateAccount { user: String, account: Account },
-    SetPassword { user: String, account: Account },
+    CreateAccount {
+        user: String,
+        account: Account,
+    },
+    SetPassword {
+        user: String,
+        account: Account,
+    },
     Route(Envelope),
     /// Flush the output and close the connection.
     Close,
@@ -227,7 +233,7 @@ impl C2sSession {
         let get = |k: &str| attrs.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
         let to = get("to").map(|t| t.to_ascii_lowercase());
         match to {
-            Some(d) if self.cfg.domains.iter().any(|x| *x == d) => self.domain = d,
+            Some(d) if self.cfg.domains.contains(&d) => self.domain = d,
             Some(_) => return self.stream_error("host-unknown", Some("this server does not serve that domain")),
             None => {}
         }
@@ -288,7 +294,10 @@ impl C2sSession {
 
     fn queue(&mut self, el: Element) {
         if self.pending.len() >= self.cfg.max_pending {
-            return self.stream_error("policy-violation", Some("too many stanzas before the previous request was answered"));
+            return self.stream_error(
+                "policy-violation",
+                Some("too many stanzas before the previous request was answered"),
+            );
         }
         self.pending.push_back(el);
     }
@@ -331,7 +340,13 @@ impl C2sSession {
             Ok(full) => {
                 let resource = full.resource().to_string();
                 self.state = State::BindPending(el);
-                self.route(Envelope::to_user(user, UserMsg::Bind { session: self.addr, resource }));
+                self.route(Envelope::to_user(
+                    user,
+                    UserMsg::Bind {
+                        session: self.addr,
+                        resource,
+                    },
+                ));
             }
             Err(_) => {
                 let mut e = stanza::error_reply(&el, "bad-request", Some("invalid resource"));
@@ -351,7 +366,10 @@ impl C2sSession {
                 let full = FullJid::new(&format!("{user}/{resource}")).expect("resource was prepared");
                 let mut res = stanza::iq_result(&iq);
                 res.remove_attr("from");
-                res.push_child(Element::new("bind", ns::BIND).with_child(Element::new("jid", ns::BIND).with_text(full.to_string())));
+                res.push_child(
+                    Element::new("bind", ns::BIND)
+                        .with_child(Element::new("jid", ns::BIND).with_text(full.to_string())),
+                );
                 self.send_element(&res);
                 self.jid = Some(full);
                 tracing::debug!(session = ?self.addr, jid = %self.jid.as_ref().expect("set"), "bound");
@@ -407,7 +425,13 @@ impl C2sSession {
         }
         if let (Some(user), Some(jid)) = (self.user.clone(), self.jid.take()) {
             let resource = jid.resource().to_string();
-            self.route(Envelope::to_user(user, UserMsg::Unbind { session: self.addr, resource }));
+            self.route(Envelope::to_user(
+                user,
+                UserMsg::Unbind {
+                    session: self.addr,
+                    resource,
+                },
+            ));
         }
         self.state = State::Closed;
         self.out.actions.push(Action::Close);

@@ -40,7 +40,9 @@ impl C2sSession {
                 res.remove_attr("from");
                 res.push_child(
                     Element::new("query", ns::REGISTER)
-                        .with_child(Element::new("instructions", ns::REGISTER).with_text("Choose a username and password."))
+                        .with_child(
+                            Element::new("instructions", ns::REGISTER).with_text("Choose a username and password."),
+                        )
                         .with_child(Element::new("username", ns::REGISTER))
                         .with_child(Element::new("password", ns::REGISTER)),
                 );
@@ -52,7 +54,9 @@ impl C2sSession {
                 let (Some(username), Some(password)) = (username, password) else {
                     return self.reply_error(&iq, "bad-request", Some("username and password are required"));
                 };
-                let user = BareJid::new(&format!("{username}@{}", self.domain)).ok().filter(|j| j.node().is_some());
+                let user = BareJid::new(&format!("{username}@{}", self.domain))
+                    .ok()
+                    .filter(|j| j.node().is_some());
                 let Some(user) = user else {
                     return self.reply_error(&iq, "jid-malformed", Some("invalid username"));
                 };
@@ -61,7 +65,10 @@ impl C2sSession {
                 }
                 let account = self.new_credentials(&password);
                 self.state = State::Registering(iq);
-                self.out.actions.push(Action::CreateAccount { user: user.to_string(), account });
+                self.out.actions.push(Action::CreateAccount {
+                    user: user.to_string(),
+                    account,
+                });
             }
             _ => self.reply_error(&iq, "bad-request", None),
         }
@@ -92,17 +99,27 @@ impl C2sSession {
                 res.push_child(
                     Element::new("query", ns::REGISTER)
                         .with_child(Element::new("registered", ns::REGISTER))
-                        .with_child(Element::new("username", ns::REGISTER).with_text(user.node().map(|n| n.to_string()).unwrap_or_default()))
+                        .with_child(
+                            Element::new("username", ns::REGISTER)
+                                .with_text(user.node().map(|n| n.to_string()).unwrap_or_default()),
+                        )
                         .with_child(Element::new("password", ns::REGISTER)),
                 );
                 self.send_element(&res);
             }
             Some("set") if query.child("remove", ns::REGISTER).is_some() => {
-                self.send_element(&stanza::error_reply(&iq, "not-allowed", Some("account removal in band is not supported; ask an operator")));
+                self.send_element(&stanza::error_reply(
+                    &iq,
+                    "not-allowed",
+                    Some("account removal in band is not supported; ask an operator"),
+                ));
             }
             Some("set") => {
                 let username = query.child("username", ns::REGISTER).map(|u| u.text());
-                let password = query.child("password", ns::REGISTER).map(|p| p.text()).filter(|p| !p.is_empty());
+                let password = query
+                    .child("password", ns::REGISTER)
+                    .map(|p| p.text())
+                    .filter(|p| !p.is_empty());
                 if self.anonymous {
                     return self.send_element(&stanza::error_reply(&iq, "not-allowed", None));
                 }
@@ -110,9 +127,16 @@ impl C2sSession {
                     (Some(u), Some(p)) if user.node().is_some_and(|n| n.as_str() == u) => {
                         let account = self.new_credentials(&p);
                         self.state = State::ChangingPassword(iq);
-                        self.out.actions.push(Action::SetPassword { user: user.to_string(), account });
+                        self.out.actions.push(Action::SetPassword {
+                            user: user.to_string(),
+                            account,
+                        });
                     }
-                    _ => self.send_element(&stanza::error_reply(&iq, "bad-request", Some("username must be yours, password non-empty"))),
+                    _ => self.send_element(&stanza::error_reply(
+                        &iq,
+                        "bad-request",
+                        Some("username must be yours, password non-empty"),
+                    )),
                 }
             }
             _ => self.send_element(&stanza::error_reply(&iq, "bad-request", None)),

@@ -49,7 +49,9 @@ impl C2sSession {
                 }
                 stanza::iq_result(&iq).with_child(q)
             }
-            ("get", "query", ns::DISCO_ITEMS) => stanza::iq_result(&iq).with_child(Element::new("query", ns::DISCO_ITEMS)),
+            ("get", "query", ns::DISCO_ITEMS) => {
+                stanza::iq_result(&iq).with_child(Element::new("query", ns::DISCO_ITEMS))
+            }
             ("get", "query", ns::DISCO_INFO) => stanza::error_reply(&iq, "item-not-found", None),
             ("set", "bind", ns::BIND) => stanza::error_reply(&iq, "not-allowed", Some("already bound")),
             (_, "query", ns::REGISTER) => return self.on_account_register_iq(iq),

@@ -34,12 +34,22 @@ struct Harness {
 
 impl Harness {
     fn new(require_tls: bool, tls: bool) -> Self {
-        let addr = SessionAddr { node: 0, shard: 0, id: 7 };
+        let addr = SessionAddr {
+            node: 0,
+            shard: 0,
+            id: 7,
+        };
         let s = C2sSession::new(addr, cfg(require_tls), 1, tls, ChaCha20Rng::seed_from_u64(1));
-        Harness { s, throttle: AuthThrottle::new(5, 60_000, 100), now: 1_000 }
+        Harness {
+            s,
+            throttle: AuthThrottle::new(5, 60_000, 100),
+            now: 1_000,
+        }
     }
     fn input(&mut self, i: Input<'_>) -> (String, Vec<Action>) {
-        let mut ctx = Ctx { throttle: &mut self.throttle };
+        let mut ctx = Ctx {
+            throttle: &mut self.throttle,
+        };
         self.s.handle(i, self.now, &mut ctx);
         let o = self.s.take_output();
         (String::from_utf8(o.bytes).unwrap(), o.actions)
@@ -70,14 +80,20 @@ fn client_final(password: &str, client_first_bare: &str, server_first: &str) -> 
     let sig = hmac256(&stored, auth_message.as_bytes());
     let proof: Vec<u8> = client_key.iter().zip(sig).map(|(a, b)| a ^ b).collect();
     let server_key = hmac256(&salted, b"Server Key");
-    (format!("{without_proof},p={}", B64.encode(proof)), hmac256(&server_key, auth_message.as_bytes()))
+    (
+        format!("{without_proof},p={}", B64.encode(proof)),
+        hmac256(&server_key, auth_message.as_bytes()),
+    )
 }
 
 #[test]
 fn scram_login_bind_and_routing() {
     let mut h = Harness::new(true, true);
     let (out, _) = h.send(HEADER);
-    assert!(out.contains("<mechanism>SCRAM-SHA-256</mechanism>") && out.contains("<mechanism>PLAIN</mechanism>"), "{out}");
+    assert!(
+        out.contains("<mechanism>SCRAM-SHA-256</mechanism>") && out.contains("<mechanism>PLAIN</mechanism>"),
+        "{out}"
+    );
     let first_bare = "n=alice,r=clientnonce";
     let (_, acts) = h.send(&format!(
         "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>{}</auth>",
@@ -90,29 +106,50 @@ fn scram_login_bind_and_routing() {
     let server_first = String::from_utf8(B64.decode(ch).unwrap()).unwrap();
     assert!(server_first.starts_with("r=clientnonce"), "{server_first}");
     let (fin, server_sig) = client_final("secret", first_bare, &server_first);
-    let (out, _) = h.send(&format!("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>", B64.encode(fin)));
+    let (out, _) = h.send(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
+        B64.encode(fin)
+    ));
     let expected = B64.encode(format!("v={}", B64.encode(server_sig)));
-    assert!(out.contains(&format!(">{expected}</success>")), "server signature must verify: {out}");
+    assert!(
+        out.contains(&format!(">{expected}</success>")),
+        "server signature must verify: {out}"
+    );
 
     let (out, _) = h.send(HEADER);
-    assert!(out.contains("<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>"), "{out}");
-    let (_, acts) = h.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>phone</resource></bind></iq>");
-    let [Action::Route(env)] = acts.as_slice() else { panic!("{acts:?}") };
+    assert!(
+        out.contains("<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>"),
+        "{out}"
+    );
+    let (_, acts) = h.send(
+        "<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>phone</resource></bind></iq>",
+    );
+    let [Action::Route(env)] = acts.as_slice() else {
+        panic!("{acts:?}")
+    };
     assert!(matches!(&env.msg, crate::msg::Msg::User(UserMsg::Bind { resource, .. }) if resource == "phone"));
     // A stanza pipelined before the bind answer waits for it.
     let (_, acts) = h.send("<message to='bob@localhost'><body>early</body></message>");
     assert!(acts.is_empty());
-    let (out, acts) = h.input(Input::Router(SessionMsg::Bound { resource: "phone".into() }));
+    let (out, acts) = h.input(Input::Router(SessionMsg::Bound {
+        resource: "phone".into(),
+    }));
     assert!(out.contains("<jid>alice@localhost/phone</jid>"), "{out}");
-    let [Action::Route(env)] = acts.as_slice() else { panic!("{acts:?}") };
+    let [Action::Route(env)] = acts.as_slice() else {
+        panic!("{acts:?}")
+    };
     assert_eq!(env.to, Address::User("bob@localhost".parse().unwrap()));
-    let crate::msg::Msg::User(UserMsg::Inbound { stanza }) = &env.msg else { panic!() };
+    let crate::msg::Msg::User(UserMsg::Inbound { stanza }) = &env.msg else {
+        panic!()
+    };
     assert_eq!(stanza.attr("from"), Some("alice@localhost/phone"), "from is stamped");
 
     // Spoofing another sender ends the stream and unbinds.
     let (out, acts) = h.send("<message from='bob@localhost' to='carol@localhost'/>");
     assert!(out.contains("<invalid-from"), "{out}");
-    assert!(acts.iter().any(|a| matches!(a, Action::Route(e) if matches!(e.msg, crate::msg::Msg::User(UserMsg::Unbind { .. })))));
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Route(e) if matches!(e.msg, crate::msg::Msg::User(UserMsg::Unbind { .. })))));
     assert!(acts.contains(&Action::Close));
 }
 
@@ -136,10 +173,13 @@ fn wrong_password_fails_then_throttles_and_stanzas_before_auth_close() {
     let mut h = Harness::new(false, false);
     h.send(HEADER);
     for i in 0..6 {
-        let (_, acts) = h.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHdyb25n</auth>");
+        let (_, acts) =
+            h.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHdyb25n</auth>");
         if i < 5 {
             assert_eq!(acts, vec![Action::LoadAccount("alice@localhost".into())]);
-            let (out, _) = h.input(Input::Account(Some(scram::new_account("right", [1; 16], [2; 16], 4096))));
+            let (out, _) = h.input(Input::Account(Some(scram::new_account(
+                "right", [1; 16], [2; 16], 4096,
+            ))));
             assert!(out.contains("<not-authorized/>"), "{out}");
         } else {
             assert!(acts.is_empty(), "throttled attempts do not reach storage");

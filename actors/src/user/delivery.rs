@@ -9,8 +9,12 @@ use crate::xml::Element;
 
 impl UserActor {
     pub(super) fn inbound(&mut self, st: Element, now: u64) {
-        let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) else { return };
-        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else { return };
+        let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) else {
+            return;
+        };
+        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else {
+            return;
+        };
         if !self.exists && self.sessions.is_empty() {
             // No such user (§8.5.1): errors for messages and IQs, silence for presence.
             if st.name != "presence" {

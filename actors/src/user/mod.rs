@@ -35,7 +35,10 @@ pub struct UserConfig {
 pub enum Effect {
     Send(Envelope),
     /// Make `writes` durable, then send `then` in order.
-    Persist { writes: Vec<Write>, then: Vec<Envelope> },
+    Persist {
+        writes: Vec<Write>,
+        then: Vec<Envelope>,
+    },
 }
 
 #[derive(Debug)]
@@ -136,7 +139,10 @@ impl UserActor {
             tracing::info!(user = %self.jid, resource, "resource conflict: replacing the older session");
             self.send(Envelope::to_session(
                 old.addr,
-                SessionMsg::Kick { condition: "conflict", text: "replaced by a new connection".into() },
+                SessionMsg::Kick {
+                    condition: "conflict",
+                    text: "replaced by a new connection".into(),
+                },
             ));
             if old.available {
                 let then = self.unavailable_broadcast(&old, None);
@@ -158,7 +164,11 @@ impl UserActor {
     }
 
     fn unbind(&mut self, addr: SessionAddr, resource: &str) {
-        let Some(i) = self.sessions.iter().position(|s| s.resource == resource && s.addr == addr) else {
+        let Some(i) = self
+            .sessions
+            .iter()
+            .position(|s| s.resource == resource && s.addr == addr)
+        else {
             return;
         };
         let old = self.sessions.remove(i);
@@ -199,12 +209,16 @@ impl UserActor {
             ("get", "ping", ns::PING) => stanza::iq_result(&iq),
             ("get", "query", ns::DISCO_INFO) if payload.attr("node").is_none() => {
                 let mut q = Element::new("query", ns::DISCO_INFO).with_child(
-                    Element::new("identity", ns::DISCO_INFO).with_attr("category", "account").with_attr("type", "registered"),
+                    Element::new("identity", ns::DISCO_INFO)
+                        .with_attr("category", "account")
+                        .with_attr("type", "registered"),
                 );
                 q.push_child(Element::new("feature", ns::DISCO_INFO).with_attr("var", ns::DISCO_INFO));
                 stanza::iq_result(&iq).with_child(q)
             }
-            ("get", "query", ns::DISCO_ITEMS) => stanza::iq_result(&iq).with_child(Element::new("query", ns::DISCO_ITEMS)),
+            ("get", "query", ns::DISCO_ITEMS) => {
+                stanza::iq_result(&iq).with_child(Element::new("query", ns::DISCO_ITEMS))
+            }
             _ => stanza::error_reply(&iq, "service-unavailable", None),
         };
         self.reply(&iq, reply);

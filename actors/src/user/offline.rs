@@ -14,12 +14,26 @@ impl UserActor {
         if self.offline.len() >= self.cfg.max_offline {
             // Never drop silently: the sender learns the message was not kept.
             tracing::info!(user = %self.jid, "offline queue full; bouncing message");
-            return self.bounce(&st, "resource-constraint", Some("the recipient's offline queue is full"));
+            return self.bounce(
+                &st,
+                "resource-constraint",
+                Some("the recipient's offline queue is full"),
+            );
         }
-        let msg = OfflineMessage { seq: self.next_seq, stamp_unix_ms: now, xml: st.to_client_xml() };
+        let msg = OfflineMessage {
+            seq: self.next_seq,
+            stamp_unix_ms: now,
+            xml: st.to_client_xml(),
+        };
         self.next_seq += 1;
         self.offline.push_back(msg.clone());
-        self.persist(vec![Write::PushOffline { user: self.jid.to_string(), msg }], Vec::new());
+        self.persist(
+            vec![Write::PushOffline {
+                user: self.jid.to_string(),
+                msg,
+            }],
+            Vec::new(),
+        );
     }
 
     /// Sends the offline queue to a session, then deletes what was sent.
@@ -33,7 +47,15 @@ impl UserActor {
         let msgs: Vec<OfflineMessage> = self.offline.drain(..).collect();
         for m in msgs {
             upto = m.seq;
-            match parse_element(m.xml.as_bytes(), &base, Limits { max_stanza_bytes: usize::MAX, max_depth: 64, max_attrs: 256 }) {
+            match parse_element(
+                m.xml.as_bytes(),
+                &base,
+                Limits {
+                    max_stanza_bytes: usize::MAX,
+                    max_depth: 64,
+                    max_attrs: 256,
+                },
+            ) {
                 Ok(mut el) => {
                     el.set_attr("to", full);
                     el.push_child(
@@ -43,9 +65,17 @@ impl UserActor {
                     );
                     self.send(Envelope::to_session(addr, SessionMsg::Stanza(el)));
                 }
-                Err(e) => tracing::error!(user = %self.jid, seq = m.seq, error = ?e, "stored offline message does not parse; skipped"),
+                Err(e) => {
+                    tracing::error!(user = %self.jid, seq = m.seq, error = ?e, "stored offline message does not parse; skipped")
+                }
             }
         }
-        self.persist(vec![Write::DeleteOffline { user: self.jid.to_string(), upto }], Vec::new());
+        self.persist(
+            vec![Write::DeleteOffline {
+                user: self.jid.to_string(),
+                upto,
+            }],
+            Vec::new(),
+        );
     }
 }

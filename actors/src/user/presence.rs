@@ -58,8 +58,12 @@ impl UserActor {
             }
         }
         // The user's own available resources, including this one (§4.2.2).
-        let own: Vec<(crate::address::SessionAddr, String)> =
-            self.sessions.iter().filter(|s| s.available).map(|s| (s.addr, self.full_jid(&s.resource))).collect();
+        let own: Vec<(crate::address::SessionAddr, String)> = self
+            .sessions
+            .iter()
+            .filter(|s| s.available)
+            .map(|s| (s.addr, self.full_jid(&s.resource)))
+            .collect();
         for (a, to) in &own {
             let mut p = st.clone();
             p.set_attr("to", to.as_str());
@@ -96,7 +100,12 @@ impl UserActor {
             self.send(Envelope::to_session(addr, SessionMsg::Stanza(p)));
         }
         // …subscription requests that waited for the user (§3.1.3)…
-        let pending: Vec<String> = self.roster.values().filter(|i| i.pending_in).map(|i| i.jid.clone()).collect();
+        let pending: Vec<String> = self
+            .roster
+            .values()
+            .filter(|i| i.pending_in)
+            .map(|i| i.jid.clone())
+            .collect();
         for c in pending {
             let req = Element::new("presence", ns::CLIENT)
                 .with_attr("type", "subscribe")
@@ -111,7 +120,9 @@ impl UserActor {
     }
 
     fn broadcast_unavailable(&mut self, resource: &str, st: Element) {
-        let Some(i) = self.sessions.iter().position(|s| s.resource == resource) else { return };
+        let Some(i) = self.sessions.iter().position(|s| s.resource == resource) else {
+            return;
+        };
         let snapshot = Session {
             resource: self.sessions[i].resource.clone(),
             addr: self.sessions[i].addr,
@@ -135,12 +146,19 @@ impl UserActor {
     pub(super) fn unavailable_broadcast(&self, s: &Session, st: Option<Element>) -> Vec<Envelope> {
         let full = self.full_jid(&s.resource);
         let base = st.unwrap_or_else(|| {
-            Element::new("presence", ns::CLIENT).with_attr("type", "unavailable").with_attr("from", full.clone())
+            Element::new("presence", ns::CLIENT)
+                .with_attr("type", "unavailable")
+                .with_attr("from", full.clone())
         });
         let mut out = Vec::new();
         let mut targets: Vec<String> = Vec::new();
         if s.available {
-            targets.extend(self.roster.values().filter(|i| i.in_roster && i.subscription.has_from()).map(|i| i.jid.clone()));
+            targets.extend(
+                self.roster
+                    .values()
+                    .filter(|i| i.in_roster && i.subscription.has_from())
+                    .map(|i| i.jid.clone()),
+            );
         }
         for d in &s.directed {
             if !targets.contains(d) {

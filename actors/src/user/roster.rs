@@ -70,7 +70,9 @@ impl UserActor {
         };
         let mut result = stanza::iq_result(iq);
         result.remove_attr("from");
-        let Some(reply) = self.route_to_from(iq, result) else { return };
+        let Some(reply) = self.route_to_from(iq, result) else {
+            return;
+        };
         if item.attr("subscription") == Some("remove") {
             let Some(old) = self.roster.get(&contact).cloned().filter(|i| i.in_roster) else {
                 return self.bounce(iq, "item-not-found", None);
@@ -85,21 +87,38 @@ impl UserActor {
                     .with_attr("to", contact.as_str())
             };
             if old.subscription.has_to() || old.ask_out {
-                then.push(Envelope::to_user(cj.clone(), UserMsg::Inbound { stanza: mk("unsubscribe") }));
+                then.push(Envelope::to_user(
+                    cj.clone(),
+                    UserMsg::Inbound {
+                        stanza: mk("unsubscribe"),
+                    },
+                ));
             }
             if old.subscription.has_from() || old.pending_in {
                 then.extend(self.unavailable_to(&contact));
-                then.push(Envelope::to_user(cj, UserMsg::Inbound { stanza: mk("unsubscribed") }));
+                then.push(Envelope::to_user(
+                    cj,
+                    UserMsg::Inbound {
+                        stanza: mk("unsubscribed"),
+                    },
+                ));
             }
             return self.commit_item(old, true, Some(reply), then);
         }
-        let mut new = self.roster.get(&contact).cloned().unwrap_or_else(|| RosterItem { jid: contact.clone(), ..Default::default() });
+        let mut new = self.roster.get(&contact).cloned().unwrap_or_else(|| RosterItem {
+            jid: contact.clone(),
+            ..Default::default()
+        });
         if !new.in_roster && self.roster.values().filter(|i| i.in_roster).count() >= self.cfg.max_roster_items {
             return self.bounce(iq, "not-allowed", Some("the roster is full"));
         }
         new.in_roster = true;
         new.name = item.attr("name").filter(|n| !n.is_empty()).map(str::to_owned);
-        let mut groups: Vec<String> = item.elements().filter(|g| g.is("group", ns::ROSTER)).map(|g| g.text()).collect();
+        let mut groups: Vec<String> = item
+            .elements()
+            .filter(|g| g.is("group", ns::ROSTER))
+            .map(|g| g.text())
+            .collect();
         if groups.iter().any(|g| g.is_empty()) {
             return self.bounce(iq, "not-acceptable", Some("empty group name"));
         }
@@ -111,30 +130,53 @@ impl UserActor {
 
     /// Stores a changed item and, when it is visible in the roster, bumps the version and
     /// pushes it to interested resources; `then` follows the pushes once durable.
-    pub(super) fn commit_item(&mut self, item: RosterItem, removed: bool, reply: Option<Envelope>, then: Vec<Envelope>) {
+    pub(super) fn commit_item(
+        &mut self,
+        item: RosterItem,
+        removed: bool,
+        reply: Option<Envelope>,
+        then: Vec<Envelope>,
+    ) {
         let user = self.jid.to_string();
         let visible = removed || item.in_roster || self.roster.get(&item.jid).is_some_and(|o| o.in_roster);
         let forget = removed
-            || (!item.in_roster && item.subscription == Default::default() && !item.pending_in && !item.ask_out && !item.approved);
+            || (!item.in_roster
+                && item.subscription == Default::default()
+                && !item.pending_in
+                && !item.ask_out
+                && !item.approved);
         let mut writes = Vec::with_capacity(2);
         if forget {
             self.roster.remove(&item.jid);
-            writes.push(Write::DeleteRosterItem { user: user.clone(), contact: item.jid.clone() });
+            writes.push(Write::DeleteRosterItem {
+                user: user.clone(),
+                contact: item.jid.clone(),
+            });
         } else {
             self.roster.insert(item.jid.clone(), item.clone());
-            writes.push(Write::PutRosterItem { user: user.clone(), item: item.clone() });
+            writes.push(Write::PutRosterItem {
+                user: user.clone(),
+                item: item.clone(),
+            });
         }
         let mut all = Vec::new();
         if visible {
             self.roster_ver += 1;
-            writes.push(Write::SetRosterVer { user, ver: self.roster_ver });
+            writes.push(Write::SetRosterVer {
+                user,
+                ver: self.roster_ver,
+            });
             let ver = self.roster_ver;
             for s in self.sessions.iter().filter(|s| s.interested) {
                 let push = Element::new("iq", ns::CLIENT)
                     .with_attr("type", "set")
                     .with_attr("id", format!("push{ver}"))
                     .with_attr("to", self.full_jid(&s.resource))
-                    .with_child(Element::new("query", ns::ROSTER).with_attr("ver", ver.to_string()).with_child(item_element(&item, removed)));
+                    .with_child(
+                        Element::new("query", ns::ROSTER)
+                            .with_attr("ver", ver.to_string())
+                            .with_child(item_element(&item, removed)),
+                    );
                 all.push(Envelope::to_session(s.addr, SessionMsg::Stanza(push)));
             }
         }

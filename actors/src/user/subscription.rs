@@ -10,7 +10,10 @@ use crate::xml::Element;
 
 impl UserActor {
     fn item_for(&self, contact: &str) -> RosterItem {
-        self.roster.get(contact).cloned().unwrap_or_else(|| RosterItem { jid: contact.to_string(), ..Default::default() })
+        self.roster.get(contact).cloned().unwrap_or_else(|| RosterItem {
+            jid: contact.to_string(),
+            ..Default::default()
+        })
     }
 
     /// The user sent a subscription stanza to `contact`.
@@ -25,7 +28,8 @@ impl UserActor {
         let mut then = Vec::new();
         match ty {
             "subscribe" => {
-                if !item.in_roster && self.roster.values().filter(|i| i.in_roster).count() >= self.cfg.max_roster_items {
+                if !item.in_roster && self.roster.values().filter(|i| i.in_roster).count() >= self.cfg.max_roster_items
+                {
                     return self.bounce(&st, "not-allowed", Some("the roster is full"));
                 }
                 if !item.subscription.has_to() {

@@ -15,7 +15,10 @@ fn el(xml: &str) -> Element {
 }
 
 fn cfg() -> Rc<UserConfig> {
-    Rc::new(UserConfig { max_offline: 2, max_roster_items: 10 })
+    Rc::new(UserConfig {
+        max_offline: 2,
+        max_roster_items: 10,
+    })
 }
 
 struct World {
@@ -35,7 +38,12 @@ impl World {
                 (j.to_string(), UserActor::new(j, true, UserData::default(), cfg()))
             })
             .collect();
-        World { users, delivered: Vec::new(), writes: Vec::new(), kicked: Vec::new() }
+        World {
+            users,
+            delivered: Vec::new(),
+            writes: Vec::new(),
+            kicked: Vec::new(),
+        }
     }
 
     fn run(&mut self, to: &str, msg: UserMsg) {
@@ -43,7 +51,9 @@ impl World {
         while let Some(env) = q.pop_front() {
             match (env.to, env.msg) {
                 (Address::User(j), Msg::User(m)) => {
-                    let Some(actor) = self.users.get_mut(j.as_str()) else { continue };
+                    let Some(actor) = self.users.get_mut(j.as_str()) else {
+                        continue;
+                    };
                     for fx in actor.handle(m, 1_700_000_000_000) {
                         match fx {
                             Effect::Send(e) => q.push_back(e),
@@ -63,12 +73,26 @@ impl World {
 
     fn online(&mut self, user: &str, resource: &str, id: u64) {
         let addr = SessionAddr { node: 0, shard: 0, id };
-        self.run(&format!("{user}@localhost"), UserMsg::Bind { session: addr, resource: resource.into() });
-        self.run(&format!("{user}@localhost"), UserMsg::Outbound { resource: resource.into(), stanza: el(&format!("<presence from='{user}@localhost/{resource}'/>")) });
+        self.run(
+            &format!("{user}@localhost"),
+            UserMsg::Bind {
+                session: addr,
+                resource: resource.into(),
+            },
+        );
+        self.run(
+            &format!("{user}@localhost"),
+            UserMsg::Outbound {
+                resource: resource.into(),
+                stanza: el(&format!("<presence from='{user}@localhost/{resource}'/>")),
+            },
+        );
     }
 
     fn take(&mut self, id: u64) -> Vec<Element> {
-        let (mine, rest) = std::mem::take(&mut self.delivered).into_iter().partition(|(i, _)| *i == id);
+        let (mine, rest) = std::mem::take(&mut self.delivered)
+            .into_iter()
+            .partition(|(i, _)| *i == id);
         self.delivered = rest;
         mine.into_iter().map(|(_, s)| s).collect()
     }
@@ -81,39 +105,108 @@ fn subscription_handshake_converges_and_presence_flows() {
     w.online("bob", "b", 2);
     w.take(1);
     w.take(2);
-    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>") });
-    assert!(w.take(2).iter().any(|s| s.attr("type") == Some("subscribe") && s.attr("from") == Some("alice@localhost")));
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            resource: "a".into(),
+            stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
+        },
+    );
+    assert!(w
+        .take(2)
+        .iter()
+        .any(|s| s.attr("type") == Some("subscribe") && s.attr("from") == Some("alice@localhost")));
     assert!(w.users["alice@localhost"].roster["bob@localhost"].ask_out);
-    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>") });
-    assert_eq!(w.users["alice@localhost"].roster["bob@localhost"].subscription, Subscription::To);
-    assert_eq!(w.users["bob@localhost"].roster["alice@localhost"].subscription, Subscription::From);
+    w.run(
+        "bob@localhost",
+        UserMsg::Outbound {
+            resource: "b".into(),
+            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
+        },
+    );
+    assert_eq!(
+        w.users["alice@localhost"].roster["bob@localhost"].subscription,
+        Subscription::To
+    );
+    assert_eq!(
+        w.users["bob@localhost"].roster["alice@localhost"].subscription,
+        Subscription::From
+    );
     // Alice got bob's current presence after approval.
-    assert!(w.take(1).iter().any(|s| s.name == "presence" && s.attr("from") == Some("bob@localhost/b") && s.attr("type").is_none()));
+    assert!(w
+        .take(1)
+        .iter()
+        .any(|s| s.name == "presence" && s.attr("from") == Some("bob@localhost/b") && s.attr("type").is_none()));
     // Bob's next presence reaches alice; alice's does not reach bob (he has no "to").
-    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b'><show>away</show></presence>") });
+    w.run(
+        "bob@localhost",
+        UserMsg::Outbound {
+            resource: "b".into(),
+            stanza: el("<presence from='bob@localhost/b'><show>away</show></presence>"),
+        },
+    );
     assert!(w.take(1).iter().any(|s| s.child("show", ns::CLIENT).is_some()));
     w.take(2);
-    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a'><show>dnd</show></presence>") });
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            resource: "a".into(),
+            stanza: el("<presence from='alice@localhost/a'><show>dnd</show></presence>"),
+        },
+    );
     assert!(w.take(2).is_empty());
     // Unsubscribe by bob (unsubscribed): both sides drop the relation.
-    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='unsubscribed'/>") });
-    assert_eq!(w.users["alice@localhost"].roster["bob@localhost"].subscription, Subscription::None);
-    assert_eq!(w.users["bob@localhost"].roster["alice@localhost"].subscription, Subscription::None);
+    w.run(
+        "bob@localhost",
+        UserMsg::Outbound {
+            resource: "b".into(),
+            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='unsubscribed'/>"),
+        },
+    );
+    assert_eq!(
+        w.users["alice@localhost"].roster["bob@localhost"].subscription,
+        Subscription::None
+    );
+    assert_eq!(
+        w.users["bob@localhost"].roster["alice@localhost"].subscription,
+        Subscription::None
+    );
     assert!(w.take(1).iter().any(|s| s.attr("type") == Some("unavailable")));
-    assert!(w.writes.iter().any(|x| matches!(x, Write::SetRosterVer { .. })), "roster changes are persisted");
+    assert!(
+        w.writes.iter().any(|x| matches!(x, Write::SetRosterVer { .. })),
+        "roster changes are persisted"
+    );
 }
 
 #[test]
 fn pre_approval_auto_accepts() {
     let mut w = World::new(&["alice", "bob"]);
     w.online("bob", "b", 2);
-    w.run("bob@localhost", UserMsg::Outbound { resource: "b".into(), stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>") });
+    w.run(
+        "bob@localhost",
+        UserMsg::Outbound {
+            resource: "b".into(),
+            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
+        },
+    );
     assert!(w.users["bob@localhost"].roster["alice@localhost"].approved);
     w.take(2);
     w.online("alice", "a", 1);
-    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>") });
-    assert_eq!(w.users["alice@localhost"].roster["bob@localhost"].subscription, Subscription::To);
-    assert!(!w.take(2).iter().any(|s| s.attr("type") == Some("subscribe")), "pre-approved requests are not shown");
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            resource: "a".into(),
+            stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
+        },
+    );
+    assert_eq!(
+        w.users["alice@localhost"].roster["bob@localhost"].subscription,
+        Subscription::To
+    );
+    assert!(
+        !w.take(2).iter().any(|s| s.attr("type") == Some("subscribe")),
+        "pre-approved requests are not shown"
+    );
 }
 
 #[test]
@@ -128,13 +221,23 @@ fn offline_queue_caps_with_an_error_and_delivers_with_delay() {
     let errs = w.take(1);
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].attr("id"), Some("m2"));
-    assert!(errs[0].child("error", ns::CLIENT).unwrap().child("resource-constraint", ns::STANZAS_ERR).is_some());
+    assert!(errs[0]
+        .child("error", ns::CLIENT)
+        .unwrap()
+        .child("resource-constraint", ns::STANZAS_ERR)
+        .is_some());
     w.online("bob", "b", 2);
     let got = w.take(2);
     let msgs: Vec<&Element> = got.iter().filter(|s| s.name == "message").collect();
     assert_eq!(msgs.len(), 2);
-    assert_eq!(msgs[0].child("delay", ns::DELAY).unwrap().attr("stamp"), Some("2023-11-14T22:13:20.000Z"));
-    assert!(w.writes.iter().any(|x| matches!(x, Write::DeleteOffline { upto: 2, .. })));
+    assert_eq!(
+        msgs[0].child("delay", ns::DELAY).unwrap().attr("stamp"),
+        Some("2023-11-14T22:13:20.000Z")
+    );
+    assert!(w
+        .writes
+        .iter()
+        .any(|x| matches!(x, Write::DeleteOffline { upto: 2, .. })));
     assert_eq!(w.users["bob@localhost"].offline_len(), 0);
 }
 
@@ -142,7 +245,13 @@ fn offline_queue_caps_with_an_error_and_delivers_with_delay() {
 fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
     let mut w = World::new(&["alice"]);
     w.online("alice", "a", 1);
-    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<iq from='alice@localhost/a' type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>") });
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            resource: "a".into(),
+            stanza: el("<iq from='alice@localhost/a' type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>"),
+        },
+    );
     w.take(1);
     w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<iq from='alice@localhost/a' type='set' id='s'><query xmlns='jabber:iq:roster'><item jid='carol@localhost' name='C'/></query></iq>") });
     let got = w.take(1);
@@ -150,11 +259,32 @@ fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
     assert_eq!(got[1].attr("type"), Some("set"), "push after the result");
     assert_eq!(got[1].child("query", ns::ROSTER).unwrap().attr("ver"), Some("1"));
     // Same resource again: the older session is kicked.
-    w.run("alice@localhost", UserMsg::Bind { session: SessionAddr { node: 0, shard: 1, id: 9 }, resource: "a".into() });
+    w.run(
+        "alice@localhost",
+        UserMsg::Bind {
+            session: SessionAddr {
+                node: 0,
+                shard: 1,
+                id: 9,
+            },
+            resource: "a".into(),
+        },
+    );
     assert_eq!(w.kicked, vec![1]);
     // A message to a bare JID with only negative-priority sessions is stored.
-    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<presence from='alice@localhost/a'><priority>-1</priority></presence>") });
-    w.run("alice@localhost", UserMsg::Inbound { stanza: el("<message from='x@localhost/r' to='alice@localhost'><body>k</body></message>") });
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            resource: "a".into(),
+            stanza: el("<presence from='alice@localhost/a'><priority>-1</priority></presence>"),
+        },
+    );
+    w.run(
+        "alice@localhost",
+        UserMsg::Inbound {
+            stanza: el("<message from='x@localhost/r' to='alice@localhost'><body>k</body></message>"),
+        },
+    );
     assert_eq!(w.users["alice@localhost"].offline_len(), 1);
 }
 
