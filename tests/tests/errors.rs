@@ -345,3 +345,29 @@ async fn sigterm_tells_clients_system_shutdown() {
     let (st, _server) = stop.join().unwrap();
     assert!(st.success());
 }
+
+#[tokio::test]
+async fn anonymous_login_when_enabled() {
+    let server = Server::start(&[CLEAR, "auth.anonymous=true"], &[]);
+    let mut r = Raw::connect(server.port).await;
+    r.send(HEADER).await;
+    let f = r.until("</stream:features>").await;
+    assert!(f.contains("<mechanism>ANONYMOUS</mechanism>"), "{f}");
+    r.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='ANONYMOUS'/>")
+        .await;
+    assert!(r.until("/>").await.contains("<success"));
+    r.send(HEADER).await;
+    r.until("</stream:features>").await;
+    r.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+        .await;
+    let got = r.until("</iq>").await;
+    assert!(
+        got.contains("@localhost/"),
+        "a server-generated resource on a random user: {got}"
+    );
+    // Off by default.
+    let server = Server::start(&[CLEAR], &[]);
+    let mut r = Raw::connect(server.port).await;
+    r.send(HEADER).await;
+    assert!(!r.until("</stream:features>").await.contains("ANONYMOUS"));
+}

@@ -394,8 +394,8 @@ impl C2sSession {
             }
             SessionMsg::Kick { condition, text } => {
                 tracing::info!(session = ?self.addr, condition, "session kicked");
-                // The user actor already forgot this session: do not unbind it again.
-                self.jid = None;
+                // Unbind still follows (on shutdown the user actor must learn the session is
+                // gone); after a conflict it is a no-op, the actor matching on the address.
                 self.stream_error(condition, Some(&text));
             }
         }
