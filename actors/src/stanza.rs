@@ -32,20 +32,21 @@ pub fn may_bounce(stanza: &Element) -> bool {
     t != Some("error") && !(stanza.name == "iq" && t == Some("result"))
 }
 
+/// A reply skeleton: same kind and id, `to`/`from` swapped, the given type.
+fn reply(req: &Element, ty: &str) -> Element {
+    let mut e = Element::new(&req.name, &req.ns).with_attr("type", ty);
+    for (k, swapped) in [("id", "id"), ("from", "to"), ("to", "from")] {
+        if let Some(v) = req.attr(k) {
+            e.set_attr(swapped, v);
+        }
+    }
+    e
+}
+
 /// The error reply to `stanza`: `to`/`from` swapped, type="error", original payload kept.
-/// The caller stamps `from` if `stanza` had no `to` (the server answered).
+/// A request without `to` (for the server) gets a reply without `from`.
 pub fn error_reply(stanza: &Element, condition: &str, text: Option<&str>) -> Element {
-    let mut e = Element::new(&stanza.name, &stanza.ns);
-    if let Some(id) = stanza.attr("id") {
-        e.set_attr("id", id);
-    }
-    if let Some(from) = stanza.attr("from") {
-        e.set_attr("to", from);
-    }
-    if let Some(to) = stanza.attr("to") {
-        e.set_attr("from", to);
-    }
-    e.set_attr("type", "error");
+    let mut e = reply(stanza, "error");
     if stanza.name != "iq" {
         e.children = stanza.children.clone();
     } else if let Some(payload) = stanza.first_child() {
@@ -57,17 +58,7 @@ pub fn error_reply(stanza: &Element, condition: &str, text: Option<&str>) -> Ele
 
 /// An empty IQ result to `iq`.
 pub fn iq_result(iq: &Element) -> Element {
-    let mut e = Element::new("iq", ns::CLIENT).with_attr("type", "result");
-    if let Some(id) = iq.attr("id") {
-        e.set_attr("id", id);
-    }
-    if let Some(from) = iq.attr("from") {
-        e.set_attr("to", from);
-    }
-    if let Some(to) = iq.attr("to") {
-        e.set_attr("from", to);
-    }
-    e
+    reply(iq, "result")
 }
 
 /// `<stream:error>` followed by the stream close tag.

@@ -44,12 +44,7 @@ impl UserActor {
         let addr = s.addr;
         let full = self.full_jid(resource);
         // Subscribers (from/both).
-        let contacts: Vec<String> = self
-            .roster
-            .values()
-            .filter(|i| i.in_roster && i.subscription.has_from())
-            .map(|i| i.jid.clone())
-            .collect();
+        let contacts = self.contacts(Subscription::has_from);
         for c in &contacts {
             let mut p = st.clone();
             p.set_attr("to", c.as_str());
@@ -73,12 +68,7 @@ impl UserActor {
             return;
         }
         // Initial presence: probe the contacts we are subscribed to…
-        let subscribed_to: Vec<String> = self
-            .roster
-            .values()
-            .filter(|i| i.in_roster && i.subscription.has_to())
-            .map(|i| i.jid.clone())
-            .collect();
+        let subscribed_to = self.contacts(Subscription::has_to);
         for c in subscribed_to {
             if let Ok(j) = Jid::new(&c) {
                 let probe = Element::new("presence", ns::CLIENT)
@@ -228,6 +218,15 @@ impl UserActor {
                     .with_attr("to", to);
                 Envelope::to_user(j.to_bare(), UserMsg::Inbound { stanza: p })
             })
+            .collect()
+    }
+
+    /// Roster contacts whose subscription satisfies `pred`.
+    fn contacts(&self, pred: fn(Subscription) -> bool) -> Vec<String> {
+        self.roster
+            .values()
+            .filter(|i| i.in_roster && pred(i.subscription))
+            .map(|i| i.jid.clone())
             .collect()
     }
 
