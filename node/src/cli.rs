@@ -154,6 +154,8 @@ fn serve(cfg: Config) -> Result<(), String> {
         mailbox: cfg.c2s.mailbox,
         max_auth_failures: cfg.auth.max_failures_per_minute,
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
+        negotiation_timeout: Duration::from_secs(cfg.c2s.negotiation_timeout_secs),
+        write_timeout: Duration::from_secs(cfg.c2s.write_timeout_secs),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -42,6 +42,10 @@ pub struct C2s {
     pub max_attributes: usize,
     /// Messages a session's mailbox holds before senders get `resource-constraint`.
     pub mailbox: usize,
+    /// Seconds a connection has to finish TLS, authentication and binding.
+    pub negotiation_timeout_secs: u64,
+    /// Seconds a write to a client may block before the connection is dropped.
+    pub write_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -130,6 +134,8 @@ impl Default for C2s {
             max_depth: 32,
             max_attributes: 64,
             mailbox: 1024,
+            negotiation_timeout_secs: 30,
+            write_timeout_secs: 30,
         }
     }
 }
@@ -239,6 +245,9 @@ impl Config {
         }
         if self.c2s.mailbox == 0 || self.offline.max_per_user == 0 {
             return Err("c2s.mailbox and offline.max_per_user must be positive".into());
+        }
+        if self.c2s.negotiation_timeout_secs == 0 || self.c2s.write_timeout_secs == 0 {
+            return Err("c2s.negotiation_timeout_secs and c2s.write_timeout_secs must be positive".into());
         }
         Ok(())
     }

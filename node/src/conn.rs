@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::Either;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -77,6 +78,16 @@ enum Next {
     PasswordSet(bool),
 }
 
+/// Runs `fut`, giving up after `limit`.
+async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    let sleep = glommio::timer::sleep(limit);
+    futures::pin_mut!(fut, sleep);
+    match futures::future::select(fut, sleep).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    }
+}
+
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
@@ -90,10 +101,20 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     shard.sessions.borrow_mut().insert(id, Rc::new(tx));
     tracing::debug!(?addr, ?peer, direct_tls, "connection accepted");
     let conn = if direct_tls {
-        match TlsAcceptor::from(shard.tls.clone()).accept(stream).await {
-            Ok(s) => Conn::Tls(Box::new(s)),
-            Err(e) => {
+        match within(
+            shard.negotiation_timeout,
+            TlsAcceptor::from(shard.tls.clone()).accept(stream),
+        )
+        .await
+        {
+            Some(Ok(s)) => Conn::Tls(Box::new(s)),
+            Some(Err(e)) => {
                 tracing::info!(?peer, error = %e, "TLS handshake failed");
+                shard.sessions.borrow_mut().remove(&id);
+                return;
+            }
+            None => {
+                tracing::info!(?peer, "TLS handshake timed out");
                 shard.sessions.borrow_mut().remove(&id);
                 return;
             }
@@ -110,15 +131,32 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     );
     let mut conn = conn;
     let mut buf = vec![0u8; 4096];
+    // Until the session is bound, it must make progress before this deadline (slow-loris).
+    let deadline = std::time::Instant::now() + shard.negotiation_timeout;
     loop {
         let event = {
             let read = conn.read(&mut buf);
             let recv = rx.recv();
-            futures::pin_mut!(read, recv);
-            match futures::future::select(read, recv).await {
-                Either::Left((r, _)) => Either::Left(r),
-                Either::Right((m, _)) => Either::Right(m),
+            let negotiating = session.jid().is_none();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let timer = async move {
+                if negotiating {
+                    glommio::timer::sleep(left).await
+                } else {
+                    futures::future::pending::<()>().await
+                }
+            };
+            futures::pin_mut!(read, recv, timer);
+            match futures::future::select(futures::future::select(read, recv), timer).await {
+                Either::Left((Either::Left((r, _)), _)) => Some(Either::Left(r)),
+                Either::Left((Either::Right((m, _)), _)) => Some(Either::Right(m)),
+                Either::Right(_) => None,
             }
+        };
+        let Some(event) = event else {
+            handle(&shard, &mut session, Input::TimedOut);
+            carry_out(&shard, &mut session, &mut conn).await;
+            break;
         };
         let open = match event {
             Either::Left(Ok(0)) | Either::Left(Err(_)) => {
@@ -175,8 +213,21 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
         if out.bytes.is_empty() && out.actions.is_empty() && queue.is_empty() {
             return open;
         }
-        if !out.bytes.is_empty() && (conn.write_all(&out.bytes).await.is_err() || conn.flush().await.is_err()) {
-            open = false;
+        if !out.bytes.is_empty() {
+            // A client that stops reading must not hold this task (and its mailbox) forever.
+            let written = within(shard.write_timeout, async {
+                conn.write_all(&out.bytes).await?;
+                conn.flush().await
+            })
+            .await;
+            match written {
+                Some(Ok(())) => {}
+                Some(Err(_)) => open = false,
+                None => {
+                    tracing::info!(session = ?session.addr, "write timed out; dropping the connection");
+                    open = false;
+                }
+            }
         }
         for action in out.actions {
             match action {
@@ -187,13 +238,22 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
                         open = false;
                         continue;
                     };
-                    match TlsAcceptor::from(shard.tls.clone()).accept(tcp).await {
-                        Ok(s) => {
+                    match within(
+                        shard.negotiation_timeout,
+                        TlsAcceptor::from(shard.tls.clone()).accept(tcp),
+                    )
+                    .await
+                    {
+                        Some(Ok(s)) => {
                             *conn = Conn::Tls(Box::new(s));
                             queue.push_back(Next::Tls);
                         }
-                        Err(e) => {
+                        Some(Err(e)) => {
                             tracing::info!(session = ?session.addr, error = %e, "STARTTLS handshake failed");
+                            open = false;
+                        }
+                        None => {
+                            tracing::info!(session = ?session.addr, "STARTTLS handshake timed out");
                             open = false;
                         }
                     }

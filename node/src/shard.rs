@@ -40,6 +40,8 @@ pub struct ShardParams {
     pub mailbox: usize,
     pub max_auth_failures: u32,
     pub grace: Duration,
+    pub negotiation_timeout: Duration,
+    pub write_timeout: Duration,
 }
 
 pub struct Shard {
@@ -56,6 +58,8 @@ pub struct Shard {
     pub tls: Arc<rustls::ServerConfig>,
     next_session: Cell<u64>,
     pub mailbox: usize,
+    pub negotiation_timeout: Duration,
+    pub write_timeout: Duration,
     rng: RefCell<ChaCha20Rng>,
 }
 
@@ -231,6 +235,8 @@ pub async fn run(
         tls: params.tls.clone(),
         next_session: Cell::new(1),
         mailbox: params.mailbox,
+        negotiation_timeout: params.negotiation_timeout,
+        write_timeout: params.write_timeout,
         rng: RefCell::new(ChaCha20Rng::from_seed(seed)),
     });
     if let Some(mut r) = receivers {

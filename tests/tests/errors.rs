@@ -371,3 +371,13 @@ async fn anonymous_login_when_enabled() {
     r.send(HEADER).await;
     assert!(!r.until("</stream:features>").await.contains("ANONYMOUS"));
 }
+
+#[tokio::test]
+async fn a_client_that_never_negotiates_is_timed_out() {
+    let server = Server::start(&[CLEAR, "c2s.negotiation_timeout_secs=1"], &[]);
+    let mut r = Raw::connect(server.port).await;
+    r.send(HEADER).await;
+    r.until("</stream:features>").await;
+    let got = r.until_closed().await;
+    assert!(got.contains("<connection-timeout"), "{got}");
+}

@@ -51,6 +51,8 @@ pub enum Input<'a> {
     /// Answer to [`Action::SetPassword`].
     PasswordSet(bool),
     Router(SessionMsg),
+    /// The client did not finish negotiating (or stopped reading) in time.
+    TimedOut,
     /// The connection is gone.
     Closed,
 }
@@ -173,6 +175,10 @@ impl C2sSession {
             Input::AccountCreated(ok) => self.on_account_created(ok),
             Input::PasswordSet(ok) => self.on_password_set(ok),
             Input::Router(m) => self.on_router(m),
+            Input::TimedOut => {
+                tracing::info!(session = ?self.addr, "connection timed out");
+                self.stream_error("connection-timeout", None)
+            }
             Input::Closed => self.close(None),
         }
     }
