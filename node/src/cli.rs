@@ -12,7 +12,10 @@ use starling_actors::user::UserConfig;
 use starling_storage::{SledStorage, Storage, Write};
 
 use crate::config::{Config, RegistrationMode};
-use crate::control::{Supervisor, SupervisorArgs, SupervisorMsg};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::control::{Liveness, Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::shard::ShardParams;
 use crate::storage_thread::{self, StorageHandle};
 
@@ -163,7 +166,22 @@ fn serve(cfg: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
     rt.block_on(async move {
+        let live = Liveness::default();
+        let metrics_task = match cfg.metrics_addr() {
+            Some(addr) => {
+                let handle = crate::metrics::install()?;
+                let listener = crate::metrics::bind(addr).await?;
+                let l = live.clone();
+                let health: crate::metrics::HealthCheck = Arc::new(move || {
+                    l.shards_alive.load(Ordering::Relaxed) == shards && l.storage_alive.load(Ordering::Relaxed)
+                });
+                tracing::info!(%addr, "metrics and health endpoint listening");
+                Some(tokio::spawn(crate::metrics::serve(listener, handle, health)))
+            }
+            None => None,
+        };
         let args = SupervisorArgs {
+            live,
             store,
             params,
             storage_tx,
@@ -185,6 +203,9 @@ fn serve(cfg: Config) -> Result<(), String> {
         ractor::call!(sup, SupervisorMsg::Shutdown).map_err(|e| format!("shutdown: {e}"))?;
         sup.stop(None);
         let _ = handle.await;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         tracing::info!("stopped cleanly");
         Ok(())
     })

@@ -17,6 +17,22 @@ pub struct Config {
     pub roster: Roster,
     pub tls: Tls,
     pub log: Log,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Prometheus `/metrics` and `/health`; `""` turns them off.
+    pub listen: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            listen: "127.0.0.1:5280".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +125,7 @@ impl Default for Config {
             roster: Roster { max_items: 1000 },
             tls: Tls::default(),
             log: Log { level: "info".into() },
+            metrics: Metrics::default(),
         }
     }
 }
@@ -234,6 +251,12 @@ impl Config {
                 .parse::<SocketAddr>()
                 .map_err(|e| format!("c2s.direct_tls_listen: {e}"))?;
         }
+        if !self.metrics.listen.is_empty() {
+            self.metrics
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("metrics.listen: {e}"))?;
+        }
         if self.c2s.max_stanza_bytes < 1024 {
             return Err("c2s.max_stanza_bytes: must be at least 1024".into());
         }
@@ -257,6 +280,10 @@ impl Config {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         }
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.listen.parse().ok()
     }
 
     pub fn direct_tls_addr(&self) -> Option<SocketAddr> {

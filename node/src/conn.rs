@@ -70,6 +70,19 @@ fn ip_key(ip: Option<IpAddr>) -> u128 {
     }
 }
 
+/// Decrements the connection gauge however the connection task ends.
+struct ConnGauge(Rc<Shard>);
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        self.0.metrics.connections.decrement(1.0);
+    }
+}
+
+fn scopeguard(shard: &Rc<Shard>) -> ConnGauge {
+    ConnGauge(shard.clone())
+}
+
 /// Owned inputs queued while carrying out actions.
 enum Next {
     Tls,
@@ -99,6 +112,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     };
     let (tx, rx) = local_channel::new_bounded(shard.mailbox);
     shard.sessions.borrow_mut().insert(id, Rc::new(tx));
+    shard.metrics.connections.increment(1.0);
+    let _gauge = scopeguard(&shard);
     tracing::debug!(?addr, ?peer, direct_tls, "connection accepted");
     let conn = if direct_tls {
         match within(
@@ -165,10 +180,16 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                 false
             }
             Either::Left(Ok(n)) => {
+                shard.metrics.bytes_in.increment(n as u64);
                 handle(&shard, &mut session, Input::Bytes(&buf[..n]));
                 carry_out(&shard, &mut session, &mut conn).await
             }
             Either::Right(Some(m)) => {
+                if let SessionMsg::Stanza(st) = &m {
+                    if let Some(k) = crate::metrics::kind_index(&st.name) {
+                        shard.metrics.stanzas_out[k].increment(1);
+                    }
+                }
                 handle(&shard, &mut session, Input::Router(m));
                 carry_out(&shard, &mut session, &mut conn).await
             }
@@ -191,6 +212,27 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
 
 /// Feeds one input; a panic in the session ends this session with a stream error.
 fn handle(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
+    let before = session.stats();
+    let was_bound = session.jid().is_some();
+    handle_inner(shard, session, input);
+    let after = session.stats();
+    let m = &shard.metrics;
+    for k in 0..3 {
+        m.stanzas_in[k].increment(after.stanzas_in[k] - before.stanzas_in[k]);
+    }
+    m.auth_failures.increment(after.auth_failures - before.auth_failures);
+    m.stream_errors.increment(after.stream_errors - before.stream_errors);
+    match (was_bound, session.jid().is_some()) {
+        (false, true) => {
+            m.logins.increment(1);
+            m.sessions.increment(1.0);
+        }
+        (true, false) => m.sessions.decrement(1.0),
+        _ => {}
+    }
+}
+
+fn handle_inner(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
     let now = now_ms();
     let mut throttle = shard.throttle.borrow_mut();
     let mut ctx = Ctx {
@@ -214,6 +256,7 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
             return open;
         }
         if !out.bytes.is_empty() {
+            shard.metrics.bytes_out.increment(out.bytes.len() as u64);
             // A client that stops reading must not hold this task (and its mailbox) forever.
             let written = within(shard.write_timeout, async {
                 conn.write_all(&out.bytes).await?;

@@ -2,6 +2,8 @@
 //! the supervisor starts the storage service and the shards, and stops them in order on
 //! shutdown — shards first (clients get `system-shutdown`), then storage (final flush).
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -23,16 +25,23 @@ pub struct StorageState {
 impl Actor for StorageService {
     type Msg = ();
     type State = StorageState;
-    type Arguments = (SledStorage, flume::Sender<StorageReq>, flume::Receiver<StorageReq>);
+    type Arguments = (
+        SledStorage,
+        flume::Sender<StorageReq>,
+        flume::Receiver<StorageReq>,
+        Arc<AtomicBool>,
+    );
 
     async fn pre_start(
         &self,
         _me: ActorRef<()>,
-        (store, tx, rx): Self::Arguments,
+        (store, tx, rx, alive): Self::Arguments,
     ) -> Result<StorageState, ActorProcessingErr> {
-        let thread = std::thread::Builder::new()
-            .name("storage".into())
-            .spawn(move || storage_thread::run(store, rx))?;
+        alive.store(true, Ordering::Relaxed);
+        let thread = std::thread::Builder::new().name("storage".into()).spawn(move || {
+            storage_thread::run(store, rx);
+            alive.store(false, Ordering::Relaxed);
+        })?;
         Ok(StorageState {
             thread: Some(thread),
             tx,
@@ -64,7 +73,15 @@ pub struct SupervisorState {
     storage: ActorRef<()>,
 }
 
+/// Liveness the health endpoint reads: shards still running, storage thread still running.
+#[derive(Clone, Default)]
+pub struct Liveness {
+    pub shards_alive: Arc<AtomicUsize>,
+    pub storage_alive: Arc<AtomicBool>,
+}
+
 pub struct SupervisorArgs {
+    pub live: Liveness,
     pub store: SledStorage,
     pub params: ShardParams,
     pub storage_tx: flume::Sender<StorageReq>,
@@ -84,14 +101,20 @@ impl Actor for Supervisor {
         let (storage, _) = Actor::spawn_linked(
             Some("storage".into()),
             StorageService,
-            (args.store, args.storage_tx.clone(), args.storage_rx),
+            (
+                args.store,
+                args.storage_tx.clone(),
+                args.storage_rx,
+                args.live.storage_alive.clone(),
+            ),
             me.get_cell(),
         )
         .await?;
         let mut params = args.params;
         params.storage = StorageHandle::new(args.storage_tx);
         let n = params.shards;
-        let shards = tokio::task::spawn_blocking(move || start_shards(params, n)).await??;
+        let alive = args.live.shards_alive.clone();
+        let shards = tokio::task::spawn_blocking(move || start_shards(params, n, alive)).await??;
         Ok(SupervisorState { shards, storage })
     }
 
@@ -124,7 +147,7 @@ impl Actor for Supervisor {
 }
 
 /// Starts one pinned glommio executor per shard and waits until each listens.
-fn start_shards(params: ShardParams, n: usize) -> Result<Vec<ShardHandle>, String> {
+fn start_shards(params: ShardParams, n: usize, alive: Arc<AtomicUsize>) -> Result<Vec<ShardHandle>, String> {
     let mesh = (n > 1).then(|| MeshBuilder::full(n, 1024));
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let (ready_tx, ready_rx) = flume::unbounded();
@@ -148,10 +171,13 @@ fn start_shards(params: ShardParams, n: usize) -> Result<Vec<ShardHandle>, Strin
                      seccomp profile) and RLIMIT_MEMLOCK of at least 512 KiB"
                 )
             })?;
+        alive.fetch_add(1, Ordering::Relaxed);
+        let alive = alive.clone();
         let thread = std::thread::spawn(move || {
             if let Err(e) = handle.join() {
                 tracing::error!(shard = i, error = %e, "shard ended with an error");
             }
+            alive.fetch_sub(1, Ordering::Relaxed);
         });
         shards.push((stop_tx, thread));
     }

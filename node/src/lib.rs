@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod control;
+pub mod metrics;
 pub mod shard;
 pub mod storage_thread;
 pub mod tls;

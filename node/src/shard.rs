@@ -60,6 +60,7 @@ pub struct Shard {
     pub mailbox: usize,
     pub negotiation_timeout: Duration,
     pub write_timeout: Duration,
+    pub metrics: crate::metrics::ShardMetrics,
     rng: RefCell<ChaCha20Rng>,
 }
 
@@ -143,6 +144,7 @@ impl Shard {
                 | Msg::Session(SessionMsg::Kick { .. } | SessionMsg::Bound { .. } | SessionMsg::BindFailed { .. })
         );
         if !control {
+            self.metrics.bounced.increment(1);
             tracing::warn!(?env.to, why, "bouncing stanza");
             return self.undeliverable(env, "resource-constraint");
         }
@@ -237,6 +239,7 @@ pub async fn run(
         mailbox: params.mailbox,
         negotiation_timeout: params.negotiation_timeout,
         write_timeout: params.write_timeout,
+        metrics: crate::metrics::ShardMetrics::new(id),
         rng: RefCell::new(ChaCha20Rng::from_seed(seed)),
     });
     if let Some(mut r) = receivers {

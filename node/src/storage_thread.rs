@@ -110,7 +110,10 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
         if acks.is_empty() && created.is_empty() {
             continue;
         }
+        let started = std::time::Instant::now();
         let flushed = store.flush();
+        metrics::histogram!("starling_storage_write_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("starling_storage_batch_size").record((acks.len() + created.len()) as f64);
         if let Err(e) = &flushed {
             tracing::error!(error = %e, "storage flush failed; writes not acknowledged");
         }

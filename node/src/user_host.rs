@@ -26,7 +26,13 @@ pub fn activate(shard: &Rc<Shard>, jid: BareJid) -> Rc<LocalSender<UserMsg>> {
     let (tx, rx) = local_channel::new_bounded(shard.mailbox);
     let tx = Rc::new(tx);
     shard.users.borrow_mut().insert(jid.clone(), tx.clone());
-    glommio::spawn_local(run(shard.clone(), jid, rx)).detach();
+    shard.metrics.user_actors.increment(1.0);
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        run(s.clone(), jid, rx).await;
+        s.metrics.user_actors.decrement(1.0);
+    })
+    .detach();
     tx
 }
 
@@ -44,6 +50,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
     };
     let mut actor = UserActor::new(jid.clone(), exists, data, shard.user_cfg.clone());
     while let Some(msg) = rx.recv().await {
+        let started = std::time::Instant::now();
         let now = now_ms();
         let effects = match catch_unwind(AssertUnwindSafe(|| actor.handle(msg, now))) {
             Ok(fx) => fx,
@@ -92,6 +99,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
                 },
             }
         }
+        shard.metrics.user_handle.record(started.elapsed().as_secs_f64());
         // Idle and nothing queued: let go; the durable state reloads on the next message.
         let queued = shard.users.borrow().get(&jid).map(|tx| tx.len()).unwrap_or(0);
         if actor.is_idle() && queued == 0 {

@@ -73,6 +73,7 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub tls_port: u16,
+    pub metrics_port: u16,
     settings: Vec<String>,
     log: PathBuf,
 }
@@ -88,7 +89,9 @@ impl Server {
             .expect("tempdir");
         let port = free_port();
         let tls_port = free_port();
+        let metrics_port = free_port();
         let mut all: Vec<String> = vec![
+            format!("metrics.listen=\"127.0.0.1:{metrics_port}\""),
             format!("c2s.listen=\"127.0.0.1:{port}\""),
             format!("c2s.direct_tls_listen=\"127.0.0.1:{tls_port}\""),
             "server.shards=2".into(),
@@ -106,6 +109,7 @@ impl Server {
             dir,
             port,
             tls_port,
+            metrics_port,
             settings: all,
             log,
         };
@@ -207,6 +211,18 @@ impl Server {
         let st = self.stop();
         assert!(st.success(), "unclean exit {st}\n{}", self.log_text());
         self.spawn();
+    }
+
+    /// GET on the metrics listener; returns (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics port");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read response");
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (head.lines().next().unwrap_or("").to_string(), body.to_string())
     }
 
     pub fn addr(&self) -> String {

@@ -381,3 +381,53 @@ async fn a_client_that_never_negotiates_is_timed_out() {
     let got = r.until_closed().await;
     assert!(got.contains("<connection-timeout"), "{got}");
 }
+
+/// Sum of a metric's samples (all label sets) in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_are_scraped_and_health_answers() {
+    let server = Server::start(&[CLEAR], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
+    let (status, body) = server.http_get("/health");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body.trim(), "ok");
+
+    let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
+    let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
+    bob.send("<presence/>").await;
+    bob.until("<presence").await;
+    alice
+        .send("<message to='bob@localhost' type='chat'><body>counted</body></message>")
+        .await;
+    bob.until("counted").await;
+    let mut bad = Raw::connect(server.port).await;
+    bad.send(HEADER).await;
+    bad.until("</stream:features>").await;
+    bad.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHdyb25n</auth>")
+        .await;
+    bad.until("</failure>").await;
+
+    let (status, text) = server.http_get("/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(metric_sum(&text, "starling_logins_total"), 2.0, "{text}");
+    assert_eq!(metric_sum(&text, "starling_sessions"), 2.0, "{text}");
+    assert_eq!(metric_sum(&text, "starling_auth_failures_total"), 1.0, "{text}");
+    assert!(
+        text.contains("starling_stanzas_in_total{shard=") && text.contains("kind=\"message\""),
+        "{text}"
+    );
+    assert!(metric_sum(&text, "starling_stanzas_out_total") >= 2.0, "{text}");
+    assert!(metric_sum(&text, "starling_bytes_in_total") > 0.0);
+    assert!(metric_sum(&text, "process_resident_memory_bytes") > 1e6, "{text}");
+    assert!(
+        text.contains("starling_storage_write_seconds") || text.contains("starling_user_handle_seconds"),
+        "{text}"
+    );
+    let (status, _) = server.http_get("/nope");
+    assert!(status.contains("404"), "{status}");
+}

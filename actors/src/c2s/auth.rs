@@ -196,6 +196,7 @@ impl C2sSession {
     /// Answers `<failure/>`; counts it against the IP when `count` is given (a real attempt).
     fn sasl_fail(&mut self, condition: &str, text: Option<&str>, count: Option<(&mut Ctx<'_>, u64)>) {
         if let Some((ctx, now)) = count {
+            self.stats.auth_failures += 1;
             ctx.throttle.record_failure(self.ip, now);
             tracing::info!(session = ?self.addr, condition, "authentication failed");
         }

@@ -18,6 +18,12 @@ impl C2sSession {
                 Some("only message, presence and iq are accepted"),
             );
         }
+        let kind = match el.name.as_str() {
+            "message" => 0,
+            "presence" => 1,
+            _ => 2,
+        };
+        self.stats.stanzas_in[kind] += 1;
         let full = self.jid.clone().expect("bound");
         let user = self.user.clone().expect("authenticated");
         if let Some(from) = el.attr("from") {

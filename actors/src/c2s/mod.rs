@@ -75,6 +75,15 @@ pub enum Action {
     Close,
 }
 
+/// Counters the host turns into metrics.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct SessionStats {
+    /// Stanzas from the bound client: message, presence, iq.
+    pub stanzas_in: [u64; 3],
+    pub auth_failures: u64,
+    pub stream_errors: u64,
+}
+
 #[derive(Default)]
 pub struct Output {
     pub bytes: Vec<u8>,
@@ -121,6 +130,7 @@ pub struct C2sSession {
     pending: VecDeque<Element>,
     out: Output,
     events: Vec<StreamEvent>,
+    stats: SessionStats,
 }
 
 impl C2sSession {
@@ -143,11 +153,16 @@ impl C2sSession {
             pending: VecDeque::new(),
             out: Output::default(),
             events: Vec::new(),
+            stats: SessionStats::default(),
         }
     }
 
     pub fn jid(&self) -> Option<&FullJid> {
         self.jid.as_ref()
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        self.stats
     }
 
     pub fn is_closed(&self) -> bool {
@@ -413,6 +428,7 @@ impl C2sSession {
 
     /// Sends a stream error and closes (RFC 6120 §4.9).
     pub fn stream_error(&mut self, condition: &str, text: Option<&str>) {
+        self.stats.stream_errors += 1;
         if !self.header_sent {
             self.send_header();
         }

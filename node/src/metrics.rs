@@ -1,0 +1,188 @@
+//! Prometheus metrics and the health endpoint.
+//!
+//! Shards record into `metrics` handles registered once per shard with a `shard` label, so no
+//! counter is shared between cores. The Prometheus recorder renders them; a small hyper server
+//! on the control-plane thread serves `/metrics` and `/health` at `metrics.listen`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Installs the global recorder (once per process) and returns its handle.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ])
+        .map_err(|e| format!("metrics: {e}"))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| format!("metrics: {e}"))?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("starling_connections", "Open client connections");
+    describe_gauge!("starling_sessions", "Bound client sessions");
+    describe_gauge!("starling_user_actors", "Active user actors");
+    describe_counter!("starling_logins_total", "Successful logins (resource bound)");
+    describe_counter!("starling_auth_failures_total", "Failed SASL authentications");
+    describe_counter!("starling_stanzas_in_total", "Stanzas received from clients, by kind");
+    describe_counter!("starling_stanzas_out_total", "Stanzas written to clients, by kind");
+    describe_counter!("starling_bytes_in_total", Unit::Bytes, "Bytes read from clients");
+    describe_counter!("starling_bytes_out_total", Unit::Bytes, "Bytes written to clients");
+    describe_counter!(
+        "starling_bounced_total",
+        "Stanzas bounced because a mailbox or link was full"
+    );
+    describe_counter!(
+        "starling_stream_errors_total",
+        "Connections ended by a stream error or timeout"
+    );
+    describe_histogram!(
+        "starling_user_handle_seconds",
+        Unit::Seconds,
+        "User actor time per message, including durable writes"
+    );
+    describe_histogram!(
+        "starling_storage_write_seconds",
+        Unit::Seconds,
+        "Storage batch apply + flush time"
+    );
+    describe_histogram!("starling_storage_batch_size", "Write requests per group commit");
+    describe_gauge!(
+        "starling_offline_messages",
+        "Offline messages held by active user actors"
+    );
+    describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident set size");
+}
+
+/// One shard's handles.
+pub struct ShardMetrics {
+    pub connections: Gauge,
+    pub sessions: Gauge,
+    pub user_actors: Gauge,
+    pub logins: Counter,
+    pub auth_failures: Counter,
+    pub stanzas_in: [Counter; 3],
+    pub stanzas_out: [Counter; 3],
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub bounced: Counter,
+    pub stream_errors: Counter,
+    pub user_handle: Histogram,
+}
+
+/// Index of a stanza kind in the `[message, presence, iq]` arrays.
+pub fn kind_index(name: &str) -> Option<usize> {
+    match name {
+        "message" => Some(0),
+        "presence" => Some(1),
+        "iq" => Some(2),
+        _ => None,
+    }
+}
+
+impl ShardMetrics {
+    pub fn new(shard: u16) -> Self {
+        let s = shard.to_string();
+        let kinds = |name: &'static str| {
+            ["message", "presence", "iq"].map(|k| metrics::counter!(name, "shard" => s.clone(), "kind" => k))
+        };
+        ShardMetrics {
+            connections: metrics::gauge!("starling_connections", "shard" => s.clone()),
+            sessions: metrics::gauge!("starling_sessions", "shard" => s.clone()),
+            user_actors: metrics::gauge!("starling_user_actors", "shard" => s.clone()),
+            logins: metrics::counter!("starling_logins_total", "shard" => s.clone()),
+            auth_failures: metrics::counter!("starling_auth_failures_total", "shard" => s.clone()),
+            stanzas_in: kinds("starling_stanzas_in_total"),
+            stanzas_out: kinds("starling_stanzas_out_total"),
+            bytes_in: metrics::counter!("starling_bytes_in_total", "shard" => s.clone()),
+            bytes_out: metrics::counter!("starling_bytes_out_total", "shard" => s.clone()),
+            bounced: metrics::counter!("starling_bounced_total", "shard" => s.clone()),
+            stream_errors: metrics::counter!("starling_stream_errors_total", "shard" => s.clone()),
+            user_handle: metrics::histogram!("starling_user_handle_seconds", "shard" => s),
+        }
+    }
+}
+
+fn rss_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    Some(pages * page)
+}
+
+/// What `/health` reports: the process is up and its shards and storage answer.
+pub type HealthCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+async fn respond(
+    req: Request<hyper::body::Incoming>,
+    handle: PrometheusHandle,
+    health: HealthCheck,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = |code: StatusCode, ctype: &str, body: String| {
+        Response::builder()
+            .status(code)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts")
+    };
+    Ok(match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/metrics") => {
+            if let Some(rss) = rss_bytes() {
+                metrics::gauge!("process_resident_memory_bytes").set(rss);
+            }
+            handle.run_upkeep();
+            text(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+        }
+        ("GET", "/health") => {
+            if health() {
+                text(StatusCode::OK, "text/plain", "ok\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "unhealthy\n".into())
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    })
+}
+
+/// Serves until the task is dropped. Runs on the control-plane (tokio) thread.
+pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle, health: HealthCheck) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (handle, health) = (handle.clone(), health.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| respond(req, handle.clone(), health.clone()));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection error");
+            }
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("metrics.listen {addr}: {e}"))
+}
