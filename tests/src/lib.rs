@@ -27,8 +27,9 @@ pub fn binary() -> PathBuf {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(root)
-            .args(["build", "-q", "-p", "starling-node", "--bin", "starling"]);
+        // `--workspace` resolves features as `cargo test --workspace` does, so the build reuses
+        // the test build's artifacts instead of compiling the dependencies a second time.
+        cmd.current_dir(root).args(["build", "-q", "--workspace", "--bins"]);
         if release {
             cmd.arg("--release");
         }
