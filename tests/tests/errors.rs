@@ -228,8 +228,18 @@ async fn in_band_registration_when_open() {
     r.send("<iq type='set' id='n'><query xmlns='jabber:iq:register'><username>newbie</username><password>secret</password></query></iq>").await;
     let got = r.until("id=\"n\"").await;
     assert!(got.contains("type=\"result\""), "{got}");
-    // The new account logs in.
+    // The new account logs in and changes its password (XEP-0077 §3.3).
     let mut n = Raw::login_plain(server.port, "newbie", "secret", "r").await;
+    n.send("<iq type='set' id='pw'><query xmlns='jabber:iq:register'><username>newbie</username><password>better</password></query></iq>").await;
+    let got = n.until("id=\"pw\"").await;
+    assert!(got.contains("type=\"result\""), "{got}");
+    n.send("<iq type='set' id='pw2'><query xmlns='jabber:iq:register'><username>taken</username><password>x</password></query></iq>").await;
+    let got = n.until("</iq>").await;
+    assert!(
+        got.contains("id=\"pw2\"") && got.contains("<bad-request"),
+        "only one's own password: {got}"
+    );
+    let mut n = Raw::login_plain(server.port, "newbie", "better", "r2").await;
     n.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
         .await;
     n.until("id=\"p\"").await;
