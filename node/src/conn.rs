@@ -152,13 +152,15 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
         let event = {
             let read = conn.read(&mut buf);
             let recv = rx.recv();
-            let negotiating = session.jid().is_none();
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            // Bound sessions have no deadline: no clock read, no timer on the hot path.
+            let left = session
+                .jid()
+                .is_none()
+                .then(|| deadline.saturating_duration_since(std::time::Instant::now()));
             let timer = async move {
-                if negotiating {
-                    glommio::timer::sleep(left).await
-                } else {
-                    futures::future::pending::<()>().await
+                match left {
+                    Some(left) => glommio::timer::sleep(left).await,
+                    None => futures::future::pending::<()>().await,
                 }
             };
             futures::pin_mut!(read, recv, timer);
@@ -217,11 +219,17 @@ fn handle(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
     handle_inner(shard, session, input);
     let after = session.stats();
     let m = &shard.metrics;
+    // Only touch the (atomic) counters that moved.
+    let bump = |c: &metrics::Counter, n: u64| {
+        if n > 0 {
+            c.increment(n)
+        }
+    };
     for k in 0..3 {
-        m.stanzas_in[k].increment(after.stanzas_in[k] - before.stanzas_in[k]);
+        bump(&m.stanzas_in[k], after.stanzas_in[k] - before.stanzas_in[k]);
     }
-    m.auth_failures.increment(after.auth_failures - before.auth_failures);
-    m.stream_errors.increment(after.stream_errors - before.stream_errors);
+    bump(&m.auth_failures, after.auth_failures - before.auth_failures);
+    bump(&m.stream_errors, after.stream_errors - before.stream_errors);
     match (was_bound, session.jid().is_some()) {
         (false, true) => {
             m.logins.increment(1);
