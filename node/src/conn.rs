@@ -19,7 +19,7 @@ use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
 use starling_actors::msg::SessionMsg;
 use starling_storage::Write;
 
-use crate::shard::Shard;
+use crate::shard::{Origin, Shard};
 use crate::user_host::now_ms;
 
 enum Conn {
@@ -282,7 +282,7 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
         }
         for action in out.actions {
             match action {
-                Action::Route(env) => shard.route(env),
+                Action::Route(env) => shard.route_wait(env, Origin::Connection).await,
                 Action::Close => open = false,
                 Action::StartTls => {
                     let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {

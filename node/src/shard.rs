@@ -26,6 +26,13 @@ use starling_actors::xml::Element;
 
 use crate::storage_thread::StorageHandle;
 
+/// Who routes an envelope: decides where the sender may wait for room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Connection,
+    Actor,
+}
+
 /// What every shard is started with.
 #[derive(Clone)]
 pub struct ShardParams {
@@ -101,6 +108,59 @@ impl Shard {
                 }
             }
             None => self.undeliverable(env, "internal-server-error"),
+        }
+    }
+
+    /// Routes with backpressure. Every sender waits for room in the mesh: its receivers
+    /// only hand envelopes to mailboxes and never wait, so this cannot deadlock. Connection
+    /// tasks also wait for room in local mailboxes: a client that sends faster than its
+    /// targets drain is slowed down (its socket is not read meanwhile) instead of bounced.
+    /// User actors never wait on another actor's mailbox — two waiting on each other would
+    /// deadlock — so for them a full local mailbox bounces the stanza.
+    pub async fn route_wait(self: &Rc<Self>, env: Envelope, from: Origin) {
+        let (node, shard) = match &env.to {
+            Address::User(j) => self.placement.place_user(j),
+            Address::Session(a) => (a.node, a.shard),
+        };
+        if node != self.node || (shard != self.id && self.mesh.is_none()) {
+            return self.route(env);
+        }
+        if shard != self.id {
+            let mesh = self.mesh.as_ref().expect("checked above");
+            if let Err(e) = mesh.send_to(shard as usize, env).await {
+                if let Some(env) = give_back(e) {
+                    self.undeliverable(env, "internal-server-error");
+                }
+            }
+            return;
+        }
+        if from == Origin::Actor {
+            return self.deliver_local(env);
+        }
+        match (env.to, env.msg) {
+            (Address::User(j), Msg::User(m)) => {
+                let tx = self.users.borrow().get(&j).cloned();
+                let tx = tx.unwrap_or_else(|| crate::user_host::activate(self, j.clone()));
+                if let Err(e) = tx.send(m).await {
+                    if let Some(m) = give_back(e) {
+                        self.undeliverable(Envelope::to_user(j, m), "internal-server-error");
+                    }
+                }
+            }
+            (Address::Session(a), Msg::Session(m)) => {
+                let tx = self.sessions.borrow().get(&a.id).cloned();
+                match tx {
+                    Some(tx) => {
+                        if let Err(e) = tx.send(m).await {
+                            if let Some(m) = give_back(e) {
+                                self.session_gone(m);
+                            }
+                        }
+                    }
+                    None => self.session_gone(m),
+                }
+            }
+            (to, msg) => tracing::error!(?to, ?msg, "envelope kind does not match its address"),
         }
     }
 

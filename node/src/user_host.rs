@@ -12,7 +12,7 @@ use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::stanza;
 use starling_actors::user::{Effect, UserActor};
 
-use crate::shard::Shard;
+use crate::shard::{Origin, Shard};
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -71,9 +71,13 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
         };
         for fx in effects {
             match fx {
-                Effect::Send(env) => shard.route(env),
+                Effect::Send(env) => shard.route_wait(env, Origin::Actor).await,
                 Effect::Persist { writes, then } => match shard.storage.write(writes).await {
-                    Ok(()) => then.into_iter().for_each(|e| shard.route(e)),
+                    Ok(()) => {
+                        for e in then {
+                            shard.route_wait(e, Origin::Actor).await;
+                        }
+                    }
                     Err(e) => {
                         // Nothing that depended on the write is claimed: IQ results become
                         // errors, the rest is not sent.
