@@ -159,7 +159,10 @@ impl Server {
         a.push("serve".into());
         let child = Command::new(binary())
             .args(a)
-            .env("STARLING_LOG", "info")
+            .env(
+                "STARLING_LOG",
+                std::env::var("STARLING_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -233,6 +236,16 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // STARLING_KEEP_LOGS=DIR keeps each server's log for debugging.
+        if let Ok(dir) = std::env::var("STARLING_KEEP_LOGS") {
+            let name = self
+                .dir
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let _ = std::fs::copy(&self.log, Path::new(&dir).join(format!("{name}.log")));
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -265,6 +278,19 @@ pub async fn login(server: &Server, jid: &str, password: &str) -> (Client, Jid) 
     .unwrap_or_else(|_| panic!("{jid} did not come online\n{}", server.log_text()));
     (client, bound)
 }
+
+/// Bounds any wait in a test, so that a lost answer fails the test instead of hanging CI.
+pub trait Within: std::future::Future + Sized {
+    fn within(self, what: &'static str) -> impl std::future::Future<Output = Self::Output> {
+        async move {
+            tokio::time::timeout(WAIT, self)
+                .await
+                .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
+        }
+    }
+}
+
+impl<F: std::future::Future> Within for F {}
 
 /// Waits for the first stanza satisfying `pred`, skipping others.
 pub async fn expect_stanza(client: &mut Client, what: &str, mut pred: impl FnMut(&Stanza) -> bool) -> Stanza {

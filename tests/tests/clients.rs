@@ -1,7 +1,7 @@
 //! End-to-end: the real binary driven by a third-party client library (tokio-xmpp / xmpp-rs),
 //! logging in with SCRAM-SHA-256 over STARTTLS.
 
-use starling_tests::{expect_stanza, login, Server};
+use starling_tests::{expect_stanza, login, Server, Within};
 use tokio_xmpp::minidom::Element;
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::Jid;
@@ -42,6 +42,7 @@ async fn roster_push_subscription_handshake_and_presence() {
     let res = alice
         .send_iq(None, IqRequest::Get(Element::builder("query", ROSTER).build()))
         .await
+        .within("IQ answer")
         .await
         .expect("roster get");
     let IqResponse::Result(Some(q)) = res else {
@@ -64,7 +65,10 @@ async fn roster_push_subscription_handshake_and_presence() {
     let item = roster_push_item(&push).unwrap();
     assert_eq!(item.attr("jid"), Some("bob@localhost"));
     assert_eq!(item.attr("subscription"), Some("none"));
-    assert!(matches!(set.await.expect("roster set"), IqResponse::Result(_)));
+    assert!(matches!(
+        set.within("roster set answer").await.expect("roster set"),
+        IqResponse::Result(_)
+    ));
 
     // Both go online; alice asks bob for a subscription.
     alice
@@ -204,6 +208,7 @@ async fn offline_messages_and_roster_survive_a_restart() {
                 IqRequest::Set(Element::builder("query", ROSTER).append(item).build()),
             )
             .await
+            .within("IQ answer")
             .await;
         assert!(matches!(r, Ok(IqResponse::Result(_))), "{r:?}");
         for i in 0..3 {
@@ -217,6 +222,7 @@ async fn offline_messages_and_roster_survive_a_restart() {
         alice
             .send_iq(Some(jid("localhost")), IqRequest::Get(ping))
             .await
+            .within("IQ answer")
             .await
             .expect("ping");
         alice.send_end().await.unwrap();
@@ -226,6 +232,7 @@ async fn offline_messages_and_roster_survive_a_restart() {
     let r = alice
         .send_iq(None, IqRequest::Get(Element::builder("query", ROSTER).build()))
         .await
+        .within("IQ answer")
         .await
         .expect("roster");
     let IqResponse::Result(Some(q)) = r else {
