@@ -183,10 +183,12 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
             }
             Either::Left(Ok(n)) => {
                 shard.metrics.bytes_in.increment(n as u64);
+                tracing::trace!(session = ?session.addr, input = %String::from_utf8_lossy(&buf[..n]), "read");
                 handle(&shard, &mut session, Input::Bytes(&buf[..n]));
                 carry_out(&shard, &mut session, &mut conn).await
             }
             Either::Right(Some(m)) => {
+                tracing::trace!(session = ?session.addr, msg = ?m, "from router");
                 if let SessionMsg::Stanza(st) = &m {
                     if let Some(k) = crate::metrics::kind_index(&st.name) {
                         shard.metrics.stanzas_out[k].increment(1);
@@ -265,6 +267,7 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
         }
         if !out.bytes.is_empty() {
             shard.metrics.bytes_out.increment(out.bytes.len() as u64);
+            tracing::trace!(session = ?session.addr, output = %String::from_utf8_lossy(&out.bytes), "write");
             // A client that stops reading must not hold this task (and its mailbox) forever.
             let written = within(shard.write_timeout, async {
                 conn.write_all(&out.bytes).await?;

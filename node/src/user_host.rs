@@ -50,6 +50,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
     };
     let mut actor = UserActor::new(jid.clone(), exists, data, shard.user_cfg.clone());
     while let Some(msg) = rx.recv().await {
+        tracing::trace!(user = %jid, ?msg, "user actor input");
         let started = std::time::Instant::now();
         let now = now_ms();
         let effects = match catch_unwind(AssertUnwindSafe(|| actor.handle(msg, now))) {
@@ -107,6 +108,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
         // Idle and nothing queued: let go; the durable state reloads on the next message.
         let queued = shard.users.borrow().get(&jid).map(|tx| tx.len()).unwrap_or(0);
         if actor.is_idle() && queued == 0 {
+            tracing::trace!(user = %jid, "user actor idle; dropped");
             shard.users.borrow_mut().remove(&jid);
             return;
         }

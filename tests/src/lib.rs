@@ -10,11 +10,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
 use futures::StreamExt;
-use tokio_xmpp::connect::DnsConfig;
+use tokio_xmpp::connect::{DnsConfig, StartTlsServerConnector};
+use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::Jid;
+use tokio_xmpp::stanzastream::{Event, StanzaStage, StanzaState, StanzaStream, StreamEvent};
 use tokio_xmpp::xmlstream::Timeouts;
-use tokio_xmpp::{Client, Event, Stanza};
+use tokio_xmpp::{IqRequest, IqResponse, Stanza};
 
 /// The `starling` binary of this build profile, built once per test process.
 pub fn binary() -> PathBuf {
@@ -61,12 +65,22 @@ pub fn test_cert() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// A loopback port nobody listens on, never handed out twice in this process: a server that
+/// is being restarted has let go of its ports, and another test must not take them meanwhile.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub struct Server {
@@ -255,20 +269,161 @@ impl Drop for Server {
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// With `STARLING_TEST_CLIENT_LOG=FILE`, the client library's own log (tokio-xmpp logs every
+/// stanza it sends and receives at trace level) is appended to FILE.
+fn client_log() {
+    struct FileLog(std::sync::Mutex<std::fs::File>);
+    impl log::Log for FileLog {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.target().starts_with("tokio_xmpp")
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                use std::io::Write;
+                let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = writeln!(
+                    f,
+                    "{:?} {:?} {} {}",
+                    std::time::SystemTime::now(),
+                    std::thread::current().id(),
+                    r.level(),
+                    r.args()
+                );
+            }
+        }
+        fn flush(&self) {}
+    }
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if let Ok(path) = std::env::var("STARLING_TEST_CLIENT_LOG") {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("client log file");
+            if log::set_boxed_logger(Box::new(FileLog(std::sync::Mutex::new(f)))).is_ok() {
+                log::set_max_level(log::LevelFilter::Trace);
+            }
+        }
+    });
+}
+
+/// A tokio-xmpp client, driven through its `StanzaStream` (tokio-xmpp does the connection,
+/// STARTTLS, SCRAM, binding and stanza (de)serialisation).
+///
+/// Why not `tokio_xmpp::Client`: in tokio-xmpp 6.0.0 its receive half (`StanzaReceiver`)
+/// returns `Pending` without registering a waker when the send half holds their shared lock,
+/// so a stanza that arrives while the test is sending can stall the client forever — seen
+/// here as lost IQ answers and roster pushes under parallel test load, while the server's
+/// trace log shows them written. Owning the `StanzaStream` in one task avoids that lock.
+pub struct Client {
+    stream: StanzaStream,
+    /// Stanzas read while waiting for an IQ answer, handed out first.
+    pending: VecDeque<Stanza>,
+    next_id: u64,
+    name: String,
+}
+
+impl Client {
+    /// The next stanza from the server (none: the stream ended).
+    pub async fn next_stanza(&mut self) -> Option<Stanza> {
+        if let Some(s) = self.pending.pop_front() {
+            return Some(s);
+        }
+        loop {
+            match self.stream.next().await? {
+                Event::Stanza(s) => return Some(s),
+                Event::Stream(StreamEvent::Suspended) => panic!("{}: disconnected", self.name),
+                Event::Stream(_) => {}
+            }
+        }
+    }
+
+    /// Sends a stanza (an id is added when it has none) and waits until it is written.
+    pub async fn send_stanza(&mut self, mut stanza: Stanza) -> Result<(), std::io::Error> {
+        self.next_id += 1;
+        let id = format!("t{}", self.next_id);
+        match &mut stanza {
+            Stanza::Message(m) if m.id.is_none() => m.id = Some(tokio_xmpp::parsers::message::Id(id)),
+            Stanza::Presence(p) if p.id.is_none() => p.id = Some(id),
+            _ => {}
+        }
+        let mut token = self.stream.send(Box::new(stanza)).await;
+        match token.wait_for(StanzaStage::Sent).await {
+            Some(StanzaState::Sent { .. }) | Some(StanzaState::Acked { .. }) => Ok(()),
+            other => Err(std::io::Error::other(format!("{}: not sent: {other:?}", self.name))),
+        }
+    }
+
+    /// Sends an IQ request and waits (bounded) for the answer with its id; other stanzas
+    /// that arrive meanwhile are kept for `next_stanza`.
+    pub async fn iq(&mut self, to: Option<Jid>, req: IqRequest) -> IqResponse {
+        self.next_id += 1;
+        let id = format!("iq{}", self.next_id);
+        let iq = match req {
+            IqRequest::Get(payload) => Iq::Get {
+                from: None,
+                to,
+                id: id.clone(),
+                payload,
+            },
+            IqRequest::Set(payload) => Iq::Set {
+                from: None,
+                to,
+                id: id.clone(),
+                payload,
+            },
+        };
+        self.send_stanza(Stanza::Iq(iq)).await.expect("send IQ");
+        let name = self.name.clone();
+        tokio::time::timeout(WAIT, async {
+            let mut skipped = VecDeque::new();
+            let answer = loop {
+                let Some(s) = self.stream.next().await else {
+                    panic!("{name}: stream ended while waiting for IQ {id}")
+                };
+                match s {
+                    Event::Stanza(Stanza::Iq(Iq::Result { id: i, payload, .. })) if i == id => {
+                        break IqResponse::Result(payload)
+                    }
+                    Event::Stanza(Stanza::Iq(Iq::Error { id: i, error, .. })) if i == id => {
+                        break IqResponse::Error(error)
+                    }
+                    Event::Stanza(other) => skipped.push_back(other),
+                    Event::Stream(StreamEvent::Suspended) => panic!("{name}: disconnected"),
+                    Event::Stream(_) => {}
+                }
+            };
+            self.pending.extend(skipped);
+            answer
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{name}: no answer to IQ within {WAIT:?}"))
+    }
+
+    /// Closes the stream cleanly.
+    pub async fn send_end(self) -> Result<(), std::io::Error> {
+        self.stream.close().await;
+        Ok(())
+    }
+}
+
 /// Logs in with tokio-xmpp (SCRAM-SHA-256 over STARTTLS) and waits until bound.
 pub async fn login(server: &Server, jid: &str, password: &str) -> (Client, Jid) {
     test_cert();
-    let mut client = Client::new_starttls(
+    client_log();
+    let mut stream = StanzaStream::new_c2s(
+        StartTlsServerConnector::from(DnsConfig::addr(&server.addr())),
         Jid::new(jid).expect("jid"),
-        password,
-        DnsConfig::addr(&server.addr()),
+        password.to_string(),
         Timeouts::default(),
+        16,
     );
     let bound = tokio::time::timeout(WAIT, async {
         loop {
-            match client.next().await {
-                Some(Event::Online { bound_jid, .. }) => return bound_jid,
-                Some(Event::Disconnected(e)) => panic!("{jid} disconnected while logging in: {e}"),
+            match stream.next().await {
+                Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) => return bound_jid,
+                Some(Event::Stream(StreamEvent::Suspended)) => panic!("{jid} disconnected while logging in"),
                 Some(_) => {}
                 None => panic!("{jid}: stream ended while logging in"),
             }
@@ -276,6 +431,12 @@ pub async fn login(server: &Server, jid: &str, password: &str) -> (Client, Jid) 
     })
     .await
     .unwrap_or_else(|_| panic!("{jid} did not come online\n{}", server.log_text()));
+    let client = Client {
+        stream,
+        pending: VecDeque::new(),
+        next_id: 0,
+        name: jid.to_string(),
+    };
     (client, bound)
 }
 
@@ -296,11 +457,10 @@ impl<F: std::future::Future> Within for F {}
 pub async fn expect_stanza(client: &mut Client, what: &str, mut pred: impl FnMut(&Stanza) -> bool) -> Stanza {
     tokio::time::timeout(WAIT, async {
         loop {
-            match client.next().await {
-                Some(Event::Stanza(s)) if pred(&s) => return s,
-                Some(Event::Disconnected(e)) => panic!("disconnected while waiting for {what}: {e}"),
+            match client.next_stanza().await {
+                Some(s) if pred(&s) => return s,
+                Some(_) => {}
                 None => panic!("stream ended while waiting for {what}"),
-                _ => {}
             }
         }
     })
