@@ -48,6 +48,45 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Load-test an XMPP server (Starling, Prosody, ejabberd, …) and report the figures.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Run a scenario (TOML) against a server; prints a Markdown table and, with --out,
+    /// writes bench.json, bench.md and bench.png there.
+    Run {
+        scenario: PathBuf,
+        /// The server's c2s address.
+        #[arg(long, default_value = "127.0.0.1:5222")]
+        target: std::net::SocketAddr,
+        /// The server's process id: its RSS and CPU are reported.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The name of this run in reports (default: the scenario's name).
+        #[arg(long)]
+        label: Option<String>,
+        /// Register the users in band and make their rosters first.
+        #[arg(long)]
+        provision: bool,
+        /// Only provision; no load run.
+        #[arg(long)]
+        provision_only: bool,
+        /// Override a scenario setting: --param users=5000 (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+    /// Side-by-side table of bench.json files; the first is the baseline for the ratios.
+    Compare {
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -60,6 +99,15 @@ enum UserCmd {
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if let Cmd::Bench { cmd } = cli.cmd {
+        return match bench(cmd) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("starling bench: {e}");
+                1
+            }
+        };
+    }
     let mut overrides = cli.set.clone();
     if let Some(d) = &cli.data_dir {
         overrides.push(format!("server.data_dir={:?}", d.display().to_string()));
@@ -78,12 +126,58 @@ pub fn main() -> i32 {
     let r = match cli.cmd {
         Cmd::Serve { .. } => serve(cfg),
         Cmd::User { cmd } => user(cfg, cmd),
+        Cmd::Bench { .. } => unreachable!("handled before the configuration is loaded"),
     };
     match r {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("starling: {e}");
             1
+        }
+    }
+}
+
+fn bench(cmd: BenchCmd) -> Result<(), String> {
+    use crate::bench;
+    match cmd {
+        BenchCmd::Run {
+            scenario,
+            target,
+            server_pid,
+            out,
+            label,
+            provision,
+            provision_only,
+            params,
+        } => {
+            let sc = bench::Scenario::load_with(&scenario, &params)?;
+            let label = label.unwrap_or_else(|| sc.name.clone());
+            let report = bench::run(bench::BenchArgs {
+                scenario: sc,
+                target,
+                server_pid,
+                out: out.clone(),
+                label,
+                provision,
+                provision_only,
+            })?;
+            if let Some(r) = report {
+                println!("{}", r.to_markdown());
+                if let Some(dir) = out {
+                    r.write(&dir)?;
+                    eprintln!("wrote {}/bench.{{json,md,png}}", dir.display());
+                }
+            }
+            Ok(())
+        }
+        BenchCmd::Compare { reports } => {
+            let mut rs = Vec::new();
+            for p in reports {
+                let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                rs.push(serde_json::from_str::<bench::Report>(&text).map_err(|e| format!("{}: {e}", p.display()))?);
+            }
+            print!("{}", bench::report::compare(&rs));
+            Ok(())
         }
     }
 }

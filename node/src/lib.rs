@@ -1,6 +1,7 @@
 //! The `starling` node: configuration, the glommio shards and their listeners, TLS, the
 //! storage thread, and the ractor control plane.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod conn;
