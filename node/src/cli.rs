@@ -81,6 +81,10 @@ enum BenchCmd {
         /// Override a scenario setting: --param users=5000 (repeatable).
         #[arg(long = "param", value_name = "KEY=VALUE")]
         params: Vec<String>,
+        /// Print which accounts and rosters the scenario needs (a key for reusing a
+        /// provisioned server) and exit.
+        #[arg(long)]
+        describe: bool,
     },
     /// Side-by-side table of bench.json files; the first is the baseline for the ratios.
     Compare {
@@ -149,8 +153,13 @@ fn bench(cmd: BenchCmd) -> Result<(), String> {
             provision,
             provision_only,
             params,
+            describe,
         } => {
             let sc = bench::Scenario::load_with(&scenario, &params)?;
+            if describe {
+                println!("{}{}@{}-roster{}", sc.user_prefix, sc.users, sc.domain, sc.roster_size);
+                return Ok(());
+            }
             let label = label.unwrap_or_else(|| sc.name.clone());
             let report = bench::run(bench::BenchArgs {
                 scenario: sc,

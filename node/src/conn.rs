@@ -12,7 +12,6 @@ use futures::future::Either;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::server::TlsStream;
 use futures_rustls::TlsAcceptor;
-use glommio::channels::local_channel;
 use glommio::net::TcpStream;
 use starling_actors::address::SessionAddr;
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
@@ -110,8 +109,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
         shard: shard.id,
         id,
     };
-    let (tx, rx) = local_channel::new_bounded(shard.mailbox);
-    shard.sessions.borrow_mut().insert(id, Rc::new(tx));
+    let (tx, rx) = flume::bounded(shard.mailbox);
+    shard.sessions.borrow_mut().insert(id, tx);
     shard.metrics.connections.increment(1.0);
     let _gauge = scopeguard(&shard);
     tracing::debug!(?addr, ?peer, direct_tls, "connection accepted");
@@ -151,7 +150,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     loop {
         let event = {
             let read = conn.read(&mut buf);
-            let recv = rx.recv();
+            let recv = rx.recv_async();
             // Bound sessions have no deadline: no clock read, no timer on the hot path.
             let left = session
                 .jid()
@@ -187,7 +186,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                 handle(&shard, &mut session, Input::Bytes(&buf[..n]));
                 carry_out(&shard, &mut session, &mut conn).await
             }
-            Either::Right(Some(m)) => {
+            Either::Right(Ok(t)) => {
+                shard.metrics.route.record(t.at.elapsed().as_secs_f64());
+                let m = t.msg;
                 tracing::trace!(session = ?session.addr, msg = ?m, "from router");
                 if let SessionMsg::Stanza(st) = &m {
                     if let Some(k) = crate::metrics::kind_index(&st.name) {
@@ -197,7 +198,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                 handle(&shard, &mut session, Input::Router(m));
                 carry_out(&shard, &mut session, &mut conn).await
             }
-            Either::Right(None) => false,
+            Either::Right(Err(_)) => false,
         };
         if !open {
             break;
@@ -206,9 +207,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     let _ = conn.close().await;
     shard.sessions.borrow_mut().remove(&id);
     // Messages that raced with the close go back to the user actor (see Shard::session_gone).
-    while let Some(Some(m)) = futures::future::poll_immediate(rx.recv()).await {
-        if let SessionMsg::Stanza(_) = m {
-            shard.deliver_local(starling_actors::msg::Envelope::to_session(addr, m));
+    while let Ok(t) = rx.try_recv() {
+        if let SessionMsg::Stanza(_) = t.msg {
+            shard.deliver_local(starling_actors::msg::Envelope::to_session(addr, t.msg));
         }
     }
     tracing::debug!(?addr, "connection closed");

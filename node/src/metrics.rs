@@ -12,7 +12,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use metrics::{Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Installs the global recorder (once per process) and returns its handle.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -20,6 +20,17 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
         ])
+        .map_err(|e| format!("metrics: {e}"))?
+        // Counts, not seconds.
+        .set_buckets_for_metric(
+            Matcher::Full("starling_storage_batch_size".into()),
+            &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+        )
+        .map_err(|e| format!("metrics: {e}"))?
+        .set_buckets_for_metric(
+            Matcher::Full("starling_offline_queue_length".into()),
+            &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+        )
         .map_err(|e| format!("metrics: {e}"))?
         .build_recorder();
     let handle = recorder.handle();
@@ -58,9 +69,23 @@ fn describe() {
         "Storage batch apply + flush time"
     );
     describe_histogram!("starling_storage_batch_size", "Write requests per group commit");
+    describe_gauge!("starling_offline_messages", "Offline messages stored, all users");
+    describe_histogram!(
+        "starling_offline_queue_length",
+        "Offline messages waiting for a user when its actor loads (users with any)"
+    );
+    describe_histogram!(
+        "starling_route_seconds",
+        Unit::Seconds,
+        "Routing latency: from routing an envelope to its actor or session taking it from the mailbox"
+    );
     describe_gauge!(
-        "starling_offline_messages",
-        "Offline messages held by active user actors"
+        "starling_mailbox_depth",
+        "Messages waiting in mailboxes, summed over a shard's actors (sampled each second)"
+    );
+    describe_gauge!(
+        "starling_mailbox_depth_max",
+        "Deepest mailbox of a shard's actors (sampled each second)"
     );
     describe_gauge!("process_resident_memory_bytes", Unit::Bytes, "Resident set size");
 }
@@ -79,6 +104,11 @@ pub struct ShardMetrics {
     pub bounced: Counter,
     pub stream_errors: Counter,
     pub user_handle: Histogram,
+    pub route: Histogram,
+    pub offline_at_load: Histogram,
+    /// `[user, session]` mailboxes.
+    pub mailbox: [Gauge; 2],
+    pub mailbox_max: [Gauge; 2],
 }
 
 /// Index of a stanza kind in the `[message, presence, iq]` arrays.
@@ -94,6 +124,8 @@ pub fn kind_index(name: &str) -> Option<usize> {
 impl ShardMetrics {
     pub fn new(shard: u16) -> Self {
         let s = shard.to_string();
+        let mailboxes =
+            |name: &'static str| ["user", "session"].map(|k| metrics::gauge!(name, "shard" => s.clone(), "kind" => k));
         let kinds = |name: &'static str| {
             ["message", "presence", "iq"].map(|k| metrics::counter!(name, "shard" => s.clone(), "kind" => k))
         };
@@ -109,7 +141,11 @@ impl ShardMetrics {
             bytes_out: metrics::counter!("starling_bytes_out_total", "shard" => s.clone()),
             bounced: metrics::counter!("starling_bounced_total", "shard" => s.clone()),
             stream_errors: metrics::counter!("starling_stream_errors_total", "shard" => s.clone()),
-            user_handle: metrics::histogram!("starling_user_handle_seconds", "shard" => s),
+            user_handle: metrics::histogram!("starling_user_handle_seconds", "shard" => s.clone()),
+            route: metrics::histogram!("starling_route_seconds", "shard" => s.clone()),
+            offline_at_load: metrics::histogram!("starling_offline_queue_length", "shard" => s.clone()),
+            mailbox: mailboxes("starling_mailbox_depth"),
+            mailbox_max: mailboxes("starling_mailbox_depth_max"),
         }
     }
 }

@@ -7,10 +7,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
-use glommio::channels::local_channel::LocalSender;
 use glommio::net::TcpListener;
 use glommio::{GlommioError, ResourceType};
 use jid::{BareJid, Jid};
@@ -25,6 +24,28 @@ use starling_actors::user::UserConfig;
 use starling_actors::xml::Element;
 
 use crate::storage_thread::StorageHandle;
+
+/// What mailboxes and the mesh carry: a message and when it was first routed, so the
+/// receiver can record the routing latency (`starling_route_seconds`).
+pub struct Timed<T> {
+    pub at: Instant,
+    pub msg: T,
+}
+
+impl<T> Timed<T> {
+    pub fn now(msg: T) -> Self {
+        Timed {
+            at: Instant::now(),
+            msg,
+        }
+    }
+}
+
+/// The sending side of a session's or user actor's mailbox, bounded by `c2s.mailbox`.
+/// flume rather than glommio's local channel: a bounded local channel allocates its whole
+/// capacity up front (1024 slots × ~120 B for every session and every user actor), flume's
+/// queue grows only as messages wait.
+pub type Mailbox<T> = flume::Sender<Timed<T>>;
 
 /// Who routes an envelope: decides where the sender may wait for room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,9 +76,9 @@ pub struct Shard {
     pub id: ShardId,
     pub node: NodeId,
     placement: SingleNode,
-    mesh: Option<Senders<Envelope>>,
-    pub sessions: RefCell<HashMap<u64, Rc<LocalSender<SessionMsg>>>>,
-    pub users: RefCell<HashMap<BareJid, Rc<LocalSender<UserMsg>>>>,
+    mesh: Option<Senders<Timed<Envelope>>>,
+    pub sessions: RefCell<HashMap<u64, Mailbox<SessionMsg>>>,
+    pub users: RefCell<HashMap<BareJid, Mailbox<UserMsg>>>,
     pub storage: StorageHandle,
     pub c2s_cfg: Rc<C2sConfig>,
     pub user_cfg: Rc<UserConfig>,
@@ -87,6 +108,10 @@ impl Shard {
 
     /// Sends an envelope wherever its target lives.
     pub fn route(self: &Rc<Self>, env: Envelope) {
+        self.route_at(env, Instant::now())
+    }
+
+    fn route_at(self: &Rc<Self>, env: Envelope, at: Instant) {
         let (node, shard) = match &env.to {
             Address::User(j) => self.placement.place_user(j),
             Address::Session(a) => (a.node, a.shard),
@@ -97,13 +122,13 @@ impl Shard {
             return self.undeliverable(env, "remote-server-not-found");
         }
         if shard == self.id {
-            return self.deliver_local(env);
+            return self.deliver_local_at(env, at);
         }
         match &self.mesh {
             Some(m) => {
-                if let Err(e) = m.try_send_to(shard as usize, env) {
-                    if let Some(env) = give_back(e) {
-                        self.overflow(env, "shard mesh channel full");
+                if let Err(e) = m.try_send_to(shard as usize, Timed { at, msg: env }) {
+                    if let Some(t) = give_back(e) {
+                        self.overflow(t.msg, "shard mesh channel full");
                     }
                 }
             }
@@ -127,9 +152,9 @@ impl Shard {
         }
         if shard != self.id {
             let mesh = self.mesh.as_ref().expect("checked above");
-            if let Err(e) = mesh.send_to(shard as usize, env).await {
-                if let Some(env) = give_back(e) {
-                    self.undeliverable(env, "internal-server-error");
+            if let Err(e) = mesh.send_to(shard as usize, Timed::now(env)).await {
+                if let Some(t) = give_back(e) {
+                    self.undeliverable(t.msg, "internal-server-error");
                 }
             }
             return;
@@ -141,20 +166,16 @@ impl Shard {
             (Address::User(j), Msg::User(m)) => {
                 let tx = self.users.borrow().get(&j).cloned();
                 let tx = tx.unwrap_or_else(|| crate::user_host::activate(self, j.clone()));
-                if let Err(e) = tx.send(m).await {
-                    if let Some(m) = give_back(e) {
-                        self.undeliverable(Envelope::to_user(j, m), "internal-server-error");
-                    }
+                if let Err(flume::SendError(t)) = tx.send_async(Timed::now(m)).await {
+                    self.undeliverable(Envelope::to_user(j, t.msg), "internal-server-error");
                 }
             }
             (Address::Session(a), Msg::Session(m)) => {
                 let tx = self.sessions.borrow().get(&a.id).cloned();
                 match tx {
                     Some(tx) => {
-                        if let Err(e) = tx.send(m).await {
-                            if let Some(m) = give_back(e) {
-                                self.session_gone(m);
-                            }
+                        if let Err(flume::SendError(t)) = tx.send_async(Timed::now(m)).await {
+                            self.session_gone(t.msg);
                         }
                     }
                     None => self.session_gone(m),
@@ -165,15 +186,18 @@ impl Shard {
     }
 
     pub fn deliver_local(self: &Rc<Self>, env: Envelope) {
+        self.deliver_local_at(env, Instant::now())
+    }
+
+    fn deliver_local_at(self: &Rc<Self>, env: Envelope, at: Instant) {
         match (env.to, env.msg) {
             (Address::Session(a), Msg::Session(m)) => {
                 let tx = self.sessions.borrow().get(&a.id).cloned();
                 match tx {
                     Some(tx) => {
-                        if let Err(e) = tx.try_send(m) {
-                            if let Some(m) = give_back(e) {
-                                self.overflow(Envelope::to_session(a, m), "session mailbox full");
-                            }
+                        if let Err(e) = tx.try_send(Timed { at, msg: m }) {
+                            let t = e.into_inner();
+                            self.overflow(Envelope::to_session(a, t.msg), "session mailbox full");
                         }
                     }
                     None => self.session_gone(m),
@@ -185,10 +209,9 @@ impl Shard {
                     Some(tx) => tx,
                     None => crate::user_host::activate(self, j.clone()),
                 };
-                if let Err(e) = tx.try_send(m) {
-                    if let Some(m) = give_back(e) {
-                        self.overflow(Envelope::to_user(j, m), "user mailbox full");
-                    }
+                if let Err(e) = tx.try_send(Timed { at, msg: m }) {
+                    let t = e.into_inner();
+                    self.overflow(Envelope::to_user(j, t.msg), "user mailbox full");
                 }
             }
             (to, msg) => tracing::error!(?to, ?msg, "envelope kind does not match its address"),
@@ -261,7 +284,7 @@ fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// The body of a shard's executor: join the mesh, listen, serve until `stop` fires.
 pub async fn run(
     params: ShardParams,
-    mesh: Option<MeshBuilder<Envelope, Full>>,
+    mesh: Option<MeshBuilder<Timed<Envelope>, Full>>,
     stop: flume::Receiver<()>,
     ready: flume::Sender<Result<(), String>>,
 ) {
@@ -306,8 +329,8 @@ pub async fn run(
         for (_, rx) in r.streams() {
             let s = shard.clone();
             glommio::spawn_local(async move {
-                while let Some(env) = rx.recv().await {
-                    s.deliver_local(env);
+                while let Some(t) = rx.recv().await {
+                    s.deliver_local_at(t.msg, t.at);
                 }
             })
             .detach();
@@ -331,15 +354,17 @@ pub async fn run(
     }
     let _ = ready.send(Ok(()));
     tracing::info!(shard = id, "shard serving");
+    let gauges = glommio::spawn_local(sample_mailboxes(shard.clone()));
     let _ = stop.recv_async().await;
     drop(accept_tasks);
+    drop(gauges);
     // Tell every client we are going away, then give them a moment.
-    let sessions: Vec<Rc<LocalSender<SessionMsg>>> = shard.sessions.borrow().values().cloned().collect();
+    let sessions: Vec<_> = shard.sessions.borrow().values().cloned().collect();
     for tx in sessions {
-        let _ = tx.try_send(SessionMsg::Kick {
+        let _ = tx.try_send(Timed::now(SessionMsg::Kick {
             condition: "system-shutdown",
             text: "the server is shutting down".into(),
-        });
+        }));
     }
     let deadline = std::time::Instant::now() + params.grace;
     while (!shard.sessions.borrow().is_empty() || !shard.users.borrow().is_empty())
@@ -348,6 +373,28 @@ pub async fn run(
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(shard = id, "shard stopped");
+}
+
+/// Once a second, the depth of every mailbox on this shard (sum and deepest), for the
+/// `starling_mailbox_*` gauges: nothing on the message path counts.
+async fn sample_mailboxes(shard: Rc<Shard>) {
+    loop {
+        let (mut sum, mut max) = (0usize, 0usize);
+        for tx in shard.users.borrow().values() {
+            sum += tx.len();
+            max = max.max(tx.len());
+        }
+        shard.metrics.mailbox[0].set(sum as f64);
+        shard.metrics.mailbox_max[0].set(max as f64);
+        let (mut sum, mut max) = (0usize, 0usize);
+        for tx in shard.sessions.borrow().values() {
+            sum += tx.len();
+            max = max.max(tx.len());
+        }
+        shard.metrics.mailbox[1].set(sum as f64);
+        shard.metrics.mailbox_max[1].set(max as f64);
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, direct_tls: bool) {

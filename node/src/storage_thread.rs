@@ -73,6 +73,8 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
     let mut acks: Vec<Reply<()>> = Vec::new();
     let mut created: Vec<(Reply<bool>, bool)> = Vec::new();
     let mut stop = false;
+    let offline = metrics::gauge!("starling_offline_messages");
+    offline.set(store.offline_total() as f64);
     while !stop {
         let Ok(first) = rx.recv() else { break };
         let mut next = Some(first);
@@ -117,6 +119,7 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
         if let Err(e) = &flushed {
             tracing::error!(error = %e, "storage flush failed; writes not acknowledged");
         }
+        offline.set(store.offline_total() as f64);
         for r in acks.drain(..) {
             let _ = r.send(
                 flushed

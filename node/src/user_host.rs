@@ -6,13 +6,12 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use jid::BareJid;
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::stanza;
 use starling_actors::user::{Effect, UserActor};
 
-use crate::shard::{Origin, Shard};
+use crate::shard::{Mailbox, Origin, Shard, Timed};
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -22,9 +21,8 @@ pub fn now_ms() -> u64 {
 }
 
 /// Creates the mailbox for `jid` and starts its actor.
-pub fn activate(shard: &Rc<Shard>, jid: BareJid) -> Rc<LocalSender<UserMsg>> {
-    let (tx, rx) = local_channel::new_bounded(shard.mailbox);
-    let tx = Rc::new(tx);
+pub fn activate(shard: &Rc<Shard>, jid: BareJid) -> Mailbox<UserMsg> {
+    let (tx, rx) = flume::bounded(shard.mailbox);
     shard.users.borrow_mut().insert(jid.clone(), tx.clone());
     shard.metrics.user_actors.increment(1.0);
     let s = shard.clone();
@@ -36,20 +34,24 @@ pub fn activate(shard: &Rc<Shard>, jid: BareJid) -> Rc<LocalSender<UserMsg>> {
     tx
 }
 
-async fn run(shard: Rc<Shard>, jid: BareJid, rx: LocalReceiver<UserMsg>) {
+async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>) {
     let (exists, data) = match shard.storage.load_user(jid.to_string()).await {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(user = %jid, error = %e, "cannot load user; failing its messages");
             shard.users.borrow_mut().remove(&jid);
-            while let Ok(Some(m)) = futures::future::poll_immediate(rx.recv()).await.ok_or(()) {
-                fail(&shard, m);
+            while let Ok(t) = rx.try_recv() {
+                fail(&shard, t.msg);
             }
             return;
         }
     };
+    if !data.offline.is_empty() {
+        shard.metrics.offline_at_load.record(data.offline.len() as f64);
+    }
     let mut actor = UserActor::new(jid.clone(), exists, data, shard.user_cfg.clone());
-    while let Some(msg) = rx.recv().await {
+    while let Ok(Timed { at, msg }) = rx.recv_async().await {
+        shard.metrics.route.record(at.elapsed().as_secs_f64());
         tracing::trace!(user = %jid, ?msg, "user actor input");
         let started = std::time::Instant::now();
         let now = now_ms();

@@ -41,4 +41,6 @@ pub trait Storage {
     fn flush(&mut self) -> Result<()>;
     /// All accounts, sorted.
     fn list_accounts(&self) -> Result<Vec<String>>;
+    /// Offline messages stored for all users (applied writes included), for the metrics.
+    fn offline_total(&self) -> u64;
 }

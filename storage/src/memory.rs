@@ -91,4 +91,7 @@ impl Storage for MemoryStorage {
     fn list_accounts(&self) -> Result<Vec<String>> {
         Ok(self.current.accounts.keys().cloned().collect())
     }
+    fn offline_total(&self) -> u64 {
+        self.current.users.values().map(|u| u.offline.len() as u64).sum()
+    }
 }

@@ -15,6 +15,8 @@ pub struct SledStorage {
     roster: sled::Tree,
     meta: sled::Tree,
     offline: sled::Tree,
+    /// Entries in `offline`, kept up to date by `apply` (counted once at open).
+    offline_count: u64,
 }
 
 fn backend(e: sled::Error) -> StorageError {
@@ -71,21 +73,25 @@ impl SledStorage {
             other => backend(other),
         })?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
+        let offline = tree("offline")?;
         Ok(Self {
             accounts: tree("accounts")?,
             roster: tree("roster")?,
             meta: tree("meta")?,
-            offline: tree("offline")?,
+            offline_count: offline.len() as u64,
+            offline,
             db,
         })
     }
 
-    fn delete_prefix(tree: &sled::Tree, p: &[u8]) -> Result<()> {
+    /// Removes every key under `p`; returns how many there were.
+    fn delete_prefix(tree: &sled::Tree, p: &[u8]) -> Result<u64> {
+        let mut n = 0;
         for kv in tree.scan_prefix(p) {
             let (k, _) = kv.map_err(backend)?;
-            tree.remove(k).map_err(backend)?;
+            n += u64::from(tree.remove(k).map_err(backend)?.is_some());
         }
-        Ok(())
+        Ok(n)
     }
 }
 
@@ -137,7 +143,7 @@ impl Storage for SledStorage {
                 Write::DeleteUser { user } => {
                     self.accounts.remove(user.as_bytes()).map_err(backend)?;
                     Self::delete_prefix(&self.roster, &prefix(user))?;
-                    Self::delete_prefix(&self.offline, &prefix(user))?;
+                    self.offline_count -= Self::delete_prefix(&self.offline, &prefix(user))?.min(self.offline_count);
                     self.meta.remove(ver_key(user)).map_err(backend)?;
                 }
                 Write::PutRosterItem { user, item } => {
@@ -152,16 +158,20 @@ impl Storage for SledStorage {
                     self.meta.insert(ver_key(user), &ver.to_be_bytes()).map_err(backend)?;
                 }
                 Write::PushOffline { user, msg } => {
-                    self.offline
+                    let old = self
+                        .offline
                         .insert(offline_key(user, msg.seq), encode(msg))
                         .map_err(backend)?;
+                    self.offline_count += u64::from(old.is_none());
                 }
                 Write::DeleteOffline { user, upto } => {
                     let start = offline_key(user, 0);
                     let end = offline_key(user, *upto);
                     for kv in self.offline.range(start..=end) {
                         let (k, _) = kv.map_err(backend)?;
-                        self.offline.remove(k).map_err(backend)?;
+                        if self.offline.remove(k).map_err(backend)?.is_some() {
+                            self.offline_count = self.offline_count.saturating_sub(1);
+                        }
                     }
                 }
             }
@@ -172,6 +182,10 @@ impl Storage for SledStorage {
     fn flush(&mut self) -> Result<()> {
         self.db.flush().map_err(backend)?;
         Ok(())
+    }
+
+    fn offline_total(&self) -> u64 {
+        self.offline_count
     }
 
     fn list_accounts(&self) -> Result<Vec<String>> {
@@ -247,10 +261,12 @@ mod tests {
                 },
             ])
             .unwrap();
+            assert_eq!(s.offline_total(), 2, "three pushed, one deleted");
             s.flush().unwrap();
             assert!(matches!(SledStorage::open(dir.path()), Err(StorageError::Locked(_))));
         }
-        let s = SledStorage::open(dir.path()).unwrap();
+        let mut s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(s.offline_total(), 2, "counted again on open");
         let d = s.load_user("a@x").unwrap();
         assert_eq!(d.roster_ver, 7);
         assert_eq!(d.roster[0].subscription, Subscription::Both);
@@ -258,6 +274,8 @@ mod tests {
         assert_eq!(s.list_accounts().unwrap(), vec!["a@x".to_string()]);
         // A user whose name is a prefix of another's must not see the other's data.
         assert!(s.load_user("a@").unwrap().offline.is_empty());
+        s.apply(&[Write::DeleteUser { user: "a@x".into() }]).unwrap();
+        assert_eq!(s.offline_total(), 0);
     }
 
     #[test]

@@ -144,6 +144,11 @@ impl Server {
         Self::start_with(settings, users, true)
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
     fn base_args(&self) -> Vec<String> {
         let mut a = vec![
             "--data-dir".to_string(),

@@ -402,7 +402,14 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_are_scraped_and_health_answers() {
-    let server = Server::start(&[CLEAR], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
+    let server = Server::start(
+        &[CLEAR],
+        &[
+            ("alice@localhost", "a"),
+            ("bob@localhost", "b"),
+            ("carol@localhost", "c"),
+        ],
+    );
     let (status, body) = server.http_get("/health");
     assert!(status.contains("200"), "{status}");
     assert_eq!(body.trim(), "ok");
@@ -438,6 +445,43 @@ async fn metrics_are_scraped_and_health_answers() {
         text.contains("starling_storage_write_seconds") || text.contains("starling_user_handle_seconds"),
         "{text}"
     );
+    // Routing latency: every stanza above went through a mailbox.
+    assert!(metric_sum(&text, "starling_route_seconds_count") >= 2.0, "{text}");
+    assert!(text.contains("starling_route_seconds_bucket{shard="), "{text}");
+    // Mailbox depths are sampled each second, per shard and kind.
+    let text = scrape_until(&server, |t| t.contains("starling_mailbox_depth{shard="));
+    assert!(
+        text.contains("kind=\"user\"") && text.contains("kind=\"session\""),
+        "{text}"
+    );
+    assert!(text.contains("starling_mailbox_depth_max{shard="), "{text}");
+
+    // Offline queue: a message for carol (offline) is counted while stored, and when she comes
+    // online its queue length is observed and the count drops back.
+    alice
+        .send("<message to='carol@localhost' type='chat'><body>kept</body></message>")
+        .await;
+    scrape_until(&server, |t| metric_sum(t, "starling_offline_messages") == 1.0);
+    let mut carol = Raw::login_plain(server.port, "carol", "c", "r").await;
+    carol.send("<presence/>").await;
+    carol.until("kept").await;
+    let text = scrape_until(&server, |t| metric_sum(t, "starling_offline_messages") == 0.0);
+    assert_eq!(metric_sum(&text, "starling_offline_queue_length_count"), 1.0, "{text}");
+    assert_eq!(metric_sum(&text, "starling_offline_queue_length_sum"), 1.0, "{text}");
+
     let (status, _) = server.http_get("/nope");
     assert!(status.contains("404"), "{status}");
+}
+
+/// Scrapes `/metrics` until `ok` holds (a bounded wait), and returns that scrape.
+fn scrape_until(server: &Server, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, text) = server.http_get("/metrics");
+        if ok(&text) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "metrics never got there:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -251,15 +251,18 @@ impl Connection {
                 return match e.attr("type") {
                     Some("result") => Ok(true),
                     _ => {
-                        let cond = e
-                            .child("error", starling_actors::ns::CLIENT)
+                        let err = e.child("error", starling_actors::ns::CLIENT);
+                        let ty = err.and_then(|x| x.attr("type")).unwrap_or("?").to_string();
+                        let cond = err
                             .and_then(|x| x.first_child())
                             .map(|c| c.name.clone())
                             .unwrap_or_else(|| "unknown".into());
                         if cond == "conflict" {
                             Ok(false)
                         } else {
-                            Err(ClientError::Protocol(format!("registration refused: {cond}")))
+                            Err(ClientError::Protocol(format!(
+                                "registration refused: {cond} (type {ty})"
+                            )))
                         }
                     }
                 };

@@ -71,6 +71,7 @@ struct Shared {
     to_ns: AtomicU64,
     /// Provisioning progress.
     registered: AtomicUsize,
+    logged_in: AtomicUsize,
     rosters_done: AtomicUsize,
 }
 
@@ -209,6 +210,7 @@ pub fn run(args: BenchArgs) -> Result<Option<Report>, String> {
             from_ns: AtomicU64::new(u64::MAX),
             to_ns: AtomicU64::new(u64::MAX),
             registered: AtomicUsize::new(0),
+            logged_in: AtomicUsize::new(0),
             rosters_done: AtomicUsize::new(0),
             sc: sc.clone(),
         })
@@ -277,13 +279,44 @@ fn login_of(shared: &Shared, i: usize) -> (String, IpAddr) {
     (shared.sc.local(i), IpAddr::V4(shared.sc.source_addr(i)))
 }
 
+/// The fastest provisioning pace (registrations a second).
+const PROVISION_RATE: f64 = 200.0;
+
+/// Provisioning retries what a busy server refuses for a moment: resets, timeouts, and
+/// errors of type `wait`. Up to 6 attempts, backing off from 250 ms.
+async fn with_retries<T, F, Fut>(mut f: F) -> Result<T, client::ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, client::ClientError>>,
+{
+    use client::ClientError as E;
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let r = match tokio::time::timeout(Duration::from_secs(30), f()).await {
+            Ok(r) => r,
+            Err(_) => Err(E::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))),
+        };
+        match r {
+            Err(E::Connect(_) | E::Io(_) | E::Closed) if attempt < 6 => {}
+            Err(E::Protocol(ref m)) if attempt < 6 && m.contains("wait") => {}
+            r => return r,
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
+}
+
 /// Registers every user in band, then makes every roster by subscription handshakes.
 fn provision(shared: &Arc<Shared>) -> Result<(), String> {
     let (tx, rx) = watch::channel(Phase::Login);
     let started = Instant::now();
     let handles = spawn_threads(shared, &rx, |shared, i, mut phase, stats| async move {
-        // Spread registrations like logins, so a server's registration throttles see a rate.
-        let at = Duration::from_secs_f64(i as f64 / shared.sc.login_rate);
+        // Spread registrations like logins (at most PROVISION_RATE a second: registering
+        // hashes a password, which a busy server does slowly), so throttles see a rate.
+        let rate = shared.sc.login_rate.min(PROVISION_RATE);
+        let at = Duration::from_secs_f64(i as f64 / rate);
         tokio::time::sleep_until((shared.start + at).into()).await;
         let (user, source) = login_of(&shared, i);
         let login = Login {
@@ -295,7 +328,7 @@ fn provision(shared: &Arc<Shared>) -> Result<(), String> {
             tls: shared.tls.clone(),
             mechanism: &shared.sc.mechanism,
         };
-        if let Err(e) = Connection::register(&login).await {
+        if let Err(e) = with_retries(|| Connection::register(&login)).await {
             stats.borrow_mut().error(format!("register: {}", e.kind()));
             eprintln!("register {user}: {e}");
         }
@@ -303,16 +336,18 @@ fn provision(shared: &Arc<Shared>) -> Result<(), String> {
         if shared.sc.roster_size == 0 {
             return;
         }
-        let (mut c, _) = match Connection::login(&login).await {
+        let (mut c, _) = match with_retries(|| Connection::login(&login)).await {
             Ok(x) => x,
             Err(e) => {
                 stats.borrow_mut().error(format!("login: {}", e.kind()));
                 eprintln!("login {user}: {e}");
+                shared.logged_in.fetch_add(1, Ordering::Relaxed);
                 shared.rosters_done.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
         let _ = c.send("<presence/>").await;
+        shared.logged_in.fetch_add(1, Ordering::Relaxed);
         let _ = phase.wait_for(|p| *p >= Phase::Subscribe).await;
         let contacts: Vec<String> = shared
             .sc
@@ -376,7 +411,9 @@ fn provision(shared: &Arc<Shared>) -> Result<(), String> {
         c.close().await;
     });
     let n = shared.sc.users;
-    let limit = Duration::from_secs_f64(n as f64 / shared.sc.login_rate + 60.0 + n as f64 / 50.0);
+    // Generous: a server that hashes a password per registration and per login may manage
+    // only tens a second.
+    let limit = Duration::from_secs_f64(120.0 + n as f64 / 10.0);
     let wait = |what: &str, count: &AtomicUsize, target: usize| -> Result<(), String> {
         while count.load(Ordering::Relaxed) < target {
             if started.elapsed() > limit {
@@ -391,6 +428,7 @@ fn provision(shared: &Arc<Shared>) -> Result<(), String> {
             return Ok(());
         }
         // Everyone online (or failed) before the handshakes: requests reach online users.
+        wait("logins", &shared.logged_in, n)?;
         std::thread::sleep(Duration::from_millis(500));
         let _ = tx.send(Phase::Subscribe);
         wait("rosters", &shared.rosters_done, n)
