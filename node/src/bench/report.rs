@@ -173,7 +173,12 @@ fn rows(r: &Report) -> Vec<(&'static str, Option<f64>, usize, bool)> {
         ("latency p99 (ms)", Some(r.latency_ms.p99), 2, false),
         ("latency p99.9 (ms)", Some(r.latency_ms.p999), 2, false),
         ("latency max (ms)", Some(r.latency_ms.max), 2, false),
-        ("messages lost", Some(r.messages_lost as f64), 0, false),
+        (
+            "messages undelivered (after 2 s drain)",
+            Some(r.messages_lost as f64),
+            0,
+            false,
+        ),
         ("errors", Some(r.errors.values().sum::<u64>() as f64), 0, false),
         ("server CPU (cores)", r.server_cores, 2, false),
         ("messages/s per server core", r.messages_per_server_core_sec, 0, true),
