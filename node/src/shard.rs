@@ -378,21 +378,17 @@ pub async fn run(
 /// Once a second, the depth of every mailbox on this shard (sum and deepest), for the
 /// `starling_mailbox_*` gauges: nothing on the message path counts.
 async fn sample_mailboxes(shard: Rc<Shard>) {
+    fn depths(lens: impl Iterator<Item = usize>) -> (f64, f64) {
+        let (sum, max) = lens.fold((0, 0), |(s, m), n| (s + n, m.max(n)));
+        (sum as f64, max as f64)
+    }
     loop {
-        let (mut sum, mut max) = (0usize, 0usize);
-        for tx in shard.users.borrow().values() {
-            sum += tx.len();
-            max = max.max(tx.len());
+        let users = depths(shard.users.borrow().values().map(|tx| tx.len()));
+        let sessions = depths(shard.sessions.borrow().values().map(|tx| tx.len()));
+        for (k, (sum, max)) in [users, sessions].into_iter().enumerate() {
+            shard.metrics.mailbox[k].set(sum);
+            shard.metrics.mailbox_max[k].set(max);
         }
-        shard.metrics.mailbox[0].set(sum as f64);
-        shard.metrics.mailbox_max[0].set(max as f64);
-        let (mut sum, mut max) = (0usize, 0usize);
-        for tx in shard.sessions.borrow().values() {
-            sum += tx.len();
-            max = max.max(tx.len());
-        }
-        shard.metrics.mailbox[1].set(sum as f64);
-        shard.metrics.mailbox_max[1].set(max as f64);
         glommio::timer::sleep(Duration::from_secs(1)).await;
     }
 }
