@@ -6,6 +6,7 @@ pub mod c2s;
 pub mod msg;
 pub mod ns;
 pub mod parser;
+pub mod planted;
 pub mod scram;
 pub mod stanza;
 pub mod throttle;

@@ -11,10 +11,20 @@ pub enum UserMsg {
     Unbind { session: SessionAddr, resource: String },
     /// A stanza from one of the user's own sessions that the user's server processes for the
     /// user (presence broadcast, subscriptions, roster, IQs to the account). `from` is stamped.
-    Outbound { resource: String, stanza: Element },
+    /// `session` is checked: a stanza from a session that has since been replaced by a newer
+    /// one with the same resource (a reconnect, RFC 6120 §7.7.2.2) must not act for the new
+    /// one — e.g. the old connection's late unavailable presence.
+    Outbound {
+        session: SessionAddr,
+        resource: String,
+        stanza: Element,
+    },
     /// A stanza addressed to this user (bare or full JID); `from` is stamped by the sender's
     /// server.
     Inbound { stanza: Element },
+    /// The session wrote the offline messages up to `upto` to its client: now they may be
+    /// deleted (answer to [`SessionMsg::OfflineSent`]).
+    OfflineDelivered { session: SessionAddr, upto: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +35,13 @@ pub enum SessionMsg {
     BindFailed { condition: &'static str },
     /// Deliver to the client.
     Stanza(Element),
+    /// An offline message (XEP-0160) for the client. Unlike `Stanza`, one that cannot be
+    /// delivered is not routed again (it is still stored) and a full mailbox never drops it.
+    Offline(Element),
+    /// Follows the offline messages up to `upto`: once the session has written them, it
+    /// answers [`UserMsg::OfflineDelivered`]. Deleting them earlier would lose them in a
+    /// crash while they wait in the session's mailbox (found by the simulator).
+    OfflineSent { upto: u64 },
     /// End the session with a stream error (e.g. `conflict` when another session took the
     /// resource, `system-shutdown`).
     Kick { condition: &'static str, text: String },

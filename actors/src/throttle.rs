@@ -1,13 +1,15 @@
 //! Per-IP limit on failed authentications, in virtual or real time given by the caller.
 
-use std::collections::HashMap;
+// BTreeMap, not HashMap: its RandomState would make eviction order differ between runs, and
+// the simulator replays runs exactly (no RandomState in simulated code).
+use std::collections::BTreeMap;
 
 pub struct AuthThrottle {
     max_failures: u32,
     window_ms: u64,
     max_entries: usize,
     /// IP (v4 mapped into v6, as u128) → (window start, failures in window).
-    failures: HashMap<u128, (u64, u32)>,
+    failures: BTreeMap<u128, (u64, u32)>,
 }
 
 impl AuthThrottle {
@@ -16,7 +18,7 @@ impl AuthThrottle {
             max_failures,
             window_ms,
             max_entries,
-            failures: HashMap::new(),
+            failures: BTreeMap::new(),
         }
     }
 

@@ -190,7 +190,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                 shard.metrics.route.record(t.at.elapsed().as_secs_f64());
                 let m = t.msg;
                 tracing::trace!(session = ?session.addr, msg = ?m, "from router");
-                if let SessionMsg::Stanza(st) = &m {
+                if let SessionMsg::Stanza(st) | SessionMsg::Offline(st) = &m {
                     if let Some(k) = crate::metrics::kind_index(&st.name) {
                         shard.metrics.stanzas_out[k].increment(1);
                     }

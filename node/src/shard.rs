@@ -223,8 +223,14 @@ impl Shard {
     fn overflow(self: &Rc<Self>, env: Envelope, why: &'static str) {
         let control = matches!(
             env.msg,
-            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. })
-                | Msg::Session(SessionMsg::Kick { .. } | SessionMsg::Bound { .. } | SessionMsg::BindFailed { .. })
+            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. })
+                | Msg::Session(
+                    SessionMsg::Kick { .. }
+                        | SessionMsg::Bound { .. }
+                        | SessionMsg::BindFailed { .. }
+                        | SessionMsg::OfflineSent { .. }
+                        | SessionMsg::Offline(_)
+                )
         );
         if !control {
             self.metrics.bounced.increment(1);

@@ -129,6 +129,6 @@ fn fail(shard: &Rc<Shard>, m: UserMsg) {
             let env = Envelope::to_user(BareJid::new("x@x").expect("valid"), UserMsg::Inbound { stanza });
             shard.undeliverable(env, "internal-server-error");
         }
-        UserMsg::Unbind { .. } => {}
+        UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } => {}
     }
 }

@@ -408,9 +408,22 @@ impl C2sSession {
                     self.send_element(&e);
                 }
             }
-            SessionMsg::Stanza(el) => {
+            SessionMsg::Stanza(el) | SessionMsg::Offline(el) => {
                 if matches!(self.state, State::Bound) {
                     self.send_element(&el);
+                }
+            }
+            SessionMsg::OfflineSent { upto } => {
+                // The host writes our output before it routes our actions, so this answer
+                // follows the messages onto the socket.
+                if let (State::Bound, Some(user)) = (&self.state, self.user.clone()) {
+                    self.route(Envelope::to_user(
+                        user,
+                        UserMsg::OfflineDelivered {
+                            session: self.addr,
+                            upto,
+                        },
+                    ));
                 }
             }
             SessionMsg::Kick { condition, text } => {

@@ -62,6 +62,8 @@ pub struct UserActor {
     roster: BTreeMap<String, RosterItem>,
     roster_ver: u64,
     offline: VecDeque<OfflineMessage>,
+    /// Offline messages sent to a session and not yet confirmed written: (session, last seq).
+    offline_inflight: Option<(SessionAddr, u64)>,
     next_seq: u64,
     sessions: Vec<Session>,
     fx: Vec<Effect>,
@@ -78,6 +80,7 @@ impl UserActor {
             roster: data.roster.into_iter().map(|i| (i.jid.clone(), i)).collect(),
             roster_ver: data.roster_ver,
             offline: data.offline.into(),
+            offline_inflight: None,
             next_seq,
             sessions: Vec::new(),
             fx: Vec::new(),
@@ -106,8 +109,13 @@ impl UserActor {
         match msg {
             UserMsg::Bind { session, resource } => self.bind(session, resource),
             UserMsg::Unbind { session, resource } => self.unbind(session, &resource),
-            UserMsg::Outbound { resource, stanza } => self.outbound(&resource, stanza, now),
+            UserMsg::Outbound {
+                session,
+                resource,
+                stanza,
+            } => self.outbound(session, &resource, stanza, now),
             UserMsg::Inbound { stanza } => self.inbound(stanza, now),
+            UserMsg::OfflineDelivered { session, upto } => self.offline_delivered(session, upto),
         }
         std::mem::take(&mut self.fx)
     }
@@ -172,6 +180,10 @@ impl UserActor {
             return;
         };
         let old = self.sessions.remove(i);
+        if self.offline_inflight.is_some_and(|(a, _)| a == addr) {
+            // It never confirmed: the next available session gets them again.
+            self.offline_inflight = None;
+        }
         if old.available || !old.directed.is_empty() {
             for e in self.unavailable_broadcast(&old, None) {
                 self.send(e);
@@ -180,8 +192,9 @@ impl UserActor {
     }
 
     /// Stanzas the user's own session sends for processing by the user's server.
-    fn outbound(&mut self, resource: &str, st: Element, now: u64) {
-        if self.session(resource).is_none() {
+    fn outbound(&mut self, addr: SessionAddr, resource: &str, st: Element, now: u64) {
+        if self.session(resource).is_none_or(|s| s.addr != addr) {
+            tracing::debug!(user = %self.jid, resource, session = ?addr, "stanza from a session that is no longer bound; dropped");
             return;
         }
         match st.name.as_str() {

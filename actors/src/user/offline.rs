@@ -7,11 +7,15 @@ use crate::address::SessionAddr;
 use crate::msg::{Envelope, SessionMsg};
 use crate::ns;
 use crate::parser::{parse_element, Limits};
+use crate::planted::{self, Bug};
 use crate::xml::Element;
 
 impl UserActor {
     pub(super) fn store_offline(&mut self, st: Element, now: u64) {
-        if self.offline.len() >= self.cfg.max_offline {
+        if planted::active(Bug::DropOffline) {
+            return;
+        }
+        if self.offline.len() >= self.cfg.max_offline && !planted::active(Bug::IgnoreOfflineCap) {
             // Never drop silently: the sender learns the message was not kept.
             tracing::info!(user = %self.jid, "offline queue full; bouncing message");
             return self.bounce(
@@ -36,15 +40,17 @@ impl UserActor {
         );
     }
 
-    /// Sends the offline queue to a session, then deletes what was sent.
+    /// Sends the offline queue to a session, followed by [`SessionMsg::OfflineSent`]; the
+    /// messages are deleted when the session confirms it wrote them (at-least-once: a crash
+    /// before the deletion is durable delivers them again).
     pub(super) fn deliver_offline(&mut self, addr: SessionAddr, full: &str, _now: u64) {
-        if self.offline.is_empty() {
+        if self.offline.is_empty() || self.offline_inflight.is_some() {
             return;
         }
         let domain = self.jid.domain().to_string();
         let base = vec![("".to_string(), ns::CLIENT.to_string())];
         let mut upto = 0;
-        let msgs: Vec<OfflineMessage> = self.offline.drain(..).collect();
+        let msgs: Vec<OfflineMessage> = self.offline.iter().cloned().collect();
         for m in msgs {
             upto = m.seq;
             match parse_element(
@@ -63,13 +69,27 @@ impl UserActor {
                             .with_attr("from", domain.as_str())
                             .with_attr("stamp", xmpp_timestamp(m.stamp_unix_ms)),
                     );
-                    self.send(Envelope::to_session(addr, SessionMsg::Stanza(el)));
+                    self.send(Envelope::to_session(addr, SessionMsg::Offline(el)));
                 }
                 Err(e) => {
                     tracing::error!(user = %self.jid, seq = m.seq, error = ?e, "stored offline message does not parse; skipped")
                 }
             }
         }
+        self.offline_inflight = Some((addr, upto));
+        self.send(Envelope::to_session(addr, SessionMsg::OfflineSent { upto }));
+    }
+
+    /// The session wrote the offline messages up to `upto`: delete them.
+    pub(super) fn offline_delivered(&mut self, addr: SessionAddr, upto: u64) {
+        if self.offline_inflight != Some((addr, upto)) {
+            return;
+        }
+        self.offline_inflight = None;
+        if planted::active(Bug::KeepDeliveredOffline) {
+            return;
+        }
+        self.offline.retain(|m| m.seq > upto);
         self.persist(
             vec![Write::DeleteOffline {
                 user: self.jid.to_string(),

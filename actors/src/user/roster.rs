@@ -6,6 +6,7 @@ use starling_storage::{RosterItem, Write};
 use super::UserActor;
 use crate::msg::{Envelope, SessionMsg, UserMsg};
 use crate::ns;
+use crate::planted::{self, Bug};
 use crate::stanza;
 use crate::xml::Element;
 
@@ -160,6 +161,9 @@ impl UserActor {
             });
         }
         let mut all = Vec::new();
+        // A change the user did not ask for (a contact's subscription answer) is pushed too;
+        // the planted bug forgets exactly those pushes.
+        let forget_push = reply.is_none() && planted::active(Bug::ForgetRosterPush);
         if visible {
             self.roster_ver += 1;
             writes.push(Write::SetRosterVer {
@@ -167,7 +171,7 @@ impl UserActor {
                 ver: self.roster_ver,
             });
             let ver = self.roster_ver;
-            for s in self.sessions.iter().filter(|s| s.interested) {
+            for s in self.sessions.iter().filter(|s| s.interested && !forget_push) {
                 let push = Element::new("iq", ns::CLIENT)
                     .with_attr("type", "set")
                     .with_attr("id", format!("push{ver}"))

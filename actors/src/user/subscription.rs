@@ -98,7 +98,11 @@ impl UserActor {
         match ty {
             "subscribe" => {
                 if item.subscription.has_from() {
+                    // Already subscribed (§3.1.3): auto-reply, and send our presence too — the
+                    // contact's side may have lost it (e.g. it removed us and subscribes
+                    // again), and otherwise it would see us offline until we next change.
                     then.push(reply("subscribed", &self.jid));
+                    then.extend(self.current_presences(&c));
                 } else if item.approved {
                     item.approved = false;
                     item.subscription = if item.subscription.has_to() { S::Both } else { S::From };

@@ -21,8 +21,17 @@ fn cfg() -> Rc<UserConfig> {
     })
 }
 
+/// In a test's `Outbound`: the session bound to that resource (the world fills it in).
+const ANY: SessionAddr = SessionAddr {
+    node: u32::MAX,
+    shard: 0,
+    id: 0,
+};
+
 struct World {
     users: BTreeMap<String, UserActor>,
+    /// Bound sessions: (bare JID, resource) → address.
+    bound: BTreeMap<(String, String), SessionAddr>,
     /// What sessions received: (session id, stanza).
     delivered: Vec<(u64, Element)>,
     writes: Vec<Write>,
@@ -40,13 +49,23 @@ impl World {
             .collect();
         World {
             users,
+            bound: BTreeMap::new(),
             delivered: Vec::new(),
             writes: Vec::new(),
             kicked: Vec::new(),
         }
     }
 
-    fn run(&mut self, to: &str, msg: UserMsg) {
+    fn run(&mut self, to: &str, mut msg: UserMsg) {
+        match &mut msg {
+            UserMsg::Bind { session, resource } => {
+                self.bound.insert((to.to_string(), resource.clone()), *session);
+            }
+            UserMsg::Outbound { session, resource, .. } if *session == ANY => {
+                *session = self.bound[&(to.to_string(), resource.clone())];
+            }
+            _ => {}
+        }
         let mut q = VecDeque::from([Envelope::to_user(to.parse().unwrap(), msg)]);
         while let Some(env) = q.pop_front() {
             match (env.to, env.msg) {
@@ -83,6 +102,7 @@ impl World {
         self.run(
             &format!("{user}@localhost"),
             UserMsg::Outbound {
+            session: ANY,
                 resource: resource.into(),
                 stanza: el(&format!("<presence from='{user}@localhost/{resource}'/>")),
             },
@@ -108,6 +128,7 @@ fn subscription_handshake_converges_and_presence_flows() {
     w.run(
         "alice@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "a".into(),
             stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
         },
@@ -120,6 +141,7 @@ fn subscription_handshake_converges_and_presence_flows() {
     w.run(
         "bob@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "b".into(),
             stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
         },
@@ -141,6 +163,7 @@ fn subscription_handshake_converges_and_presence_flows() {
     w.run(
         "bob@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "b".into(),
             stanza: el("<presence from='bob@localhost/b'><show>away</show></presence>"),
         },
@@ -150,6 +173,7 @@ fn subscription_handshake_converges_and_presence_flows() {
     w.run(
         "alice@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "a".into(),
             stanza: el("<presence from='alice@localhost/a'><show>dnd</show></presence>"),
         },
@@ -159,6 +183,7 @@ fn subscription_handshake_converges_and_presence_flows() {
     w.run(
         "bob@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "b".into(),
             stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='unsubscribed'/>"),
         },
@@ -185,6 +210,7 @@ fn pre_approval_auto_accepts() {
     w.run(
         "bob@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "b".into(),
             stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
         },
@@ -195,6 +221,7 @@ fn pre_approval_auto_accepts() {
     w.run(
         "alice@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "a".into(),
             stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
         },
@@ -248,12 +275,14 @@ fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
     w.run(
         "alice@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "a".into(),
             stanza: el("<iq from='alice@localhost/a' type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>"),
         },
     );
     w.take(1);
-    w.run("alice@localhost", UserMsg::Outbound { resource: "a".into(), stanza: el("<iq from='alice@localhost/a' type='set' id='s'><query xmlns='jabber:iq:roster'><item jid='carol@localhost' name='C'/></query></iq>") });
+    w.run("alice@localhost", UserMsg::Outbound {
+            session: ANY, resource: "a".into(), stanza: el("<iq from='alice@localhost/a' type='set' id='s'><query xmlns='jabber:iq:roster'><item jid='carol@localhost' name='C'/></query></iq>") });
     let got = w.take(1);
     assert_eq!(got[0].attr("type"), Some("result"));
     assert_eq!(got[1].attr("type"), Some("set"), "push after the result");
@@ -275,6 +304,7 @@ fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
     w.run(
         "alice@localhost",
         UserMsg::Outbound {
+            session: ANY,
             resource: "a".into(),
             stanza: el("<presence from='alice@localhost/a'><priority>-1</priority></presence>"),
         },

@@ -1,0 +1,69 @@
+//! Planted bugs: deliberate defects the simulator switches on to prove that its oracles catch
+//! them (sim/README.md). They exist only with the `planted-bugs` feature, which production
+//! builds never enable; without it [`active`] is a constant `false` and the checks compile
+//! away. With it, the switch is per thread (the simulator runs one seed per thread) and off
+//! unless [`set`] turns it on.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Bug {
+    /// `store_offline` forgets the message: neither stored nor bounced.
+    DropOffline,
+    /// Offline messages handed to a session are not deleted afterwards.
+    KeepDeliveredOffline,
+    /// Roster changes caused by a contact (subscription state) are not pushed.
+    ForgetRosterPush,
+    /// The per-user offline cap is not enforced.
+    IgnoreOfflineCap,
+    /// A host acknowledges (sends a `Persist`'s follow-ups) before the writes are flushed.
+    /// Only the simulator's host reads this switch; the node's `user_host` has none.
+    AckBeforeFlush,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 5] = [
+        Bug::DropOffline,
+        Bug::KeepDeliveredOffline,
+        Bug::ForgetRosterPush,
+        Bug::IgnoreOfflineCap,
+        Bug::AckBeforeFlush,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::DropOffline => "drop-offline",
+            Bug::KeepDeliveredOffline => "keep-delivered-offline",
+            Bug::ForgetRosterPush => "forget-roster-push",
+            Bug::IgnoreOfflineCap => "ignore-offline-cap",
+            Bug::AckBeforeFlush => "ack-before-flush",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+#[cfg(feature = "planted-bugs")]
+thread_local! {
+    static ACTIVE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether `bug` is switched on for this thread. Always `false` without the feature.
+#[inline(always)]
+pub fn active(bug: Bug) -> bool {
+    #[cfg(feature = "planted-bugs")]
+    {
+        ACTIVE.with(|a| a.get() & bug.bit() != 0)
+    }
+    #[cfg(not(feature = "planted-bugs"))]
+    {
+        let _ = bug.bit();
+        false
+    }
+}
+
+/// Switches the given bugs on for this thread (and every other one off).
+#[cfg(feature = "planted-bugs")]
+pub fn set(bugs: &[Bug]) {
+    ACTIVE.with(|a| a.set(bugs.iter().fold(0, |m, b| m | b.bit())));
+}

@@ -1,0 +1,83 @@
+//! Fault probabilities, drawn once per run from its seed: different seeds stress different
+//! things (some run calm, some cut connections often, some crash nodes under slow storage).
+
+use crate::rng::Rng;
+
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Mean one-way delay on client connections, µs.
+    pub client_delay_us: u64,
+    /// Extra delay some packets on a link get (µs); they queue behind nothing and so can
+    /// overtake others — on datagram links. Byte streams (TCP) stay in order.
+    pub jitter_us: u64,
+    /// Probability that a client write is split into several reads on the server.
+    pub split: f64,
+    /// Probability that a client action is cut off mid-stanza (the connection drops).
+    pub cut_mid_stanza: f64,
+    /// Probability per second that a connected client's connection drops.
+    pub cut_per_sec: f64,
+    /// Mean delay of shard-to-shard delivery, µs (the mesh keeps order per pair).
+    pub mesh_delay_us: u64,
+    /// Mean storage read latency, µs.
+    pub read_us: u64,
+    /// Mean storage flush (fsync) latency, µs; "slow storage" runs have it high.
+    pub flush_us: u64,
+    /// Node crashes (with restart) during the run.
+    pub node_crashes: u32,
+    /// Shard crashes (with restart) during the run.
+    pub shard_crashes: u32,
+    /// Reconnect storms: most clients drop and come back at once.
+    pub storms: u32,
+    /// Mailbox capacity (small ones exercise the overflow rules).
+    pub mailbox: usize,
+    /// Loss, duplication and reordering probabilities of datagram links between nodes (used
+    /// when N > 1; see net.rs).
+    pub link_loss: f64,
+    pub link_dup: f64,
+    pub link_reorder: f64,
+}
+
+impl Faults {
+    pub fn none() -> Self {
+        Faults {
+            client_delay_us: 200,
+            mesh_delay_us: 20,
+            read_us: 100,
+            flush_us: 500,
+            mailbox: 1024,
+            ..Default::default()
+        }
+    }
+
+    pub fn draw(rng: &mut Rng) -> Self {
+        let pick = |rng: &mut Rng, p: f64, lo: f64, hi: f64| {
+            if rng.chance(p) {
+                lo + (hi - lo) * (rng.range(0, 1000) as f64 / 1000.0)
+            } else {
+                0.0
+            }
+        };
+        let slow_storage = rng.chance(0.3);
+        Faults {
+            client_delay_us: rng.range(50, 5_000),
+            jitter_us: rng.range(0, 2_000),
+            split: pick(rng, 0.5, 0.05, 0.5),
+            cut_mid_stanza: pick(rng, 0.4, 0.005, 0.05),
+            cut_per_sec: pick(rng, 0.4, 0.01, 0.1),
+            mesh_delay_us: rng.range(5, 500),
+            read_us: rng.range(20, 2_000),
+            flush_us: if slow_storage {
+                rng.range(20_000, 300_000)
+            } else {
+                rng.range(200, 5_000)
+            },
+            node_crashes: if rng.chance(0.4) { rng.range(1, 3) as u32 } else { 0 },
+            shard_crashes: if rng.chance(0.3) { rng.range(1, 2) as u32 } else { 0 },
+            storms: if rng.chance(0.3) { rng.range(1, 2) as u32 } else { 0 },
+            mailbox: if rng.chance(0.2) { rng.range(2, 8) as usize } else { 1024 },
+            link_loss: pick(rng, 0.5, 0.01, 0.2),
+            link_dup: pick(rng, 0.5, 0.01, 0.1),
+            link_reorder: pick(rng, 0.5, 0.01, 0.3),
+        }
+    }
+}

@@ -1,0 +1,759 @@
+//! Hosting the real actors on simulated shards, mirroring node/src (conn.rs, user_host.rs,
+//! shard.rs, storage_thread.rs): the same routing rules, mailbox bounds and overflow policy,
+//! one message at a time per actor with its effects carried out in order, a `Persist` awaited
+//! (flushed, with group commit) before the messages that depend on it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use jid::{BareJid, Jid};
+use starling_actors::address::{Address, Placement, SessionAddr, SingleNode};
+use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
+use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use starling_actors::planted::{self, Bug};
+use starling_actors::stanza;
+use starling_actors::throttle::AuthThrottle;
+use starling_actors::user::{Effect, UserActor};
+use starling_actors::xml::Element;
+use starling_storage::{MemoryStorage, Storage, Write};
+
+use crate::oracle::xml_id;
+use crate::world::{Ev, World, MAX_OFFLINE};
+
+#[derive(Debug)]
+pub enum Read {
+    Account { sid: u64, user: String },
+    User { jid: BareJid },
+}
+
+pub struct Node {
+    pub id: u32,
+    pub up: bool,
+    /// Bumped by every crash: events of an earlier life are dropped on arrival.
+    pub epoch: u64,
+    pub shards: Vec<Shard>,
+    pub storage: MemoryStorage,
+    placement: SingleNode,
+    /// Writes waiting for the flush in progress to finish (group commit).
+    queued: Vec<(Vec<Write>, Option<Waiter>)>,
+    /// The flush in progress: who waits on it, and the offline messages it makes durable.
+    flushing: Option<(Vec<Waiter>, Vec<(String, String)>)>,
+}
+
+/// A user actor waiting for its writes, with what it sends once they are durable.
+pub struct Waiter {
+    shard: u16,
+    shard_epoch: u64,
+    jid: BareJid,
+    then: Vec<Envelope>,
+}
+
+pub struct Shard {
+    pub epoch: u64,
+    pub sessions: BTreeMap<u64, SessionHost>,
+    pub users: BTreeMap<BareJid, UserHost>,
+    throttle: AuthThrottle,
+}
+
+pub enum ConnInput {
+    Bytes(Vec<u8>),
+    Closed,
+}
+
+pub struct SessionHost {
+    s: C2sSession,
+    conn: u64,
+    inbox: VecDeque<ConnInput>,
+    pub mailbox: VecDeque<SessionMsg>,
+    actions: VecDeque<Action>,
+    /// Waiting for a storage read.
+    waiting: bool,
+    scheduled: bool,
+    /// Offline messages it wrote and has not yet confirmed (`OfflineDelivered`): if it ends
+    /// first, they stay stored and come again — at-least-once, allowed by the oracle.
+    unconfirmed: Vec<String>,
+}
+
+pub struct UserHost {
+    /// `None` while its state loads.
+    pub actor: Option<UserActor>,
+    pub mailbox: VecDeque<UserMsg>,
+    effects: VecDeque<Effect>,
+    /// Waiting for a flush.
+    waiting: bool,
+    scheduled: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Connection,
+    Actor,
+}
+
+impl Shard {
+    fn new(epoch: u64) -> Self {
+        Shard {
+            epoch,
+            sessions: BTreeMap::new(),
+            users: BTreeMap::new(),
+            throttle: AuthThrottle::new(1000, 60_000, 100_000),
+        }
+    }
+}
+
+impl Node {
+    pub fn new(id: u32, shards: u16, storage: MemoryStorage) -> Self {
+        Node {
+            id,
+            up: true,
+            epoch: 0,
+            shards: (0..shards).map(|_| Shard::new(0)).collect(),
+            storage,
+            placement: SingleNode { node: id, shards },
+            queued: Vec::new(),
+            flushing: None,
+        }
+    }
+
+    /// Power cut: everything in memory is gone, storage keeps only what was flushed.
+    pub fn crash(&mut self) {
+        self.up = false;
+        self.epoch += 1;
+        self.storage.crash();
+        let n = self.shards.len();
+        self.shards = (0..n).map(|_| Shard::new(0)).collect();
+        self.queued.clear();
+        self.flushing = None;
+    }
+}
+
+fn is_control(m: &Msg) -> bool {
+    matches!(
+        m,
+        Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. })
+            | Msg::Session(
+                    SessionMsg::Kick { .. }
+                        | SessionMsg::Bound { .. }
+                        | SessionMsg::BindFailed { .. }
+                        | SessionMsg::OfflineSent { .. }
+                        | SessionMsg::Offline(_)
+                )
+    )
+}
+
+/// A test message's id (the scripted clients number theirs `m…`).
+fn msg_id(st: &Element) -> Option<&str> {
+    (st.name == "message").then(|| st.attr("id")).flatten().filter(|i| i.starts_with('m'))
+}
+
+impl World {
+    fn live(&self, node: u32, epoch: u64) -> bool {
+        let n = &self.nodes[node as usize];
+        n.up && n.epoch == epoch
+    }
+
+    fn shard_live(&self, node: u32, epoch: u64, shard: u16, shard_epoch: u64) -> bool {
+        self.live(node, epoch) && self.nodes[node as usize].shards[shard as usize].epoch == shard_epoch
+    }
+
+    fn cpu(&mut self) -> u64 {
+        self.rng.range(1, 30)
+    }
+
+    /// A new connection lands on a shard; returns the session id.
+    pub fn accept(&mut self, node: u32, shard: u16, conn: u64) -> u64 {
+        let cfg = self.c2s_cfg.clone();
+        let rng = self.rng.fork();
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        // Session ids are the connection ids: unique across crashes and restarts.
+        let sid = conn;
+        let addr = SessionAddr { node, shard, id: sid };
+        let s = C2sSession::new(addr, cfg, 0x7f00_0001 + conn as u128, false, rng);
+        sh.sessions.insert(
+            sid,
+            SessionHost {
+                s,
+                conn,
+                inbox: VecDeque::new(),
+                mailbox: VecDeque::new(),
+                actions: VecDeque::new(),
+                waiting: false,
+                scheduled: false,
+                unconfirmed: Vec::new(),
+            },
+        );
+        sid
+    }
+
+    fn session_mut(&mut self, node: u32, shard: u16, sid: u64) -> Option<&mut SessionHost> {
+        self.nodes[node as usize].shards[shard as usize].sessions.get_mut(&sid)
+    }
+
+    fn schedule_session(&mut self, node: u32, shard: u16, sid: u64) {
+        let epoch = self.nodes[node as usize].epoch;
+        let d = self.cpu();
+        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        if !h.scheduled {
+            h.scheduled = true;
+            self.after(d, Ev::SessionRun { node, epoch, shard, sid });
+        }
+    }
+
+    fn schedule_user(&mut self, node: u32, shard: u16, jid: &BareJid) {
+        let epoch = self.nodes[node as usize].epoch;
+        let d = self.cpu();
+        let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(jid) else {
+            return;
+        };
+        if !h.scheduled {
+            h.scheduled = true;
+            self.after(d, Ev::UserRun { node, epoch, shard, jid: jid.clone() });
+        }
+    }
+
+    fn conn_target(&self, conn: u64) -> Option<(u32, u16, u64)> {
+        let c = self.conns.get(&conn)?;
+        if !c.server_open || !self.nodes[c.node as usize].up {
+            return None;
+        }
+        Some((c.node, c.shard, c.sid))
+    }
+
+    pub fn server_bytes(&mut self, conn: u64, bytes: Vec<u8>) {
+        let Some((node, shard, sid)) = self.conn_target(conn) else { return };
+        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        h.inbox.push_back(ConnInput::Bytes(bytes));
+        self.schedule_session(node, shard, sid);
+    }
+
+    pub fn server_sees_close(&mut self, conn: u64) {
+        let Some((node, shard, sid)) = self.conn_target(conn) else {
+            self.conns.remove(&conn);
+            return;
+        };
+        if let Some(h) = self.session_mut(node, shard, sid) {
+            h.inbox.push_back(ConnInput::Closed);
+            self.schedule_session(node, shard, sid);
+        }
+    }
+
+    /// One step of a connection task: carry out pending actions; else take one input (bytes
+    /// from the socket or a message from the router, whichever the select picks).
+    pub fn session_run(&mut self, node: u32, epoch: u64, shard: u16, sid: u64) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        h.scheduled = false;
+        if h.waiting {
+            return;
+        }
+        if h.actions.is_empty() {
+            let take_mail = match (h.inbox.is_empty(), h.mailbox.is_empty()) {
+                (true, true) => return,
+                (false, true) => false,
+                (true, false) => true,
+                (false, false) => self.rng.chance(0.5),
+            };
+            let h = self.session_mut(node, shard, sid).expect("checked");
+            if take_mail {
+                let m = h.mailbox.pop_front().expect("checked");
+                let bound = h.s.jid().is_some() && !h.s.is_closed();
+                let to = h.s.jid().map(|j| j.to_bare().to_string());
+                if let (SessionMsg::Stanza(st) | SessionMsg::Offline(st), true, Some(to)) = (&m, bound, to) {
+                    if let Some(id) = msg_id(st).filter(|_| st.attr("type") != Some("error")) {
+                        let now = self.now_us / 1000;
+                        match self.msgs.handed(id, &to, now) {
+                            Ok(excused) => {
+                                self.stats.messages_handed += 1;
+                                self.stats.duplicates_excused += excused as u64;
+                                if matches!(m, SessionMsg::Offline(_)) {
+                                    let h = self.session_mut(node, shard, sid).expect("present");
+                                    h.unconfirmed.push(id.to_string());
+                                }
+                            }
+                            Err(v) => {
+                                self.violation.get_or_insert(v);
+                            }
+                        }
+                    }
+                }
+                self.session_input(node, shard, sid, Input::Router(m));
+            } else {
+                match h.inbox.pop_front().expect("checked") {
+                    ConnInput::Bytes(b) => self.session_input(node, shard, sid, Input::Bytes(&b)),
+                    ConnInput::Closed => self.session_input(node, shard, sid, Input::Closed),
+                }
+            }
+        }
+        self.carry_out(node, shard, sid);
+    }
+
+    fn session_input(&mut self, node: u32, shard: u16, sid: u64, input: Input<'_>) {
+        let now = self.now_ms();
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        let Some(h) = sh.sessions.get_mut(&sid) else { return };
+        h.s.handle(
+            input,
+            now,
+            &mut Ctx {
+                throttle: &mut sh.throttle,
+            },
+        );
+        let out = h.s.take_output();
+        h.actions.extend(out.actions);
+        let conn = h.conn;
+        self.server_send(conn, out.bytes);
+    }
+
+    /// Carries out the session's actions in order, as conn.rs does; stops at a storage read
+    /// or a full local mailbox (the connection is not read meanwhile).
+    fn carry_out(&mut self, node: u32, shard: u16, sid: u64) {
+        loop {
+            let Some(h) = self.session_mut(node, shard, sid) else { return };
+            let Some(a) = h.actions.pop_front() else { break };
+            match a {
+                Action::Route(env) => {
+                    if let Msg::User(UserMsg::OfflineDelivered { .. }) = &env.msg {
+                        h.unconfirmed.clear();
+                    }
+                    if let (Address::User(to), Msg::User(UserMsg::Inbound { stanza: st })) = (&env.to, &env.msg) {
+                        if let Some(id) = msg_id(st) {
+                            let from = st.attr("from").unwrap_or("").split('/').next().unwrap_or("").to_string();
+                            let now = self.now_us / 1000;
+                            let (id, to) = (id.to_string(), to.to_string());
+                            if !self.msgs.recs.contains_key(&id) {
+                                self.stats.messages_accepted += 1;
+                                if let Some(v) = self.msgs.accepted(&id, &from, &to, now) {
+                                    self.violation.get_or_insert(v);
+                                }
+                            }
+                        }
+                    }
+                    if let Err(env) = self.route(node, shard, env, Origin::Connection) {
+                        // Full mailbox: wait for room, not reading the client meanwhile.
+                        let h = self.session_mut(node, shard, sid).expect("present");
+                        h.actions.push_front(Action::Route(env));
+                        let epoch = self.nodes[node as usize].epoch;
+                        self.after(1000, Ev::SessionRun { node, epoch, shard, sid });
+                        return;
+                    }
+                }
+                // StartTls cannot come: the simulated sessions offer no TLS.
+                Action::Close | Action::StartTls => return self.finish_session(node, shard, sid),
+                Action::LoadAccount(user) => {
+                    h.waiting = true;
+                    let epoch = self.nodes[node as usize].epoch;
+                    let d = self.rng.exp(self.faults.read_us) + 1;
+                    self.after(d, Ev::Read { node, epoch, shard, what: Read::Account { sid, user } });
+                    return;
+                }
+                Action::CreateAccount { user, account } => {
+                    let st = &mut self.nodes[node as usize].storage;
+                    let ok = st.create_account(&user, &account).unwrap_or(false) && st.flush().is_ok();
+                    self.session_input(node, shard, sid, Input::AccountCreated(ok));
+                }
+                Action::SetPassword { user, account } => {
+                    let st = &mut self.nodes[node as usize].storage;
+                    let ok = st.apply(&[Write::PutAccount { user, account }]).is_ok() && st.flush().is_ok();
+                    self.session_input(node, shard, sid, Input::PasswordSet(ok));
+                }
+            }
+        }
+        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        if h.s.is_closed() {
+            return self.finish_session(node, shard, sid);
+        }
+        if !h.inbox.is_empty() || !h.mailbox.is_empty() {
+            self.schedule_session(node, shard, sid);
+        }
+    }
+
+    /// The connection task ends: the client sees the close, the user actor learns the
+    /// session is gone, and stanzas still queued for it go back to the user actor.
+    fn finish_session(&mut self, node: u32, shard: u16, sid: u64) {
+        self.session_input(node, shard, sid, Input::Closed);
+        let Some(mut h) = self.nodes[node as usize].shards[shard as usize].sessions.remove(&sid) else {
+            return;
+        };
+        self.server_close(h.conn);
+        self.msgs.allow_redelivery(&h.unconfirmed);
+        for a in std::mem::take(&mut h.actions) {
+            if let Action::Route(env) = a {
+                let _ = self.route(node, shard, env, Origin::Actor);
+            }
+        }
+        for m in h.mailbox {
+            self.session_gone(node, shard, m);
+        }
+    }
+
+    pub fn read_done(&mut self, node: u32, epoch: u64, shard: u16, what: Read) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        match what {
+            Read::Account { sid, user } => {
+                let acc = self.nodes[node as usize].storage.account(&user).ok().flatten();
+                let Some(h) = self.session_mut(node, shard, sid) else { return };
+                h.waiting = false;
+                self.session_input(node, shard, sid, Input::Account(acc));
+                self.carry_out(node, shard, sid);
+            }
+            Read::User { jid } => {
+                let st = &self.nodes[node as usize].storage;
+                let key = jid.to_string();
+                let exists = st.account(&key).ok().flatten().is_some();
+                let data = st.load_user(&key).unwrap_or_default();
+                let actor = UserActor::new(jid.clone(), exists, data, self.user_cfg.clone());
+                let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid) else {
+                    return;
+                };
+                if h.actor.is_some() {
+                    // A read for an earlier life of this actor (before a shard restart).
+                    return;
+                }
+                h.actor = Some(actor);
+                self.schedule_user(node, shard, &jid);
+            }
+        }
+    }
+
+    /// Routes an envelope from `shard` (Shard::route / route_wait). `Err` gives it back when
+    /// a connection must wait for room.
+    fn route(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Result<(), Envelope> {
+        if let Msg::User(UserMsg::Inbound { stanza: st }) | Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
+            if st.attr("type") == Some("error") {
+                if let Some(id) = msg_id(st) {
+                    if self.msgs.recs.get(id).is_some_and(|r| !r.errored) {
+                        self.stats.messages_errored += 1;
+                    }
+                    self.msgs.errored(id);
+                }
+            }
+        }
+        let (n, s) = match &env.to {
+            Address::User(j) => self.nodes[node as usize].placement.place_user(j),
+            Address::Session(a) => (a.node, a.shard),
+        };
+        if n != node {
+            self.undeliverable(node, shard, env, "remote-server-not-found");
+            return Ok(());
+        }
+        if s == shard {
+            return self.deliver_local(node, s, env, origin);
+        }
+        // The mesh: FIFO per (from, to) pair, like glommio's channels.
+        let key = (node, shard, s);
+        let d = self.rng.exp(self.faults.mesh_delay_us) + 1;
+        let t = self.mesh_last.get(&key).copied().unwrap_or(0).max(self.now_us + d);
+        self.mesh_last.insert(key, t);
+        *self.mesh_depth.entry(key).or_default() += 1;
+        let epoch = self.nodes[node as usize].epoch;
+        self.at(t, Ev::Mesh { node, epoch, from: shard, to: s, env });
+        Ok(())
+    }
+
+    pub fn mesh_arrive(&mut self, node: u32, epoch: u64, shard: u16, env: Envelope) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        let _ = self.deliver_local(node, shard, env, Origin::Actor);
+    }
+
+    fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Result<(), Envelope> {
+        let cap = self.faults.mailbox;
+        match (env.to, env.msg) {
+            (Address::Session(a), Msg::Session(m)) => {
+                let Some(h) = self.session_mut(node, shard, a.id) else {
+                    self.session_gone(node, shard, m);
+                    return Ok(());
+                };
+                if h.mailbox.len() >= cap {
+                    let env = Envelope::to_session(a, m);
+                    if origin == Origin::Connection {
+                        return Err(env);
+                    }
+                    self.overflow(node, shard, env);
+                    return Ok(());
+                }
+                h.mailbox.push_back(m);
+                self.schedule_session(node, shard, a.id);
+            }
+            (Address::User(j), Msg::User(m)) => {
+                let users = &mut self.nodes[node as usize].shards[shard as usize].users;
+                if !users.contains_key(&j) {
+                    users.insert(
+                        j.clone(),
+                        UserHost {
+                            actor: None,
+                            mailbox: VecDeque::new(),
+                            effects: VecDeque::new(),
+                            waiting: false,
+                            scheduled: false,
+                        },
+                    );
+                    let epoch = self.nodes[node as usize].epoch;
+                    let d = self.rng.exp(self.faults.read_us) + 1;
+                    self.after(d, Ev::Read { node, epoch, shard, what: Read::User { jid: j.clone() } });
+                }
+                let h = self.nodes[node as usize].shards[shard as usize].users.get_mut(&j).expect("inserted");
+                if h.mailbox.len() >= cap {
+                    let env = Envelope::to_user(j, m);
+                    if origin == Origin::Connection {
+                        return Err(env);
+                    }
+                    self.overflow(node, shard, env);
+                    return Ok(());
+                }
+                h.mailbox.push_back(m);
+                self.schedule_user(node, shard, &j);
+            }
+            (to, msg) => self.fail(0, format!("envelope kind does not match its address: {to:?} {msg:?}")),
+        }
+        Ok(())
+    }
+
+    /// A full mailbox: control messages try again shortly, stanzas bounce.
+    fn overflow(&mut self, node: u32, shard: u16, env: Envelope) {
+        if is_control(&env.msg) {
+            let epoch = self.nodes[node as usize].epoch;
+            self.after(5000, Ev::Retry { node, epoch, shard, env });
+            return;
+        }
+        self.stats.bounces += 1;
+        // A presence bounced here leaves its receiver's view stale until the sender's next
+        // presence: the overflow rule allows it, so that pair is excused from invariant 3.
+        if let Msg::User(UserMsg::Inbound { stanza: st }) | Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
+            let bare = |a: Option<&str>| a.unwrap_or("").split('/').next().unwrap_or("").to_string();
+            if st.name == "presence" {
+                self.presence_lost.insert((bare(st.attr("to")), bare(st.attr("from"))));
+            }
+            if st.name == "iq" && st.child("query", "jabber:iq:roster").is_some() {
+                // A roster push bounced: that client's view is stale until it fetches again.
+                self.roster_stale.insert(bare(st.attr("to")));
+            }
+        }
+        self.undeliverable(node, shard, env, "resource-constraint");
+    }
+
+    fn session_gone(&mut self, node: u32, shard: u16, m: SessionMsg) {
+        if let SessionMsg::Stanza(st) = m {
+            if st.name == "message" {
+                if let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) {
+                    let env = Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st });
+                    let _ = self.route(node, shard, env, Origin::Actor);
+                }
+            }
+        }
+    }
+
+    fn undeliverable(&mut self, node: u32, shard: u16, env: Envelope, condition: &str) {
+        let st = match env.msg {
+            Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. }) => stanza,
+            Msg::Session(SessionMsg::Stanza(s)) => s,
+            _ => return,
+        };
+        if !stanza::may_bounce(&st) {
+            return;
+        }
+        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else { return };
+        let err = stanza::error_reply(&st, condition, None);
+        let env = Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err });
+        let _ = self.route(node, shard, env, Origin::Actor);
+    }
+
+    /// One step of a user actor's task: carry on with its effects, or handle its next
+    /// message.
+    pub fn user_run(&mut self, node: u32, epoch: u64, shard: u16, jid: BareJid) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        let now = self.now_ms();
+        let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid) else {
+            return;
+        };
+        h.scheduled = false;
+        if h.waiting || h.actor.is_none() {
+            return;
+        }
+        if h.effects.is_empty() {
+            let Some(m) = h.mailbox.pop_front() else { return };
+            let actor = h.actor.as_mut().expect("loaded");
+            match catch_unwind(AssertUnwindSafe(|| actor.handle(m, now))) {
+                Ok(fx) => h.effects.extend(fx),
+                Err(_) => {
+                    return self.fail(0, format!("user actor {jid} panicked"));
+                }
+            }
+        }
+        let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
+        loop {
+            let h = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid).expect("present");
+            let Some(fx) = h.effects.pop_front() else { break };
+            match fx {
+                Effect::Send(env) => {
+                    let _ = self.route(node, shard, env, Origin::Actor);
+                }
+                Effect::Persist { writes, then } => {
+                    if planted::active(Bug::AckBeforeFlush) {
+                        self.submit(node, writes, None);
+                        for env in then {
+                            let _ = self.route(node, shard, env, Origin::Actor);
+                        }
+                        continue;
+                    }
+                    h.waiting = true;
+                    let w = Waiter {
+                        shard,
+                        shard_epoch,
+                        jid: jid.clone(),
+                        then,
+                    };
+                    self.submit(node, writes, Some(w));
+                    return;
+                }
+            }
+        }
+        let h = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid).expect("present");
+        let idle = h.actor.as_ref().is_some_and(|a| a.is_idle());
+        if idle && h.mailbox.is_empty() {
+            // Idle and nothing queued: let go; the durable state reloads on the next message.
+            self.nodes[node as usize].shards[shard as usize].users.remove(&jid);
+        } else if !h.mailbox.is_empty() {
+            self.schedule_user(node, shard, &jid);
+        }
+    }
+
+    /// Hands writes to the storage thread: applied and flushed with whatever else is queued.
+    fn submit(&mut self, node: u32, writes: Vec<Write>, waiter: Option<Waiter>) {
+        let n = &mut self.nodes[node as usize];
+        n.queued.push((writes, waiter));
+        if n.flushing.is_none() {
+            self.start_flush(node);
+        }
+    }
+
+    fn start_flush(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        let batch = std::mem::take(&mut n.queued);
+        if batch.is_empty() {
+            return;
+        }
+        let mut waiters = Vec::new();
+        let mut stored = Vec::new();
+        for (writes, w) in batch {
+            for wr in &writes {
+                if let Write::PushOffline { user, msg } = wr {
+                    if let Some(id) = xml_id(&msg.xml) {
+                        stored.push((user.clone(), id));
+                    }
+                }
+            }
+            if let Err(e) = n.storage.apply(&writes) {
+                self.fail(0, format!("memory storage refused a write: {e}"));
+                return;
+            }
+            waiters.extend(w);
+        }
+        n.flushing = Some((waiters, stored));
+        let epoch = n.epoch;
+        let d = self.rng.exp(self.faults.flush_us) + 1;
+        self.after(d, Ev::FlushDone { node, epoch });
+    }
+
+    pub fn flush_done(&mut self, node: u32, epoch: u64) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        let n = &mut self.nodes[node as usize];
+        let _ = n.storage.flush();
+        let Some((waiters, stored)) = n.flushing.take() else { return };
+        for (user, id) in stored {
+            if self.msgs.recs.get(&id).is_some_and(|r| !r.stored_durable) {
+                self.stats.messages_stored_offline += 1;
+            }
+            self.msgs.stored_durably(&id);
+            let len = self.nodes[node as usize]
+                .storage
+                .load_user(&user)
+                .map(|d| d.offline.len())
+                .unwrap_or(0);
+            if len > MAX_OFFLINE {
+                self.fail(4, format!("{user}'s stored offline queue holds {len} > {MAX_OFFLINE}"));
+            }
+        }
+        for w in waiters {
+            if !self.shard_live(node, epoch, w.shard, w.shard_epoch) {
+                continue;
+            }
+            for env in w.then {
+                let _ = self.route(node, w.shard, env, Origin::Actor);
+            }
+            if let Some(h) = self.nodes[node as usize].shards[w.shard as usize].users.get_mut(&w.jid) {
+                h.waiting = false;
+                self.schedule_user(node, w.shard, &w.jid);
+            }
+        }
+        self.start_flush(node);
+    }
+
+    /// A shard dies and restarts empty. Its connections drop; the host tells the rest of the
+    /// node what a restarting shard must: its sessions are gone (their users' actors get
+    /// `Unbind`), and the sessions whose user actor it hosted are ended with
+    /// `internal-server-error` (their clients reconnect), as after an actor panic. Unbound
+    /// sessions anywhere on the node are ended too (their bind may have been lost).
+    pub fn shard_crash(&mut self, node: u32, shard: u16) {
+        if !self.nodes[node as usize].up {
+            return;
+        }
+        self.stats.shard_crashes += 1;
+        let epoch = self.nodes[node as usize].shards[shard as usize].epoch + 1;
+        let old = std::mem::replace(&mut self.nodes[node as usize].shards[shard as usize], Shard::new(epoch));
+        // In-flight work on it is lost: excuse what has no fate yet.
+        // Storage survives a shard crash: offline messages handed over but not yet deleted
+        // are still there and come again.
+        let mut still = Vec::new();
+        for c in &self.clients {
+            if let Ok(d) = self.nodes[node as usize].storage.load_user(&c.user) {
+                still.extend(d.offline.iter().filter_map(|m| xml_id(&m.xml)));
+            }
+        }
+        self.stats.messages_lost_in_crash += self.msgs.crashed(|_| true, &still);
+        self.mesh_depth.retain(|k, _| !(k.0 == node && k.2 == shard));
+        for (_, h) in old.sessions {
+            self.server_close(h.conn);
+            self.msgs.allow_redelivery(&h.unconfirmed);
+            if let Some(j) = h.s.jid() {
+                let env = Envelope::to_user(
+                    j.to_bare(),
+                    UserMsg::Unbind {
+                        session: h.s.addr,
+                        resource: j.resource().to_string(),
+                    },
+                );
+                let _ = self.route(node, shard, env, Origin::Actor);
+            }
+        }
+        let placement = self.nodes[node as usize].placement.clone();
+        let kick = SessionMsg::Kick {
+            condition: "internal-server-error",
+            text: "internal error".into(),
+        };
+        for s in 0..self.nodes[node as usize].shards.len() as u16 {
+            let ids: Vec<u64> = self.nodes[node as usize].shards[s as usize]
+                .sessions
+                .iter()
+                .filter(|(_, h)| match h.s.jid() {
+                    Some(j) => placement.place_user(&j.to_bare()).1 == shard,
+                    None => true,
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                let env = Envelope::to_session(SessionAddr { node, shard: s, id }, kick.clone());
+                let _ = self.route(node, s, env, Origin::Actor);
+            }
+        }
+    }
+}
