@@ -53,6 +53,24 @@ pub enum Msg {
     Session(SessionMsg),
 }
 
+impl Msg {
+    /// Control messages are never dropped when a mailbox is full (there are few: a handful per
+    /// session); they wait for room, in order. Stanzas bounce instead.
+    pub fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. })
+                | Msg::Session(
+                    SessionMsg::Kick { .. }
+                        | SessionMsg::Bound { .. }
+                        | SessionMsg::BindFailed { .. }
+                        | SessionMsg::OfflineSent { .. }
+                        | SessionMsg::Offline(_)
+                )
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Envelope {
     pub to: Address,

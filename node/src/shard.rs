@@ -72,6 +72,22 @@ pub struct ShardParams {
     pub write_timeout: Duration,
 }
 
+/// A mailbox, as the key of envelopes held for it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Target {
+    User(BareJid),
+    Session(u64),
+}
+
+impl Target {
+    fn of(to: &Address) -> Self {
+        match to {
+            Address::User(j) => Target::User(j.clone()),
+            Address::Session(a) => Target::Session(a.id),
+        }
+    }
+}
+
 pub struct Shard {
     pub id: ShardId,
     pub node: NodeId,
@@ -79,6 +95,7 @@ pub struct Shard {
     mesh: Option<Senders<Timed<Envelope>>>,
     pub sessions: RefCell<HashMap<u64, Mailbox<SessionMsg>>>,
     pub users: RefCell<HashMap<BareJid, Mailbox<UserMsg>>>,
+    held: RefCell<HashMap<Target, std::collections::VecDeque<Timed<Envelope>>>>,
     pub storage: StorageHandle,
     pub c2s_cfg: Rc<C2sConfig>,
     pub user_cfg: Rc<UserConfig>,
@@ -128,7 +145,7 @@ impl Shard {
             Some(m) => {
                 if let Err(e) = m.try_send_to(shard as usize, Timed { at, msg: env }) {
                     if let Some(t) = give_back(e) {
-                        self.overflow(t.msg, "shard mesh channel full");
+                        self.mesh_full(t.msg);
                     }
                 }
             }
@@ -162,6 +179,10 @@ impl Shard {
         if from == Origin::Actor {
             return self.deliver_local(env);
         }
+        if self.is_held(&env.to) {
+            // Behind what is held for it, whatever its kind: a connection waits, never bounces.
+            return self.hold(Timed::now(env));
+        }
         match (env.to, env.msg) {
             (Address::User(j), Msg::User(m)) => {
                 let tx = self.users.borrow().get(&j).cloned();
@@ -190,6 +211,9 @@ impl Shard {
     }
 
     fn deliver_local_at(self: &Rc<Self>, env: Envelope, at: Instant) {
+        if self.is_held(&env.to) {
+            return self.overflow(env, at, "messages for it are held");
+        }
         match (env.to, env.msg) {
             (Address::Session(a), Msg::Session(m)) => {
                 let tx = self.sessions.borrow().get(&a.id).cloned();
@@ -197,7 +221,7 @@ impl Shard {
                     Some(tx) => {
                         if let Err(e) = tx.try_send(Timed { at, msg: m }) {
                             let t = e.into_inner();
-                            self.overflow(Envelope::to_session(a, t.msg), "session mailbox full");
+                            self.overflow(Envelope::to_session(a, t.msg), t.at, "session mailbox full");
                         }
                     }
                     None => self.session_gone(m),
@@ -211,30 +235,31 @@ impl Shard {
                 };
                 if let Err(e) = tx.try_send(Timed { at, msg: m }) {
                     let t = e.into_inner();
-                    self.overflow(Envelope::to_user(j, t.msg), "user mailbox full");
+                    self.overflow(Envelope::to_user(j, t.msg), t.at, "user mailbox full");
                 }
             }
             (to, msg) => tracing::error!(?to, ?msg, "envelope kind does not match its address"),
         }
     }
 
-    /// A mailbox is full. Control messages wait for room (they are few: one bind/unbind/kick
-    /// per session); stanzas bounce with `resource-constraint`.
-    fn overflow(self: &Rc<Self>, env: Envelope, why: &'static str) {
-        let control = matches!(
-            env.msg,
-            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. })
-                | Msg::Session(
-                    SessionMsg::Kick { .. }
-                        | SessionMsg::Bound { .. }
-                        | SessionMsg::BindFailed { .. }
-                        | SessionMsg::OfflineSent { .. }
-                        | SessionMsg::Offline(_)
-                )
-        );
-        if !control {
+    /// A mailbox is full. Control messages wait for room (they are few: a handful per
+    /// session) in a per-target queue drained in order; stanzas bounce with
+    /// `resource-constraint`.
+    fn overflow(self: &Rc<Self>, env: Envelope, at: Instant, why: &'static str) {
+        if !env.msg.is_control() {
             self.metrics.bounced.increment(1);
             tracing::warn!(?env.to, why, "bouncing stanza");
+            return self.undeliverable(env, "resource-constraint");
+        }
+        self.hold(Timed { at, msg: env });
+    }
+
+    /// The mesh channel to another shard is full (only `route`, which does not wait, gets
+    /// here): control messages try again shortly, stanzas bounce.
+    fn mesh_full(self: &Rc<Self>, env: Envelope) {
+        if !env.msg.is_control() {
+            self.metrics.bounced.increment(1);
+            tracing::warn!(?env.to, "bouncing stanza: shard mesh channel full");
             return self.undeliverable(env, "resource-constraint");
         }
         let me = self.clone();
@@ -243,6 +268,88 @@ impl Shard {
             me.route(env);
         })
         .detach();
+    }
+
+    /// Queues behind what is already held for the same target: a full mailbox must not
+    /// reorder one sender's messages (an `Unbind` overtaking the session's last
+    /// `OfflineDelivered`, or a `Bind`, would break the user actor; found by the simulator).
+    fn hold(self: &Rc<Self>, t: Timed<Envelope>) {
+        let target = Target::of(&t.msg.to);
+        let mut held = self.held.borrow_mut();
+        if let Some(q) = held.get_mut(&target) {
+            q.push_back(t);
+            return;
+        }
+        held.insert(target.clone(), std::collections::VecDeque::from([t]));
+        drop(held);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+                if me.drain_held(&target) {
+                    return;
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Moves held envelopes into the target's mailbox while it has room; `true` when none
+    /// is left.
+    fn drain_held(self: &Rc<Self>, target: &Target) -> bool {
+        loop {
+            let Some(t) = self.held.borrow_mut().get_mut(target).and_then(|q| q.pop_front()) else {
+                self.held.borrow_mut().remove(target);
+                return true;
+            };
+            let Timed { at, msg: env } = t;
+            let back = match (env.to, env.msg) {
+                (Address::Session(a), Msg::Session(m)) => {
+                    let tx = self.sessions.borrow().get(&a.id).cloned();
+                    match tx {
+                        Some(tx) => match tx.try_send(Timed { at, msg: m }) {
+                            Ok(()) => None,
+                            Err(flume::TrySendError::Full(t)) => Some(Envelope::to_session(a, t.msg)),
+                            Err(flume::TrySendError::Disconnected(t)) => {
+                                self.session_gone(t.msg);
+                                None
+                            }
+                        },
+                        None => {
+                            self.session_gone(m);
+                            None
+                        }
+                    }
+                }
+                (Address::User(j), Msg::User(m)) => {
+                    let tx = self.users.borrow().get(&j).cloned();
+                    let tx = tx.unwrap_or_else(|| crate::user_host::activate(self, j.clone()));
+                    match tx.try_send(Timed { at, msg: m }) {
+                        Ok(()) => None,
+                        Err(flume::TrySendError::Full(t)) => Some(Envelope::to_user(j, t.msg)),
+                        Err(flume::TrySendError::Disconnected(t)) => {
+                            self.undeliverable(Envelope::to_user(j, t.msg), "internal-server-error");
+                            None
+                        }
+                    }
+                }
+                (to, msg) => {
+                    tracing::error!(?to, ?msg, "envelope kind does not match its address");
+                    None
+                }
+            };
+            if let Some(env) = back {
+                if let Some(q) = self.held.borrow_mut().get_mut(target) {
+                    q.push_front(Timed { at, msg: env });
+                }
+                return false;
+            }
+        }
+    }
+
+    /// Whether envelopes for `to` are held (then newcomers queue behind them).
+    fn is_held(&self, to: &Address) -> bool {
+        !self.held.borrow().is_empty() && self.held.borrow().contains_key(&Target::of(to))
     }
 
     /// A session ended before a stanza for it arrived: messages go back to the user actor,
@@ -318,6 +425,7 @@ pub async fn run(
         },
         mesh: senders,
         sessions: RefCell::new(HashMap::new()),
+        held: RefCell::new(HashMap::new()),
         users: RefCell::new(HashMap::new()),
         storage: params.storage.clone(),
         c2s_cfg: Rc::new(params.c2s.clone()),

@@ -74,7 +74,11 @@ impl Faults {
             node_crashes: if rng.chance(0.4) { rng.range(1, 3) as u32 } else { 0 },
             shard_crashes: if rng.chance(0.3) { rng.range(1, 2) as u32 } else { 0 },
             storms: if rng.chance(0.3) { rng.range(1, 2) as u32 } else { 0 },
-            mailbox: if rng.chance(0.2) { rng.range(2, 8) as usize } else { 1024 },
+            mailbox: if rng.chance(0.2) {
+                rng.range(2, 8) as usize
+            } else {
+                1024
+            },
             link_loss: pick(rng, 0.5, 0.01, 0.2),
             link_dup: pick(rng, 0.5, 0.01, 0.1),
             link_reorder: pick(rng, 0.5, 0.01, 0.3),

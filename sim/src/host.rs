@@ -48,10 +48,29 @@ pub struct Waiter {
     then: Vec<Envelope>,
 }
 
+/// A mailbox, as the key of envelopes held for it (shard.rs in the node does the same).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    User(BareJid),
+    Session(u64),
+}
+
+impl Target {
+    fn of(to: &Address) -> Self {
+        match to {
+            Address::User(j) => Target::User(j.clone()),
+            Address::Session(a) => Target::Session(a.id),
+        }
+    }
+}
+
 pub struct Shard {
     pub epoch: u64,
     pub sessions: BTreeMap<u64, SessionHost>,
     pub users: BTreeMap<BareJid, UserHost>,
+    /// Control messages waiting for room in a full mailbox, in order; later envelopes for
+    /// the same mailbox queue behind them.
+    pub held: BTreeMap<Target, VecDeque<Envelope>>,
     throttle: AuthThrottle,
 }
 
@@ -96,6 +115,7 @@ impl Shard {
             epoch,
             sessions: BTreeMap::new(),
             users: BTreeMap::new(),
+            held: BTreeMap::new(),
             throttle: AuthThrottle::new(1000, 60_000, 100_000),
         }
     }
@@ -127,23 +147,12 @@ impl Node {
     }
 }
 
-fn is_control(m: &Msg) -> bool {
-    matches!(
-        m,
-        Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. })
-            | Msg::Session(
-                    SessionMsg::Kick { .. }
-                        | SessionMsg::Bound { .. }
-                        | SessionMsg::BindFailed { .. }
-                        | SessionMsg::OfflineSent { .. }
-                        | SessionMsg::Offline(_)
-                )
-    )
-}
-
 /// A test message's id (the scripted clients number theirs `m…`).
 fn msg_id(st: &Element) -> Option<&str> {
-    (st.name == "message").then(|| st.attr("id")).flatten().filter(|i| i.starts_with('m'))
+    (st.name == "message")
+        .then(|| st.attr("id"))
+        .flatten()
+        .filter(|i| i.starts_with('m'))
 }
 
 impl World {
@@ -192,10 +201,20 @@ impl World {
     fn schedule_session(&mut self, node: u32, shard: u16, sid: u64) {
         let epoch = self.nodes[node as usize].epoch;
         let d = self.cpu();
-        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        let Some(h) = self.session_mut(node, shard, sid) else {
+            return;
+        };
         if !h.scheduled {
             h.scheduled = true;
-            self.after(d, Ev::SessionRun { node, epoch, shard, sid });
+            self.after(
+                d,
+                Ev::SessionRun {
+                    node,
+                    epoch,
+                    shard,
+                    sid,
+                },
+            );
         }
     }
 
@@ -207,7 +226,15 @@ impl World {
         };
         if !h.scheduled {
             h.scheduled = true;
-            self.after(d, Ev::UserRun { node, epoch, shard, jid: jid.clone() });
+            self.after(
+                d,
+                Ev::UserRun {
+                    node,
+                    epoch,
+                    shard,
+                    jid: jid.clone(),
+                },
+            );
         }
     }
 
@@ -220,8 +247,12 @@ impl World {
     }
 
     pub fn server_bytes(&mut self, conn: u64, bytes: Vec<u8>) {
-        let Some((node, shard, sid)) = self.conn_target(conn) else { return };
-        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        let Some((node, shard, sid)) = self.conn_target(conn) else {
+            return;
+        };
+        let Some(h) = self.session_mut(node, shard, sid) else {
+            return;
+        };
         h.inbox.push_back(ConnInput::Bytes(bytes));
         self.schedule_session(node, shard, sid);
     }
@@ -243,7 +274,9 @@ impl World {
         if !self.live(node, epoch) {
             return;
         }
-        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        let Some(h) = self.session_mut(node, shard, sid) else {
+            return;
+        };
         h.scheduled = false;
         if h.waiting {
             return;
@@ -310,7 +343,9 @@ impl World {
     /// or a full local mailbox (the connection is not read meanwhile).
     fn carry_out(&mut self, node: u32, shard: u16, sid: u64) {
         loop {
-            let Some(h) = self.session_mut(node, shard, sid) else { return };
+            let Some(h) = self.session_mut(node, shard, sid) else {
+                return;
+            };
             let Some(a) = h.actions.pop_front() else { break };
             match a {
                 Action::Route(env) => {
@@ -319,7 +354,13 @@ impl World {
                     }
                     if let (Address::User(to), Msg::User(UserMsg::Inbound { stanza: st })) = (&env.to, &env.msg) {
                         if let Some(id) = msg_id(st) {
-                            let from = st.attr("from").unwrap_or("").split('/').next().unwrap_or("").to_string();
+                            let from = st
+                                .attr("from")
+                                .unwrap_or("")
+                                .split('/')
+                                .next()
+                                .unwrap_or("")
+                                .to_string();
                             let now = self.now_us / 1000;
                             let (id, to) = (id.to_string(), to.to_string());
                             if !self.msgs.recs.contains_key(&id) {
@@ -335,7 +376,15 @@ impl World {
                         let h = self.session_mut(node, shard, sid).expect("present");
                         h.actions.push_front(Action::Route(env));
                         let epoch = self.nodes[node as usize].epoch;
-                        self.after(1000, Ev::SessionRun { node, epoch, shard, sid });
+                        self.after(
+                            1000,
+                            Ev::SessionRun {
+                                node,
+                                epoch,
+                                shard,
+                                sid,
+                            },
+                        );
                         return;
                     }
                 }
@@ -345,7 +394,15 @@ impl World {
                     h.waiting = true;
                     let epoch = self.nodes[node as usize].epoch;
                     let d = self.rng.exp(self.faults.read_us) + 1;
-                    self.after(d, Ev::Read { node, epoch, shard, what: Read::Account { sid, user } });
+                    self.after(
+                        d,
+                        Ev::Read {
+                            node,
+                            epoch,
+                            shard,
+                            what: Read::Account { sid, user },
+                        },
+                    );
                     return;
                 }
                 Action::CreateAccount { user, account } => {
@@ -360,7 +417,9 @@ impl World {
                 }
             }
         }
-        let Some(h) = self.session_mut(node, shard, sid) else { return };
+        let Some(h) = self.session_mut(node, shard, sid) else {
+            return;
+        };
         if h.s.is_closed() {
             return self.finish_session(node, shard, sid);
         }
@@ -395,7 +454,9 @@ impl World {
         match what {
             Read::Account { sid, user } => {
                 let acc = self.nodes[node as usize].storage.account(&user).ok().flatten();
-                let Some(h) = self.session_mut(node, shard, sid) else { return };
+                let Some(h) = self.session_mut(node, shard, sid) else {
+                    return;
+                };
                 h.waiting = false;
                 self.session_input(node, shard, sid, Input::Account(acc));
                 self.carry_out(node, shard, sid);
@@ -450,8 +511,57 @@ impl World {
         self.mesh_last.insert(key, t);
         *self.mesh_depth.entry(key).or_default() += 1;
         let epoch = self.nodes[node as usize].epoch;
-        self.at(t, Ev::Mesh { node, epoch, from: shard, to: s, env });
+        self.at(
+            t,
+            Ev::Mesh {
+                node,
+                epoch,
+                from: shard,
+                to: s,
+                env,
+            },
+        );
         Ok(())
+    }
+
+    /// Moves held envelopes into their mailbox while it has room.
+    pub fn drain_held(&mut self, node: u32, epoch: u64, shard: u16, target: Target) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        let cap = self.faults.mailbox;
+        loop {
+            let sh = &mut self.nodes[node as usize].shards[shard as usize];
+            let Some(env) = sh.held.get_mut(&target).and_then(|q| q.pop_front()) else {
+                sh.held.remove(&target);
+                return;
+            };
+            let full = match &env.to {
+                Address::Session(a) => sh.sessions.get(&a.id).is_some_and(|h| h.mailbox.len() >= cap),
+                Address::User(j) => sh.users.get(j).is_some_and(|h| h.mailbox.len() >= cap),
+            };
+            if full {
+                sh.held.get_mut(&target).expect("present").push_front(env);
+                self.after(
+                    5000,
+                    Ev::Retry {
+                        node,
+                        epoch,
+                        shard,
+                        target,
+                    },
+                );
+                return;
+            }
+            // Room (or the session is gone): deliver as if fresh, with nothing held before it.
+            let q = sh.held.remove(&target).expect("present");
+            let _ = self.deliver_local(node, shard, env, Origin::Actor);
+            if !q.is_empty() {
+                self.nodes[node as usize].shards[shard as usize]
+                    .held
+                    .insert(target.clone(), q);
+            }
+        }
     }
 
     pub fn mesh_arrive(&mut self, node: u32, epoch: u64, shard: u16, env: Envelope) {
@@ -463,6 +573,15 @@ impl World {
 
     fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Result<(), Envelope> {
         let cap = self.faults.mailbox;
+        let target = Target::of(&env.to);
+        if let Some(q) = self.nodes[node as usize].shards[shard as usize].held.get_mut(&target) {
+            if origin == Origin::Connection || env.msg.is_control() {
+                q.push_back(env);
+            } else {
+                self.overflow(node, shard, env);
+            }
+            return Ok(());
+        }
         match (env.to, env.msg) {
             (Address::Session(a), Msg::Session(m)) => {
                 let Some(h) = self.session_mut(node, shard, a.id) else {
@@ -495,9 +614,20 @@ impl World {
                     );
                     let epoch = self.nodes[node as usize].epoch;
                     let d = self.rng.exp(self.faults.read_us) + 1;
-                    self.after(d, Ev::Read { node, epoch, shard, what: Read::User { jid: j.clone() } });
+                    self.after(
+                        d,
+                        Ev::Read {
+                            node,
+                            epoch,
+                            shard,
+                            what: Read::User { jid: j.clone() },
+                        },
+                    );
                 }
-                let h = self.nodes[node as usize].shards[shard as usize].users.get_mut(&j).expect("inserted");
+                let h = self.nodes[node as usize].shards[shard as usize]
+                    .users
+                    .get_mut(&j)
+                    .expect("inserted");
                 if h.mailbox.len() >= cap {
                     let env = Envelope::to_user(j, m);
                     if origin == Origin::Connection {
@@ -514,11 +644,27 @@ impl World {
         Ok(())
     }
 
-    /// A full mailbox: control messages try again shortly, stanzas bounce.
+    /// A full mailbox: control messages are held (in order) until there is room, stanzas
+    /// bounce.
     fn overflow(&mut self, node: u32, shard: u16, env: Envelope) {
-        if is_control(&env.msg) {
-            let epoch = self.nodes[node as usize].epoch;
-            self.after(5000, Ev::Retry { node, epoch, shard, env });
+        if env.msg.is_control() {
+            let target = Target::of(&env.to);
+            let held = &mut self.nodes[node as usize].shards[shard as usize].held;
+            if let Some(q) = held.get_mut(&target) {
+                q.push_back(env);
+            } else {
+                held.insert(target.clone(), VecDeque::from([env]));
+                let epoch = self.nodes[node as usize].epoch;
+                self.after(
+                    5000,
+                    Ev::Retry {
+                        node,
+                        epoch,
+                        shard,
+                        target,
+                    },
+                );
+            }
             return;
         }
         self.stats.bounces += 1;
@@ -527,7 +673,10 @@ impl World {
         if let Msg::User(UserMsg::Inbound { stanza: st }) | Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
             let bare = |a: Option<&str>| a.unwrap_or("").split('/').next().unwrap_or("").to_string();
             if st.name == "presence" {
-                self.presence_lost.insert((bare(st.attr("to")), bare(st.attr("from"))));
+                // Either way: a bounced probe or subscription answer costs the other side too.
+                let (to, from) = (bare(st.attr("to")), bare(st.attr("from")));
+                self.presence_lost.insert((to.clone(), from.clone()));
+                self.presence_lost.insert((from, to));
             }
             if st.name == "iq" && st.child("query", "jabber:iq:roster").is_some() {
                 // A roster push bounced: that client's view is stale until it fetches again.
@@ -557,7 +706,9 @@ impl World {
         if !stanza::may_bounce(&st) {
             return;
         }
-        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else { return };
+        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else {
+            return;
+        };
         let err = stanza::error_reply(&st, condition, None);
         let env = Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err });
         let _ = self.route(node, shard, env, Origin::Actor);
@@ -579,6 +730,14 @@ impl World {
         }
         if h.effects.is_empty() {
             let Some(m) = h.mailbox.pop_front() else { return };
+            if self.cfg.keep_events > 0 {
+                let what = format!("user {jid} handles {m:?}");
+                self.trace.note(self.now_us, what);
+            }
+            let h = self.nodes[node as usize].shards[shard as usize]
+                .users
+                .get_mut(&jid)
+                .expect("present");
             let actor = h.actor.as_mut().expect("loaded");
             match catch_unwind(AssertUnwindSafe(|| actor.handle(m, now))) {
                 Ok(fx) => h.effects.extend(fx),
@@ -589,7 +748,10 @@ impl World {
         }
         let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
         loop {
-            let h = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid).expect("present");
+            let h = self.nodes[node as usize].shards[shard as usize]
+                .users
+                .get_mut(&jid)
+                .expect("present");
             let Some(fx) = h.effects.pop_front() else { break };
             match fx {
                 Effect::Send(env) => {
@@ -615,7 +777,10 @@ impl World {
                 }
             }
         }
-        let h = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid).expect("present");
+        let h = self.nodes[node as usize].shards[shard as usize]
+            .users
+            .get_mut(&jid)
+            .expect("present");
         let idle = h.actor.as_ref().is_some_and(|a| a.is_idle());
         if idle && h.mailbox.is_empty() {
             // Idle and nothing queued: let go; the durable state reloads on the next message.
@@ -625,9 +790,14 @@ impl World {
         }
     }
 
-    /// Hands writes to the storage thread: applied and flushed with whatever else is queued.
+    /// Hands writes to the storage thread: applied at once (later reads see them, as with
+    /// sled), made durable by the next flush with whatever else is queued (group commit).
     fn submit(&mut self, node: u32, writes: Vec<Write>, waiter: Option<Waiter>) {
         let n = &mut self.nodes[node as usize];
+        if let Err(e) = n.storage.apply(&writes) {
+            self.fail(0, format!("memory storage refused a write: {e}"));
+            return;
+        }
         n.queued.push((writes, waiter));
         if n.flushing.is_none() {
             self.start_flush(node);
@@ -650,10 +820,6 @@ impl World {
                     }
                 }
             }
-            if let Err(e) = n.storage.apply(&writes) {
-                self.fail(0, format!("memory storage refused a write: {e}"));
-                return;
-            }
             waiters.extend(w);
         }
         n.flushing = Some((waiters, stored));
@@ -668,7 +834,9 @@ impl World {
         }
         let n = &mut self.nodes[node as usize];
         let _ = n.storage.flush();
-        let Some((waiters, stored)) = n.flushing.take() else { return };
+        let Some((waiters, stored)) = n.flushing.take() else {
+            return;
+        };
         for (user, id) in stored {
             if self.msgs.recs.get(&id).is_some_and(|r| !r.stored_durable) {
                 self.stats.messages_stored_offline += 1;

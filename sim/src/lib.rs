@@ -34,6 +34,8 @@ pub struct Config {
     pub faults: bool,
     /// Events kept for the report of a failure.
     pub keep_events: usize,
+    /// Clients also remove contacts and cancel subscriptions.
+    pub churn: bool,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             bugs: Vec::new(),
             faults: true,
             keep_events: 40,
+            churn: true,
         }
     }
 }

@@ -28,6 +28,9 @@ struct Args {
     /// Run without faults.
     #[arg(long)]
     no_faults: bool,
+    /// Clients never remove contacts nor cancel subscriptions.
+    #[arg(long)]
+    no_churn: bool,
     /// Switch on a planted bug (to see the oracles catch it): drop-offline,
     /// keep-delivered-offline, forget-roster-push, ignore-offline-cap, ack-before-flush.
     #[arg(long = "bug")]
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         bugs,
         faults: !a.no_faults,
         keep_events: a.last,
+        churn: !a.no_churn,
     };
     if a.nodes != 1 {
         eprintln!("--nodes must be 1 until the cluster lands (placement, transport and membership are issue 5)");
@@ -90,6 +94,9 @@ fn main() -> ExitCode {
     if a.no_faults {
         flags += " --no-faults";
     }
+    if a.no_churn {
+        flags += " --no-churn";
+    }
     for b in &a.bugs {
         flags += &format!(" --bug {b}");
     }
@@ -109,7 +116,15 @@ fn main() -> ExitCode {
         }
     }
     if !one {
-        println!("{ok} seeds ok, {} failed{}", failed.len(), if failed.is_empty() { String::new() } else { format!(": {failed:?}") });
+        println!(
+            "{ok} seeds ok, {} failed{}",
+            failed.len(),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(": {failed:?}")
+            }
+        );
     }
     if failed.is_empty() {
         ExitCode::SUCCESS

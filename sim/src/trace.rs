@@ -34,7 +34,20 @@ impl Trace {
         if self.recent.len() == self.keep {
             self.recent.pop_front();
         }
-        self.recent.push_back(format!("{:>10.3} ms  {what}", at as f64 / 1000.0));
+        self.recent
+            .push_back(format!("{:>10.3} ms  {what}", at as f64 / 1000.0));
+    }
+
+    /// Keeps a line for the failure report without hashing it (it adds detail, not events).
+    pub fn note(&mut self, at: u64, what: String) {
+        if self.keep == 0 {
+            return;
+        }
+        if self.recent.len() == self.keep {
+            self.recent.pop_front();
+        }
+        self.recent
+            .push_back(format!("{:>10.3} ms    {what}", at as f64 / 1000.0));
     }
 
     pub fn digest(&self) -> u64 {

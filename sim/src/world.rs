@@ -14,7 +14,7 @@ use starling_storage::{MemoryStorage, Storage, Subscription};
 
 use crate::client::{self, Client, Note};
 use crate::faults::Faults;
-use crate::host::{Node, Read};
+use crate::host::{Node, Read, Target};
 use crate::oracle::{xml_id, Messages, Violation};
 use crate::rng::Rng;
 use crate::trace::Trace;
@@ -25,22 +25,61 @@ pub const EPOCH_MS: u64 = 1_800_000_000_000;
 /// Mean time between two actions of an online client, µs.
 const ACT_MEAN_US: u64 = 400_000;
 /// Offline messages kept per user: small, so that the cap is reached.
-pub const MAX_OFFLINE: usize = 20;
+pub const MAX_OFFLINE: usize = 5;
 /// Capacity of one shard-to-shard mesh channel (as in the node).
 pub const MESH_CAP: usize = 1024;
 
 pub enum Ev {
     ClientWake(usize),
-    ToServer { conn: u64, bytes: Vec<u8> },
-    ServerSeesClose { conn: u64 },
-    ToClient { conn: u64, bytes: Vec<u8> },
-    ClientSeesClose { conn: u64 },
-    Mesh { node: u32, epoch: u64, from: u16, to: u16, env: Envelope },
-    Retry { node: u32, epoch: u64, shard: u16, env: Envelope },
-    SessionRun { node: u32, epoch: u64, shard: u16, sid: u64 },
-    UserRun { node: u32, epoch: u64, shard: u16, jid: BareJid },
-    Read { node: u32, epoch: u64, shard: u16, what: Read },
-    FlushDone { node: u32, epoch: u64 },
+    ToServer {
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    ServerSeesClose {
+        conn: u64,
+    },
+    ToClient {
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    ClientSeesClose {
+        conn: u64,
+    },
+    Mesh {
+        node: u32,
+        epoch: u64,
+        from: u16,
+        to: u16,
+        env: Envelope,
+    },
+    Retry {
+        node: u32,
+        epoch: u64,
+        shard: u16,
+        target: Target,
+    },
+    SessionRun {
+        node: u32,
+        epoch: u64,
+        shard: u16,
+        sid: u64,
+    },
+    UserRun {
+        node: u32,
+        epoch: u64,
+        shard: u16,
+        jid: BareJid,
+    },
+    Read {
+        node: u32,
+        epoch: u64,
+        shard: u16,
+        what: Read,
+    },
+    FlushDone {
+        node: u32,
+        epoch: u64,
+    },
     NodeCrash(u32),
     NodeRestart(u32),
     ShardCrash(u32, u16),
@@ -91,7 +130,11 @@ pub struct World {
 impl World {
     pub fn new(seed: u64, cfg: Config) -> Self {
         let mut rng = Rng::new(seed);
-        let faults = if cfg.faults { Faults::draw(&mut rng) } else { Faults::none() };
+        let faults = if cfg.faults {
+            Faults::draw(&mut rng)
+        } else {
+            Faults::none()
+        };
         let c2s_cfg = Rc::new(C2sConfig {
             domains: vec![client::DOMAIN.to_string()],
             require_tls: false,
@@ -240,42 +283,81 @@ impl World {
                 self.client_wake(c);
             }
             Ev::ToServer { conn, bytes } => {
-                self.trace.record(self.now_us, format!("conn {conn} → server {}", String::from_utf8_lossy(&bytes)));
+                self.trace.record(
+                    self.now_us,
+                    format!("conn {conn} → server {}", String::from_utf8_lossy(&bytes)),
+                );
                 self.server_bytes(conn, bytes);
             }
             Ev::ServerSeesClose { conn } => {
-                self.trace.record(self.now_us, format!("conn {conn} closed by the client"));
+                self.trace
+                    .record(self.now_us, format!("conn {conn} closed by the client"));
                 self.server_sees_close(conn);
             }
             Ev::ToClient { conn, bytes } => {
-                self.trace.record(self.now_us, format!("conn {conn} → client {}", String::from_utf8_lossy(&bytes)));
+                self.trace.record(
+                    self.now_us,
+                    format!("conn {conn} → client {}", String::from_utf8_lossy(&bytes)),
+                );
                 self.client_bytes(conn, &bytes);
             }
             Ev::ClientSeesClose { conn } => {
-                self.trace.record(self.now_us, format!("conn {conn} closed by the server"));
+                self.trace
+                    .record(self.now_us, format!("conn {conn} closed by the server"));
                 self.client_sees_close(conn);
             }
-            Ev::Mesh { node, epoch, from, to, env } => {
-                self.trace.record(self.now_us, format!("mesh n{node} s{from}→s{to} {env:?}"));
+            Ev::Mesh {
+                node,
+                epoch,
+                from,
+                to,
+                env,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("mesh n{node} s{from}→s{to} {env:?}"));
                 if let Some(d) = self.mesh_depth.get_mut(&(node, from, to)) {
                     *d = d.saturating_sub(1);
                 }
                 self.mesh_arrive(node, epoch, to, env);
             }
-            Ev::Retry { node, epoch, shard, env } => {
-                self.trace.record(self.now_us, format!("retry n{node} s{shard} {env:?}"));
-                self.mesh_arrive(node, epoch, shard, env);
+            Ev::Retry {
+                node,
+                epoch,
+                shard,
+                target,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("held for {target:?} on n{node} s{shard}: retry"));
+                self.drain_held(node, epoch, shard, target);
             }
-            Ev::SessionRun { node, epoch, shard, sid } => {
-                self.trace.record(self.now_us, format!("session n{node} s{shard} #{sid} runs"));
+            Ev::SessionRun {
+                node,
+                epoch,
+                shard,
+                sid,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("session n{node} s{shard} #{sid} runs"));
                 self.session_run(node, epoch, shard, sid);
             }
-            Ev::UserRun { node, epoch, shard, jid } => {
-                self.trace.record(self.now_us, format!("user {jid} runs on n{node} s{shard}"));
+            Ev::UserRun {
+                node,
+                epoch,
+                shard,
+                jid,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("user {jid} runs on n{node} s{shard}"));
                 self.user_run(node, epoch, shard, jid);
             }
-            Ev::Read { node, epoch, shard, what } => {
-                self.trace.record(self.now_us, format!("storage read done n{node} s{shard} {what:?}"));
+            Ev::Read {
+                node,
+                epoch,
+                shard,
+                what,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("storage read done n{node} s{shard} {what:?}"));
                 self.read_done(node, epoch, shard, what);
             }
             Ev::FlushDone { node, epoch } => {
@@ -305,7 +387,8 @@ impl World {
                 }
             }
             Ev::Quiesce => {
-                self.trace.record(self.now_us, "quiesce: faults and scripts stop".into());
+                self.trace
+                    .record(self.now_us, "quiesce: faults and scripts stop".into());
                 self.quiescing = true;
                 for c in 0..self.clients.len() {
                     let stay = self.rng.chance(0.8);
@@ -351,7 +434,7 @@ impl World {
                 return self.wake(c, d);
             }
             let users = self.clients.len();
-            let (xml, logout) = self.clients[c].act(&mut self.rng, users);
+            let (xml, logout) = self.clients[c].act(&mut self.rng, users, self.cfg.churn);
             if !xml.is_empty() {
                 self.client_send(c, xml.into_bytes(), true);
             }
@@ -416,10 +499,18 @@ impl World {
         pieces.push(bytes);
         for p in pieces {
             let delay = self.rng.exp(self.faults.client_delay_us) + 1;
-            let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+            let Some(conn) = self.conns.get_mut(&conn_id) else {
+                return;
+            };
             let t = conn.to_server_at.max(self.now_us + delay);
             conn.to_server_at = t;
-            self.at(t, Ev::ToServer { conn: conn_id, bytes: p });
+            self.at(
+                t,
+                Ev::ToServer {
+                    conn: conn_id,
+                    bytes: p,
+                },
+            );
         }
         if cut {
             self.cut(c);
@@ -453,7 +544,9 @@ impl World {
             return;
         }
         let delay = self.rng.exp(self.faults.client_delay_us) + 1;
-        let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
         if !conn.server_open {
             return;
         }
@@ -465,7 +558,9 @@ impl World {
     /// The server closes a connection (after what it wrote).
     pub fn server_close(&mut self, conn_id: u64) {
         let delay = self.rng.exp(self.faults.client_delay_us) + 1;
-        let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
         if !conn.server_open {
             return;
         }
@@ -535,7 +630,9 @@ impl World {
     }
 
     fn client_sees_close(&mut self, conn_id: u64) {
-        let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
         if !conn.client_open {
             self.conns.remove(&conn_id);
             return;
@@ -667,11 +764,7 @@ impl World {
             }
             for (a, ra) in &rosters {
                 for (b, sub) in ra {
-                    let back = rosters
-                        .get(b)
-                        .and_then(|rb| rb.get(a))
-                        .copied()
-                        .unwrap_or_default();
+                    let back = rosters.get(b).and_then(|rb| rb.get(a)).copied().unwrap_or_default();
                     let bounced = self.presence_lost.contains(&(a.clone(), b.clone()))
                         || self.presence_lost.contains(&(b.clone(), a.clone()));
                     if !bounced && (sub.has_to() != back.has_from() || sub.has_from() != back.has_to()) {

@@ -76,16 +76,34 @@ impl C2sSession {
                 }
                 // The user's own server processes all presence (broadcast, subscriptions,
                 // directed presence bookkeeping).
-                self.route(Envelope::to_user(user, UserMsg::Outbound { session: self.addr, resource, stanza: el }));
+                self.route(Envelope::to_user(
+                    user,
+                    UserMsg::Outbound {
+                        session: self.addr,
+                        resource,
+                        stanza: el,
+                    },
+                ));
             }
             "iq" => match (&to, to_server, local_user) {
-                (None, _, _) if el.first_child().is_some_and(|p| p.ns == ns::ROSTER) => {
-                    self.route(Envelope::to_user(user, UserMsg::Outbound { session: self.addr, resource, stanza: el }))
-                }
+                (None, _, _) if el.first_child().is_some_and(|p| p.ns == ns::ROSTER) => self.route(Envelope::to_user(
+                    user,
+                    UserMsg::Outbound {
+                        session: self.addr,
+                        resource,
+                        stanza: el,
+                    },
+                )),
                 (None, _, _) | (_, true, _) => self.server_iq(el),
-                (_, _, Some(bare)) if bare == user && to.as_ref().is_some_and(|t| t.resource().is_none()) => {
-                    self.route(Envelope::to_user(user, UserMsg::Outbound { session: self.addr, resource, stanza: el }))
-                }
+                (_, _, Some(bare)) if bare == user && to.as_ref().is_some_and(|t| t.resource().is_none()) => self
+                    .route(Envelope::to_user(
+                        user,
+                        UserMsg::Outbound {
+                            session: self.addr,
+                            resource,
+                            stanza: el,
+                        },
+                    )),
                 (_, _, Some(bare)) => self.route(Envelope::to_user(bare, UserMsg::Inbound { stanza: el })),
                 _ if remote => self.bounce(&el, "remote-server-not-found"),
                 _ => self.bounce(&el, "service-unavailable"),

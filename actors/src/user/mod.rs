@@ -177,6 +177,23 @@ impl UserActor {
             .iter()
             .position(|s| s.resource == resource && s.addr == addr)
         else {
+            if self.session(resource).is_none() {
+                // A session this incarnation never saw: it was bound before the actor was
+                // restarted (a panic, a shard restart). Its contacts may still see it online,
+                // so tell them it is gone; a second unavailable is harmless.
+                let ghost = Session {
+                    resource: resource.to_string(),
+                    addr,
+                    available: true,
+                    presence: None,
+                    priority: 0,
+                    interested: false,
+                    directed: BTreeSet::new(),
+                };
+                for e in self.unavailable_broadcast(&ghost, None) {
+                    self.send(e);
+                }
+            }
             return;
         };
         let old = self.sessions.remove(i);

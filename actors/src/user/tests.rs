@@ -32,6 +32,8 @@ struct World {
     users: BTreeMap<String, UserActor>,
     /// Bound sessions: (bare JID, resource) → address.
     bound: BTreeMap<(String, String), SessionAddr>,
+    /// Sessions confirm the offline messages they were handed.
+    confirm_offline: bool,
     /// What sessions received: (session id, stanza).
     delivered: Vec<(u64, Element)>,
     writes: Vec<Write>,
@@ -50,6 +52,7 @@ impl World {
         World {
             users,
             bound: BTreeMap::new(),
+            confirm_offline: true,
             delivered: Vec::new(),
             writes: Vec::new(),
             kicked: Vec::new(),
@@ -83,7 +86,19 @@ impl World {
                         }
                     }
                 }
-                (Address::Session(a), Msg::Session(SessionMsg::Stanza(s))) => self.delivered.push((a.id, s)),
+                (Address::Session(a), Msg::Session(SessionMsg::Stanza(s) | SessionMsg::Offline(s))) => {
+                    self.delivered.push((a.id, s))
+                }
+                (Address::Session(a), Msg::Session(SessionMsg::OfflineSent { upto })) if self.confirm_offline => {
+                    // The session wrote them: it confirms, as c2s does.
+                    let user = self.bound.iter().find(|(_, s)| **s == a).map(|((u, _), _)| u.clone());
+                    if let Some(u) = user {
+                        q.push_back(Envelope::to_user(
+                            u.parse().unwrap(),
+                            UserMsg::OfflineDelivered { session: a, upto },
+                        ));
+                    }
+                }
                 (Address::Session(a), Msg::Session(SessionMsg::Kick { .. })) => self.kicked.push(a.id),
                 _ => {}
             }
@@ -102,7 +117,7 @@ impl World {
         self.run(
             &format!("{user}@localhost"),
             UserMsg::Outbound {
-            session: ANY,
+                session: ANY,
                 resource: resource.into(),
                 stanza: el(&format!("<presence from='{user}@localhost/{resource}'/>")),
             },
@@ -322,4 +337,78 @@ fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
 fn timestamps_are_rfc3339() {
     assert_eq!(xmpp_timestamp(0), "1970-01-01T00:00:00.000Z");
     assert_eq!(xmpp_timestamp(951_782_400_123), "2000-02-29T00:00:00.123Z");
+}
+
+#[test]
+fn offline_messages_are_deleted_only_once_the_session_wrote_them() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.confirm_offline = false;
+    w.run(
+        "bob@localhost",
+        UserMsg::Inbound {
+            stanza: el(
+                "<message from='alice@localhost/a' to='bob@localhost' id='m0' type='chat'><body>0</body></message>",
+            ),
+        },
+    );
+    w.online("bob", "b", 2);
+    assert_eq!(w.take(2).iter().filter(|s| s.name == "message").count(), 1);
+    assert!(
+        !w.writes.iter().any(|x| matches!(x, Write::DeleteOffline { .. })),
+        "deleted before the session confirmed"
+    );
+    // The session ends without confirming: the next one gets the message again.
+    let b = SessionAddr {
+        node: 0,
+        shard: 0,
+        id: 2,
+    };
+    w.run(
+        "bob@localhost",
+        UserMsg::Unbind {
+            session: b,
+            resource: "b".into(),
+        },
+    );
+    w.confirm_offline = true;
+    w.online("bob", "c", 3);
+    assert_eq!(w.take(3).iter().filter(|s| s.name == "message").count(), 1);
+    assert!(w
+        .writes
+        .iter()
+        .any(|x| matches!(x, Write::DeleteOffline { upto: 1, .. })));
+    assert_eq!(w.users["bob@localhost"].offline_len(), 0);
+}
+
+#[test]
+fn a_replaced_session_cannot_act_for_its_successor() {
+    let mut w = World::new(&["alice", "bob"]);
+    let old = SessionAddr {
+        node: 0,
+        shard: 0,
+        id: 1,
+    };
+    w.online("alice", "a", 1);
+    w.online("alice", "a", 2);
+    // The old connection's late unavailable presence must not mark the new session unavailable.
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            session: old,
+            resource: "a".into(),
+            stanza: el("<presence type='unavailable' from='alice@localhost/a'/>"),
+        },
+    );
+    w.run(
+        "alice@localhost",
+        UserMsg::Inbound {
+            stanza: el(
+                "<message from='bob@localhost/b' to='alice@localhost' id='m1' type='chat'><body>hi</body></message>",
+            ),
+        },
+    );
+    assert!(
+        w.take(2).iter().any(|s| s.attr("id") == Some("m1")),
+        "the new session is still available"
+    );
 }
