@@ -358,6 +358,10 @@ impl Shard {
         if let SessionMsg::Stanza(st) = m {
             if st.name == "message" {
                 if let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) {
+                    // To the bare JID: the user actor must not pick the vanished session
+                    // again (a stale session record would loop the message forever).
+                    let mut st = st;
+                    st.set_attr("to", to.to_bare().to_string());
                     self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }));
                 }
             }

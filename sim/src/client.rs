@@ -71,8 +71,9 @@ pub struct Client {
     /// The fetch of this connection has been answered.
     pub roster_known: bool,
     roster_fetch: Option<String>,
-    /// Contacts whose removal was asked for and not yet confirmed.
-    removing: BTreeSet<String>,
+    /// Contacts whose removal was asked for and not yet confirmed, with how many removals
+    /// are outstanding (two requests, one push: one is still on its way).
+    removing: BTreeMap<String, u32>,
     /// Contacts' presence as received: contact → resource → available.
     pub presence: BTreeMap<String, BTreeMap<String, bool>>,
     /// Sent available presence on this connection (and not unavailable since).
@@ -81,6 +82,8 @@ pub struct Client {
     pub wants_online: bool,
     next_id: u64,
     pub sent_messages: u64,
+    /// Contacts this client removed or unsubscribed from at least once.
+    pub churned_with: BTreeSet<String>,
 }
 
 impl Client {
@@ -100,12 +103,13 @@ impl Client {
             roster: BTreeMap::new(),
             roster_known: false,
             roster_fetch: None,
-            removing: BTreeSet::new(),
+            removing: BTreeMap::new(),
             presence: BTreeMap::new(),
             available: false,
             wants_online: true,
             next_id: 0,
             sent_messages: 0,
+            churned_with: BTreeSet::new(),
         }
     }
 
@@ -301,7 +305,7 @@ impl Client {
                     }
                     // Invariant 2: what the server told us it stored is still there.
                     for contact in self.roster.keys() {
-                        if !fetched.contains_key(contact) && !self.removing.contains(contact) {
+                        if !fetched.contains_key(contact) && !self.removing.contains_key(contact) {
                             out.notes.push(Note::ToldItemMissing {
                                 contact: contact.clone(),
                             });
@@ -310,7 +314,7 @@ impl Client {
                     // A removal asked for on an earlier connection may still be on its way
                     // (its bytes reach the server after the new session's fetch): it stays
                     // excused until a fetch shows the item gone.
-                    self.removing.retain(|c| fetched.contains_key(c));
+                    self.removing.retain(|c, _| fetched.contains_key(c));
                     self.roster = fetched;
                     self.roster_known = true;
                 }
@@ -323,7 +327,12 @@ impl Client {
         let Some(j) = item.attr("jid") else { return };
         if item.attr("subscription") == Some("remove") {
             self.roster.remove(j);
-            self.removing.remove(j);
+            if let Some(n) = self.removing.get_mut(j) {
+                *n -= 1;
+                if *n == 0 {
+                    self.removing.remove(j);
+                }
+            }
         } else {
             self.roster.insert(j.to_string(), item_view(item));
         }
@@ -372,7 +381,8 @@ impl Client {
                 let Some(contact) = self.roster.keys().nth(rng.below(self.roster.len().max(1))).cloned() else {
                     return (String::new(), false);
                 };
-                self.removing.insert(contact.clone());
+                *self.removing.entry(contact.clone()).or_default() += 1;
+                self.churned_with.insert(contact.clone());
                 let id = self.id("s");
                 (
                     format!(
@@ -382,7 +392,10 @@ impl Client {
                     false,
                 )
             }
-            73..=75 => (format!("<presence to='{other_e}' type='unsubscribe'/>"), false),
+            73..=75 => {
+                self.churned_with.insert(other.clone());
+                (format!("<presence to='{other_e}' type='unsubscribe'/>"), false)
+            }
             76..=89 => {
                 let show = ["away", "dnd", "xa", "chat"][rng.below(4)];
                 if rng.chance(0.5) {

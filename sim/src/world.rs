@@ -725,7 +725,10 @@ impl World {
                 return;
             }
             for (contact, (sub, _)) in &truth {
-                if !(sub == "to" || sub == "both") || self.presence_lost.contains(&(c.user.clone(), contact.clone())) {
+                if !(sub == "to" || sub == "both")
+                    || self.presence_lost.contains(&(c.user.clone(), contact.clone()))
+                    || self.churned(&c.user, contact)
+                {
                     continue;
                 }
                 let sees = c.presence.get(contact).is_some_and(|r| r.values().any(|a| *a));
@@ -767,7 +770,10 @@ impl World {
                     let back = rosters.get(b).and_then(|rb| rb.get(a)).copied().unwrap_or_default();
                     let bounced = self.presence_lost.contains(&(a.clone(), b.clone()))
                         || self.presence_lost.contains(&(b.clone(), a.clone()));
-                    if !bounced && (sub.has_to() != back.has_from() || sub.has_from() != back.has_to()) {
+                    if !bounced
+                        && !self.churned(a, b)
+                        && (sub.has_to() != back.has_from() || sub.has_from() != back.has_to())
+                    {
                         self.violation = Some(Violation {
                             invariant: 3,
                             at_ms: now,
@@ -782,6 +788,19 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Whether one of the two removed the other or cancelled a subscription: such requests
+    /// can cross an approval in flight, and RFC 6121 cannot tell a stale approval from a
+    /// fresh one, so the two rosters may legitimately disagree.
+    fn churned(&self, a: &str, b: &str) -> bool {
+        let by = |x: &str, y: &str| {
+            self.clients
+                .iter()
+                .find(|c| c.user == x)
+                .is_some_and(|c| c.churned_with.contains(y))
+        };
+        by(a, b) || by(b, a)
     }
 
     /// Invariant 4, after every event: the real actors' queues and the host's mailboxes.

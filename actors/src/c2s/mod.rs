@@ -108,7 +108,8 @@ enum State {
     Registering(Element),
     /// A password change waits on storage.
     ChangingPassword(Element),
-    BindPending(Element),
+    /// The bind request and the resource asked of the user actor.
+    BindPending(Element, String),
     Bound,
     Closed,
 }
@@ -307,7 +308,7 @@ impl C2sSession {
             State::Negotiating if self.user.is_none() => self.negotiate(el, now, ctx),
             State::Sasl(_) => self.on_sasl_element(el, now, ctx),
             State::Negotiating => self.on_bind_request(el),
-            State::Registering(_) | State::ChangingPassword(_) | State::BindPending(_) => self.queue(el),
+            State::Registering(_) | State::ChangingPassword(_) | State::BindPending(..) => self.queue(el),
             State::Bound => self.on_bound_stanza(el),
             State::Closed => {}
         }
@@ -360,7 +361,7 @@ impl C2sSession {
         match FullJid::new(&format!("{user}/{resource}")) {
             Ok(full) => {
                 let resource = full.resource().to_string();
-                self.state = State::BindPending(el);
+                self.state = State::BindPending(el, resource.clone());
                 self.route(Envelope::to_user(
                     user,
                     UserMsg::Bind {
@@ -380,7 +381,7 @@ impl C2sSession {
     fn on_router(&mut self, m: SessionMsg) {
         match m {
             SessionMsg::Bound { resource } => {
-                let State::BindPending(iq) = std::mem::replace(&mut self.state, State::Bound) else {
+                let State::BindPending(iq, _) = std::mem::replace(&mut self.state, State::Bound) else {
                     return;
                 };
                 let user = self.user.clone().expect("authenticated");
@@ -402,7 +403,7 @@ impl C2sSession {
                 }
             }
             SessionMsg::BindFailed { condition } => {
-                if let State::BindPending(iq) = std::mem::replace(&mut self.state, State::Negotiating) {
+                if let State::BindPending(iq, _) = std::mem::replace(&mut self.state, State::Negotiating) {
                     let mut e = stanza::error_reply(&iq, condition, None);
                     e.remove_attr("from");
                     self.send_element(&e);
@@ -458,8 +459,15 @@ impl C2sSession {
         if self.is_closed() {
             return;
         }
-        if let (Some(user), Some(jid)) = (self.user.clone(), self.jid.take()) {
-            let resource = jid.resource().to_string();
+        // A bind in flight counts too: the user actor will bind us, so it must hear that we
+        // are gone, or it keeps a ghost session that messages loop through (found by the
+        // simulator).
+        let resource = match (&self.state, self.jid.take()) {
+            (_, Some(jid)) => Some(jid.resource().to_string()),
+            (State::BindPending(_, r), None) => Some(r.clone()),
+            _ => None,
+        };
+        if let (Some(user), Some(resource)) = (self.user.clone(), resource) {
             self.route(Envelope::to_user(
                 user,
                 UserMsg::Unbind {
