@@ -670,11 +670,16 @@ impl World {
         self.stats.bounces += 1;
         // A presence bounced here leaves its receiver's view stale until the sender's next
         // presence: the overflow rule allows it, so that pair is excused from invariant 3.
-        if let Msg::User(UserMsg::Inbound { stanza: st }) | Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
+        if let Msg::User(UserMsg::Inbound { stanza: st } | UserMsg::Outbound { stanza: st, .. })
+        | Msg::Session(SessionMsg::Stanza(st)) = &env.msg
+        {
             let bare = |a: Option<&str>| a.unwrap_or("").split('/').next().unwrap_or("").to_string();
             if st.name == "presence" {
                 // Either way: a bounced probe or subscription answer costs the other side too.
                 let (to, from) = (bare(st.attr("to")), bare(st.attr("from")));
+                // No `to`: a user's own broadcast presence, bounced before its actor saw it —
+                // every contact's view of it is stale ("*").
+                let to = if to.is_empty() { "*".to_string() } else { to };
                 self.presence_lost.insert((to.clone(), from.clone()));
                 self.presence_lost.insert((from, to));
             }

@@ -727,6 +727,7 @@ impl World {
             for (contact, (sub, _)) in &truth {
                 if !(sub == "to" || sub == "both")
                     || self.presence_lost.contains(&(c.user.clone(), contact.clone()))
+                    || self.presence_lost.contains(&("*".to_string(), contact.clone()))
                     || self.churned(&c.user, contact)
                 {
                     continue;
