@@ -728,6 +728,7 @@ impl World {
                 if !(sub == "to" || sub == "both")
                     || self.presence_lost.contains(&(c.user.clone(), contact.clone()))
                     || self.presence_lost.contains(&("*".to_string(), contact.clone()))
+                    || self.presence_lost.contains(&(c.user.clone(), "*".to_string()))
                     || self.churned(&c.user, contact)
                 {
                     continue;
