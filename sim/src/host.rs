@@ -37,8 +37,12 @@ pub struct Node {
     /// Writes waiting for the flush in progress to finish (group commit).
     queued: Vec<(Vec<Write>, Option<Waiter>)>,
     /// The flush in progress: who waits on it, and the offline messages it makes durable.
-    flushing: Option<(Vec<Waiter>, Vec<(String, String)>)>,
+    flushing: Option<Flush>,
 }
+
+/// The flush in progress: who waits on it, and the (user, message id) of the offline
+/// messages it makes durable.
+type Flush = (Vec<Waiter>, Vec<(String, String)>);
 
 /// A user actor waiting for its writes, with what it sends once they are durable.
 pub struct Waiter {
@@ -102,6 +106,9 @@ pub struct UserHost {
     waiting: bool,
     scheduled: bool,
 }
+
+/// A route a connection must wait for gives its envelope back (boxed: it is large).
+type Routed = Result<(), Box<Envelope>>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -374,7 +381,7 @@ impl World {
                     if let Err(env) = self.route(node, shard, env, Origin::Connection) {
                         // Full mailbox: wait for room, not reading the client meanwhile.
                         let h = self.session_mut(node, shard, sid).expect("present");
-                        h.actions.push_front(Action::Route(env));
+                        h.actions.push_front(Action::Route(*env));
                         let epoch = self.nodes[node as usize].epoch;
                         self.after(
                             1000,
@@ -482,7 +489,7 @@ impl World {
 
     /// Routes an envelope from `shard` (Shard::route / route_wait). `Err` gives it back when
     /// a connection must wait for room.
-    fn route(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Result<(), Envelope> {
+    fn route(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
         if let Msg::User(UserMsg::Inbound { stanza: st }) | Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
             if st.attr("type") == Some("error") {
                 if let Some(id) = msg_id(st) {
@@ -571,7 +578,7 @@ impl World {
         let _ = self.deliver_local(node, shard, env, Origin::Actor);
     }
 
-    fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Result<(), Envelope> {
+    fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
         let cap = self.faults.mailbox;
         let target = Target::of(&env.to);
         if let Some(q) = self.nodes[node as usize].shards[shard as usize].held.get_mut(&target) {
@@ -591,7 +598,7 @@ impl World {
                 if h.mailbox.len() >= cap {
                     let env = Envelope::to_session(a, m);
                     if origin == Origin::Connection {
-                        return Err(env);
+                        return Err(Box::new(env));
                     }
                     self.overflow(node, shard, env);
                     return Ok(());
@@ -631,7 +638,7 @@ impl World {
                 if h.mailbox.len() >= cap {
                     let env = Envelope::to_user(j, m);
                     if origin == Origin::Connection {
-                        return Err(env);
+                        return Err(Box::new(env));
                     }
                     self.overflow(node, shard, env);
                     return Ok(());

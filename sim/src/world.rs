@@ -608,7 +608,7 @@ impl World {
             }
             Note::ErrorFor { id, condition } => {
                 let user = &self.clients[c].user;
-                if !self.msgs.recs.get(&id).is_some_and(|r| &r.from == user) {
+                if self.msgs.recs.get(&id).is_none_or(|r| &r.from != user) {
                     let what = format!("{user} got a {condition} error for message {id}, which it did not send");
                     self.fail(1, what)
                 }
