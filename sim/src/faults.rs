@@ -7,9 +7,6 @@ use crate::rng::Rng;
 pub struct Faults {
     /// Mean one-way delay on client connections, µs.
     pub client_delay_us: u64,
-    /// Extra delay some packets on a link get (µs); they queue behind nothing and so can
-    /// overtake others — on datagram links. Byte streams (TCP) stay in order.
-    pub jitter_us: u64,
     /// Probability that a client write is split into several reads on the server.
     pub split: f64,
     /// Probability that a client action is cut off mid-stanza (the connection drops).
@@ -30,11 +27,6 @@ pub struct Faults {
     pub storms: u32,
     /// Mailbox capacity (small ones exercise the overflow rules).
     pub mailbox: usize,
-    /// Loss, duplication and reordering probabilities of datagram links between nodes (used
-    /// when N > 1; see net.rs).
-    pub link_loss: f64,
-    pub link_dup: f64,
-    pub link_reorder: f64,
 }
 
 impl Faults {
@@ -60,7 +52,6 @@ impl Faults {
         let slow_storage = rng.chance(0.3);
         Faults {
             client_delay_us: rng.range(50, 5_000),
-            jitter_us: rng.range(0, 2_000),
             split: pick(rng, 0.5, 0.05, 0.5),
             cut_mid_stanza: pick(rng, 0.4, 0.005, 0.05),
             cut_per_sec: pick(rng, 0.4, 0.01, 0.1),
@@ -79,9 +70,6 @@ impl Faults {
             } else {
                 1024
             },
-            link_loss: pick(rng, 0.5, 0.01, 0.2),
-            link_dup: pick(rng, 0.5, 0.01, 0.1),
-            link_reorder: pick(rng, 0.5, 0.01, 0.3),
         }
     }
 }
