@@ -15,7 +15,7 @@ use glommio::{GlommioError, ResourceType};
 use jid::{BareJid, Jid};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use starling_actors::address::{Address, NodeId, Placement, ShardId, SingleNode};
+use starling_actors::address::{Address, MailboxKey, NodeId, Placement, ShardId, SingleNode};
 use starling_actors::c2s::C2sConfig;
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::stanza;
@@ -72,22 +72,6 @@ pub struct ShardParams {
     pub write_timeout: Duration,
 }
 
-/// A mailbox, as the key of envelopes held for it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Target {
-    User(BareJid),
-    Session(u64),
-}
-
-impl Target {
-    fn of(to: &Address) -> Self {
-        match to {
-            Address::User(j) => Target::User(j.clone()),
-            Address::Session(a) => Target::Session(a.id),
-        }
-    }
-}
-
 pub struct Shard {
     pub id: ShardId,
     pub node: NodeId,
@@ -95,7 +79,7 @@ pub struct Shard {
     mesh: Option<Senders<Timed<Envelope>>>,
     pub sessions: RefCell<HashMap<u64, Mailbox<SessionMsg>>>,
     pub users: RefCell<HashMap<BareJid, Mailbox<UserMsg>>>,
-    held: RefCell<HashMap<Target, std::collections::VecDeque<Timed<Envelope>>>>,
+    held: RefCell<HashMap<MailboxKey, std::collections::VecDeque<Timed<Envelope>>>>,
     pub storage: StorageHandle,
     pub c2s_cfg: Rc<C2sConfig>,
     pub user_cfg: Rc<UserConfig>,
@@ -274,7 +258,7 @@ impl Shard {
     /// reorder one sender's messages (an `Unbind` overtaking the session's last
     /// `OfflineDelivered`, or a `Bind`, would break the user actor; found by the simulator).
     fn hold(self: &Rc<Self>, t: Timed<Envelope>) {
-        let target = Target::of(&t.msg.to);
+        let target = MailboxKey::of(&t.msg.to);
         let mut held = self.held.borrow_mut();
         if let Some(q) = held.get_mut(&target) {
             q.push_back(t);
@@ -296,7 +280,7 @@ impl Shard {
 
     /// Moves held envelopes into the target's mailbox while it has room; `true` when none
     /// is left.
-    fn drain_held(self: &Rc<Self>, target: &Target) -> bool {
+    fn drain_held(self: &Rc<Self>, target: &MailboxKey) -> bool {
         loop {
             let Some(t) = self.held.borrow_mut().get_mut(target).and_then(|q| q.pop_front()) else {
                 self.held.borrow_mut().remove(target);
@@ -349,7 +333,7 @@ impl Shard {
 
     /// Whether envelopes for `to` are held (then newcomers queue behind them).
     fn is_held(&self, to: &Address) -> bool {
-        !self.held.borrow().is_empty() && self.held.borrow().contains_key(&Target::of(to))
+        !self.held.borrow().is_empty() && self.held.borrow().contains_key(&MailboxKey::of(to))
     }
 
     /// A session ended before a stanza for it arrived: messages go back to the user actor,

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use jid::{BareJid, Jid};
-use starling_actors::address::{Address, Placement, SessionAddr, SingleNode};
+use starling_actors::address::{Address, MailboxKey, Placement, SessionAddr, SingleNode};
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
@@ -52,29 +52,13 @@ pub struct Waiter {
     then: Vec<Envelope>,
 }
 
-/// A mailbox, as the key of envelopes held for it (shard.rs in the node does the same).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Target {
-    User(BareJid),
-    Session(u64),
-}
-
-impl Target {
-    fn of(to: &Address) -> Self {
-        match to {
-            Address::User(j) => Target::User(j.clone()),
-            Address::Session(a) => Target::Session(a.id),
-        }
-    }
-}
-
 pub struct Shard {
     pub epoch: u64,
     pub sessions: BTreeMap<u64, SessionHost>,
     pub users: BTreeMap<BareJid, UserHost>,
     /// Control messages waiting for room in a full mailbox, in order; later envelopes for
     /// the same mailbox queue behind them.
-    pub held: BTreeMap<Target, VecDeque<Envelope>>,
+    pub held: BTreeMap<MailboxKey, VecDeque<Envelope>>,
     throttle: AuthThrottle,
 }
 
@@ -532,7 +516,7 @@ impl World {
     }
 
     /// Moves held envelopes into their mailbox while it has room.
-    pub fn drain_held(&mut self, node: u32, epoch: u64, shard: u16, target: Target) {
+    pub fn drain_held(&mut self, node: u32, epoch: u64, shard: u16, target: MailboxKey) {
         if !self.live(node, epoch) {
             return;
         }
@@ -580,7 +564,7 @@ impl World {
 
     fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
         let cap = self.faults.mailbox;
-        let target = Target::of(&env.to);
+        let target = MailboxKey::of(&env.to);
         if let Some(q) = self.nodes[node as usize].shards[shard as usize].held.get_mut(&target) {
             if origin == Origin::Connection || env.msg.is_control() {
                 q.push_back(env);
@@ -655,7 +639,7 @@ impl World {
     /// bounce.
     fn overflow(&mut self, node: u32, shard: u16, env: Envelope) {
         if env.msg.is_control() {
-            let target = Target::of(&env.to);
+            let target = MailboxKey::of(&env.to);
             let held = &mut self.nodes[node as usize].shards[shard as usize].held;
             if let Some(q) = held.get_mut(&target) {
                 q.push_back(env);

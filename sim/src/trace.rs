@@ -28,26 +28,22 @@ impl Trace {
         self.events += 1;
         self.hash.update(&at.to_le_bytes());
         self.hash.update(what.as_bytes());
-        if self.keep == 0 {
-            return;
-        }
-        if self.recent.len() == self.keep {
-            self.recent.pop_front();
-        }
-        self.recent
-            .push_back(format!("{:>10.3} ms  {what}", at as f64 / 1000.0));
+        self.keep_line(format!("{:>10.3} ms  {what}", at as f64 / 1000.0));
     }
 
     /// Keeps a line for the failure report without hashing it (it adds detail, not events).
     pub fn note(&mut self, at: u64, what: String) {
+        self.keep_line(format!("{:>10.3} ms    {what}", at as f64 / 1000.0));
+    }
+
+    fn keep_line(&mut self, line: String) {
         if self.keep == 0 {
             return;
         }
         if self.recent.len() == self.keep {
             self.recent.pop_front();
         }
-        self.recent
-            .push_back(format!("{:>10.3} ms    {what}", at as f64 / 1000.0));
+        self.recent.push_back(line);
     }
 
     pub fn digest(&self) -> u64 {

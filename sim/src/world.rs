@@ -14,7 +14,9 @@ use starling_storage::{MemoryStorage, Storage, Subscription};
 
 use crate::client::{self, Client, Note};
 use crate::faults::Faults;
-use crate::host::{Node, Read, Target};
+use starling_actors::address::MailboxKey;
+
+use crate::host::{Node, Read};
 use crate::oracle::{xml_id, Messages, Violation};
 use crate::rng::Rng;
 use crate::trace::Trace;
@@ -56,7 +58,7 @@ pub enum Ev {
         node: u32,
         epoch: u64,
         shard: u16,
-        target: Target,
+        target: MailboxKey,
     },
     SessionRun {
         node: u32,
