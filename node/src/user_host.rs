@@ -60,7 +60,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
             Err(_) => {
                 tracing::error!(user = %jid, "user actor panicked; ending it and its sessions");
                 shard.users.borrow_mut().remove(&jid);
-                for a in actor.session_addrs() {
+                for (a, resource) in actor.sessions() {
                     shard.route(Envelope::to_session(
                         a,
                         SessionMsg::Kick {
@@ -68,6 +68,10 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
                             text: "internal error".into(),
                         },
                     ));
+                    // What was queued for the dead actor (a logout's unbind among it) is
+                    // lost: the next incarnation learns each session is gone and tells the
+                    // contacts, who would otherwise see it online (found by the simulator).
+                    shard.route(Envelope::to_user(jid.clone(), UserMsg::Unbind { session: a, resource }));
                 }
                 return;
             }

@@ -889,6 +889,15 @@ impl World {
         }
         self.stats.messages_lost_in_crash += self.msgs.crashed(|_| true, &still);
         self.mesh_depth.retain(|k, _| !(k.0 == node && k.2 == shard));
+        // As the node does after an actor panic: the next incarnation of each lost user
+        // actor learns that its sessions are gone (their unbinds may have been lost in its
+        // mailbox), and tells the contacts.
+        for (jid, u) in &old.users {
+            for (session, resource) in u.actor.as_ref().map(|a| a.sessions()).unwrap_or_default() {
+                let env = Envelope::to_user(jid.clone(), UserMsg::Unbind { session, resource });
+                let _ = self.route(node, shard, env, Origin::Actor);
+            }
+        }
         for (_, h) in old.sessions {
             self.server_close(h.conn);
             self.msgs.allow_redelivery(&h.unconfirmed);

@@ -63,15 +63,22 @@ impl SledStorage {
     /// Opens (or creates) the store under `dir`. A store held by a running server is reported as
     /// [`StorageError::Locked`].
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                StorageError::Locked(dir.display().to_string())
-            }
-            sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                StorageError::Locked(dir.display().to_string())
-            }
-            other => backend(other),
-        })?;
+        // No periodic flusher: every write batch is flushed explicitly (group commit) before
+        // it is acknowledged, and the flusher thread keeps the database (and its file lock)
+        // alive for up to its interval after drop, so an immediate reopen failed as "in use".
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StorageError::Locked(dir.display().to_string())
+                }
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StorageError::Locked(dir.display().to_string())
+                }
+                other => backend(other),
+            })?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let offline = tree("offline")?;
         Ok(Self {

@@ -96,9 +96,10 @@ impl UserActor {
         self.sessions.is_empty()
     }
 
-    /// The sessions to notify if this actor dies.
-    pub fn session_addrs(&self) -> Vec<SessionAddr> {
-        self.sessions.iter().map(|s| s.addr).collect()
+    /// Its sessions and their resources: if this actor dies, the host ends them and tells the
+    /// next incarnation they are gone (which then tells the contacts).
+    pub fn sessions(&self) -> Vec<(SessionAddr, String)> {
+        self.sessions.iter().map(|s| (s.addr, s.resource.clone())).collect()
     }
 
     pub fn offline_len(&self) -> usize {
