@@ -515,6 +515,18 @@ impl World {
         Ok(())
     }
 
+    fn retry_held(&mut self, node: u32, epoch: u64, shard: u16, target: MailboxKey) {
+        self.after(
+            5000,
+            Ev::Retry {
+                node,
+                epoch,
+                shard,
+                target,
+            },
+        );
+    }
+
     /// Moves held envelopes into their mailbox while it has room.
     pub fn drain_held(&mut self, node: u32, epoch: u64, shard: u16, target: MailboxKey) {
         if !self.live(node, epoch) {
@@ -533,15 +545,7 @@ impl World {
             };
             if full {
                 sh.held.get_mut(&target).expect("present").push_front(env);
-                self.after(
-                    5000,
-                    Ev::Retry {
-                        node,
-                        epoch,
-                        shard,
-                        target,
-                    },
-                );
+                self.retry_held(node, epoch, shard, target);
                 return;
             }
             // Room (or the session is gone): deliver as if fresh, with nothing held before it.
@@ -646,15 +650,7 @@ impl World {
             } else {
                 held.insert(target.clone(), VecDeque::from([env]));
                 let epoch = self.nodes[node as usize].epoch;
-                self.after(
-                    5000,
-                    Ev::Retry {
-                        node,
-                        epoch,
-                        shard,
-                        target,
-                    },
-                );
+                self.retry_held(node, epoch, shard, target);
             }
             return;
         }
@@ -881,12 +877,7 @@ impl World {
         // In-flight work on it is lost: excuse what has no fate yet.
         // Storage survives a shard crash: offline messages handed over but not yet deleted
         // are still there and come again.
-        let mut still = Vec::new();
-        for c in &self.clients {
-            if let Ok(d) = self.nodes[node as usize].storage.load_user(&c.user) {
-                still.extend(d.offline.iter().filter_map(|m| xml_id(&m.xml)));
-            }
-        }
+        let still = self.stored_offline_ids(node);
         self.stats.messages_lost_in_crash += self.msgs.crashed(|_| true, &still);
         self.mesh_depth.retain(|k, _| !(k.0 == node && k.2 == shard));
         // As the node does after an actor panic: the next incarnation of each lost user

@@ -657,12 +657,7 @@ impl World {
         self.stats.node_crashes += 1;
         node.crash();
         // What is still durably in offline storage may be handed over again.
-        let mut still = Vec::new();
-        for c in &self.clients {
-            if let Ok(d) = node.storage.load_user(&c.user) {
-                still.extend(d.offline.iter().filter_map(|m| xml_id(&m.xml)));
-            }
-        }
+        let still = self.stored_offline_ids(n);
         self.stats.messages_lost_in_crash += self.msgs.crashed(|_| true, &still);
         self.mesh_depth.retain(|k, _| k.0 != n);
         let conns: Vec<u64> = self
@@ -676,6 +671,16 @@ impl World {
         }
         let d = self.rng.range(200_000, 3_000_000);
         self.after(d, Ev::NodeRestart(n));
+    }
+
+    /// Ids of every message now in the node's offline storage (all users).
+    pub fn stored_offline_ids(&self, node: u32) -> Vec<String> {
+        let storage = &self.nodes[node as usize].storage;
+        self.clients
+            .iter()
+            .filter_map(|c| storage.load_user(&c.user).ok())
+            .flat_map(|d| d.offline.into_iter().filter_map(|m| xml_id(&m.xml)))
+            .collect()
     }
 
     /// After the queue ran dry: invariants 1 and 3 over the whole state.
