@@ -1,9 +1,12 @@
 //! Cluster membership and placement (DESIGN.md "Addresses and placement"), sans-io.
 //!
-//! So far only placement: [`Ring`] answers "which node owns this key" and "who are its
-//! replicas" for a given membership. Membership (SWIM with foca) comes with the rest of the
-//! cluster issue.
+//! [`Membership`] runs SWIM (foca) for the host: datagrams and timers in, datagrams, timers
+//! and member changes out. [`Ring`] answers "which node owns this key" and "who are its
+//! replicas" for a given membership.
 
+mod membership;
 mod placement;
 
+pub use foca::Timer;
+pub use membership::{node_id, Change, MemberState, Membership, NodeIdentity, Output, Timings};
 pub use placement::{NodeName, Ring};
