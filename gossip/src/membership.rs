@@ -286,17 +286,15 @@ impl Membership {
                     }
                     out.changes.push(Change::Up(id));
                 }
-                OwnedNotification::MemberDown(id) if !id.is_placeholder() => {
-                    if self.up.get(&id.name) == Some(&id) {
-                        self.up.remove(&id.name);
-                        out.changes.push(Change::Down(id));
-                    }
+                OwnedNotification::MemberDown(id) if !id.is_placeholder() && self.up.get(&id.name) == Some(&id) => {
+                    self.up.remove(&id.name);
+                    out.changes.push(Change::Down(id));
                 }
-                OwnedNotification::Rename(old, new) => {
-                    if !new.is_placeholder() && self.up.get(&old.name) == Some(&old) {
-                        self.up.insert(new.name.clone(), new.clone());
-                        out.changes.push(Change::Up(new));
-                    }
+                OwnedNotification::Rename(old, new)
+                    if !new.is_placeholder() && self.up.get(&old.name) == Some(&old) =>
+                {
+                    self.up.insert(new.name.clone(), new.clone());
+                    out.changes.push(Change::Up(new));
                 }
                 OwnedNotification::Rejoin(id) => {
                     // Declared down (a partition, a pause) and back under a new generation.
