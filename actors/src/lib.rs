@@ -11,4 +11,5 @@ pub mod scram;
 pub mod stanza;
 pub mod throttle;
 pub mod user;
+pub mod wire;
 pub mod xml;
