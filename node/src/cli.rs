@@ -48,6 +48,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// The cluster, as a running node sees it (asks its `metrics.listen` endpoint).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Load-test an XMPP server (Starling, Prosody, ejabberd, …) and report the figures.
     Bench {
         #[command(subcommand)]
@@ -94,6 +99,16 @@ enum BenchCmd {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, their state and each one's share of the ring.
+    Status {
+        /// Print the JSON as the node serves it.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum UserCmd {
     Add { jid: String, password: String },
     Del { jid: String },
@@ -130,6 +145,9 @@ pub fn main() -> i32 {
     let r = match cli.cmd {
         Cmd::Serve { .. } => serve(cfg),
         Cmd::User { cmd } => user(cfg, cmd),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status { json },
+        } => crate::cluster::status::print(&cfg, json),
         Cmd::Bench { .. } => unreachable!("handled before the configuration is loaded"),
     };
     match r {
@@ -231,8 +249,10 @@ fn serve(cfg: Config) -> Result<(), String> {
     let tls = crate::tls::server_config(&cert, &key)?;
     let shards = cfg.shards();
     let (storage_tx, storage_rx) = flume::bounded(storage_thread::QUEUE);
+    let cluster = crate::cluster::setup(&cfg, shards)?;
     let params = ShardParams {
-        node: 0,
+        cluster: cluster.as_ref().map(|c| c.params.clone()),
+        node: cluster.as_ref().map(|c| c.node).unwrap_or(0),
         shards,
         c2s: C2sConfig {
             domains: cfg.server.domains.clone(),
@@ -270,6 +290,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
     rt.block_on(async move {
         let live = Liveness::default();
+        let status = crate::metrics::ClusterStatus::default();
         let metrics_task = match cfg.metrics_addr() {
             Some(addr) => {
                 let handle = crate::metrics::install()?;
@@ -279,7 +300,7 @@ fn serve(cfg: Config) -> Result<(), String> {
                     l.shards_alive.load(Ordering::Relaxed) == shards && l.storage_alive.load(Ordering::Relaxed)
                 });
                 tracing::info!(%addr, "metrics and health endpoint listening");
-                Some(tokio::spawn(crate::metrics::serve(listener, handle, health)))
+                Some(tokio::spawn(crate::metrics::serve(listener, handle, health, status.clone())))
             }
             None => None,
         };
@@ -293,6 +314,15 @@ fn serve(cfg: Config) -> Result<(), String> {
         let (sup, handle) = ractor::Actor::spawn(Some("supervisor".into()), Supervisor, args)
             .await
             .map_err(|e| format!("startup failed: {e}"))?;
+        // Gossip starts once the shards listen on the transport: peers may send at once.
+        let driver = match cluster {
+            Some(c) => Some(
+                ractor::Actor::spawn(Some("membership".into()), crate::cluster::driver::Driver, c.driver_args(status))
+                    .await
+                    .map_err(|e| format!("cluster membership failed to start: {e}"))?,
+            ),
+            None => None,
+        };
         tracing::info!(
             domains = ?cfg.server.domains,
             c2s = %cfg.c2s.listen,
@@ -303,6 +333,12 @@ fn serve(cfg: Config) -> Result<(), String> {
         );
         wait_for_signal().await;
         tracing::info!("signal received");
+        if let Some((d, h)) = driver {
+            // Leave first: the others stop routing here before our shards go.
+            let _ = ractor::call!(d, crate::cluster::driver::DriverMsg::Leave);
+            d.stop(None);
+            let _ = h.await;
+        }
         ractor::call!(sup, SupervisorMsg::Shutdown).map_err(|e| format!("shutdown: {e}"))?;
         sup.stop(None);
         let _ = handle.await;

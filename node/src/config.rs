@@ -18,6 +18,36 @@ pub struct Config {
     pub tls: Tls,
     pub log: Log,
     pub metrics: Metrics,
+    pub cluster: Cluster,
+}
+
+/// The cluster (ARCHITECTURE.md "Cluster"). An empty `node_name` runs a single node: no
+/// gossip, no transport.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// Unique and stable across restarts: placement hashes names.
+    pub node_name: String,
+    /// UDP address for SWIM gossip (foca).
+    pub gossip: String,
+    /// TCP address of the node-to-node transport.
+    pub transport: String,
+    /// Gossip addresses of nodes to join through (this node's own is skipped).
+    pub seeds: Vec<String>,
+    /// Copies of each user's state (owner included). Not in force yet: see ARCHITECTURE.md.
+    pub replication: usize,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            node_name: String::new(),
+            gossip: "127.0.0.1:7946".into(),
+            transport: "127.0.0.1:7947".into(),
+            seeds: Vec::new(),
+            replication: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +156,7 @@ impl Default for Config {
             tls: Tls::default(),
             log: Log { level: "info".into() },
             metrics: Metrics::default(),
+            cluster: Cluster::default(),
         }
     }
 }
@@ -257,6 +288,20 @@ impl Config {
                 .parse::<SocketAddr>()
                 .map_err(|e| format!("metrics.listen: {e}"))?;
         }
+        if !self.cluster.node_name.is_empty() {
+            let c = &self.cluster;
+            if c.node_name.len() > 64 || !c.node_name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+                return Err("cluster.node_name: up to 64 letters, digits, '-', '_' or '.'".into());
+            }
+            c.gossip.parse::<SocketAddr>().map_err(|e| format!("cluster.gossip: {e}"))?;
+            c.transport.parse::<SocketAddr>().map_err(|e| format!("cluster.transport: {e}"))?;
+            for s in &c.seeds {
+                s.parse::<SocketAddr>().map_err(|e| format!("cluster.seeds: {s:?}: {e}"))?;
+            }
+            if c.replication == 0 {
+                return Err("cluster.replication: at least 1".into());
+            }
+        }
         if self.c2s.max_stanza_bytes < 1024 {
             return Err("c2s.max_stanza_bytes: must be at least 1024".into());
         }
@@ -320,5 +365,33 @@ mod tests {
         std::fs::write(&f, "[server]\ndomains = [\"example.org\"]\nshardz = 2\n").unwrap();
         let e = Config::load(Some(&f), &[]).unwrap_err();
         assert!(e.contains("shardz"), "{e}");
+    }
+
+    #[test]
+    fn cluster_keys_are_checked() {
+        let c = Config::load(None, &[]).unwrap();
+        assert!(c.cluster.node_name.is_empty(), "single node by default");
+        let c = Config::load(
+            None,
+            &[
+                "cluster.node_name=n1".into(),
+                "cluster.seeds=[\"127.0.0.1:7001\"]".into(),
+                "cluster.replication=3".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.cluster.seeds, vec!["127.0.0.1:7001"]);
+        assert_eq!(c.cluster.replication, 3);
+        for (bad, key) in [
+            ("cluster.gossip=nowhere", "cluster.gossip"),
+            ("cluster.transport=1.2.3.4", "cluster.transport"),
+            ("cluster.seeds=[\"x\"]", "cluster.seeds"),
+            ("cluster.replication=0", "cluster.replication"),
+        ] {
+            let e = Config::load(None, &["cluster.node_name=n1".into(), bad.into()]).unwrap_err();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e = Config::load(None, &["cluster.node_name=a b".into()]).unwrap_err();
+        assert!(e.contains("cluster.node_name"), "{e}");
     }
 }

@@ -16,7 +16,6 @@ use glommio::net::TcpStream;
 use starling_actors::address::SessionAddr;
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
 use starling_actors::msg::SessionMsg;
-use starling_storage::Write;
 
 use crate::shard::{Origin, Shard};
 use crate::user_host::now_ms;
@@ -313,14 +312,14 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
                         }
                     }
                 }
-                Action::LoadAccount(user) => match shard.storage.account(user).await {
+                Action::LoadAccount(user) => match shard.load_account(user).await {
                     Ok(a) => queue.push_back(Next::Account(a)),
                     Err(e) => {
                         tracing::error!(error = %e, "account lookup failed");
                         session.stream_error("internal-server-error", Some("storage unavailable"));
                     }
                 },
-                Action::CreateAccount { user, account } => match shard.storage.create_account(user, account).await {
+                Action::CreateAccount { user, account } => match shard.create_account(user, account).await {
                     Ok(created) => queue.push_back(Next::Created(created)),
                     Err(e) => {
                         tracing::error!(error = %e, "account creation failed");
@@ -328,11 +327,7 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
                     }
                 },
                 Action::SetPassword { user, account } => {
-                    let ok = shard
-                        .storage
-                        .write(vec![Write::PutAccount { user, account }])
-                        .await
-                        .is_ok();
+                    let ok = shard.put_account(user, account).await.is_ok();
                     queue.push_back(Next::PasswordSet(ok));
                 }
             }

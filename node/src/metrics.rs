@@ -41,6 +41,14 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("starling_cluster_envelopes_out_total", "Envelopes sent to other nodes");
+    describe_counter!("starling_cluster_envelopes_in_total", "Envelopes received from other nodes");
+    describe_counter!(
+        "starling_cluster_envelopes_lost_total",
+        "Envelopes still queued for a node when its link closed"
+    );
+    describe_counter!("starling_cluster_bad_frames_total", "Corrupt or refused frames from other nodes");
+    describe_gauge!("starling_cluster_members", "Cluster members up, this node included");
     describe_gauge!("starling_connections", "Open client connections");
     describe_gauge!("starling_sessions", "Bound client sessions");
     describe_gauge!("starling_user_actors", "Active user actors");
@@ -109,6 +117,10 @@ pub struct ShardMetrics {
     /// `[user, session]` mailboxes.
     pub mailbox: [Gauge; 2],
     pub mailbox_max: [Gauge; 2],
+    pub cluster_frames_out: Counter,
+    pub cluster_frames_in: Counter,
+    pub cluster_frames_lost: Counter,
+    pub cluster_bad_frames: Counter,
 }
 
 /// Index of a stanza kind in the `[message, presence, iq]` arrays.
@@ -146,6 +158,10 @@ impl ShardMetrics {
             offline_at_load: metrics::histogram!("starling_offline_queue_length", "shard" => s.clone()),
             mailbox: mailboxes("starling_mailbox_depth"),
             mailbox_max: mailboxes("starling_mailbox_depth_max"),
+            cluster_frames_out: metrics::counter!("starling_cluster_envelopes_out_total", "shard" => s.clone()),
+            cluster_frames_in: metrics::counter!("starling_cluster_envelopes_in_total", "shard" => s.clone()),
+            cluster_frames_lost: metrics::counter!("starling_cluster_envelopes_lost_total", "shard" => s.clone()),
+            cluster_bad_frames: metrics::counter!("starling_cluster_bad_frames_total", "shard" => s.clone()),
         }
     }
 }
@@ -161,10 +177,14 @@ fn rss_bytes() -> Option<f64> {
 /// What `/health` reports: the process is up and its shards and storage answer.
 pub type HealthCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// The membership as JSON, kept by the cluster driver (empty on a single node).
+pub type ClusterStatus = Arc<std::sync::Mutex<String>>;
+
 async fn respond(
     req: Request<hyper::body::Incoming>,
     handle: PrometheusHandle,
     health: HealthCheck,
+    cluster: ClusterStatus,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let text = |code: StatusCode, ctype: &str, body: String| {
         Response::builder()
@@ -188,12 +208,25 @@ async fn respond(
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "unhealthy\n".into())
             }
         }
+        ("GET", "/cluster") => {
+            let json = cluster.lock().map(|s| s.clone()).unwrap_or_default();
+            if json.is_empty() {
+                text(StatusCode::NOT_FOUND, "text/plain", "not a cluster member (cluster.node_name is empty)\n".into())
+            } else {
+                text(StatusCode::OK, "application/json", json)
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }
 
 /// Serves until the task is dropped. Runs on the control-plane (tokio) thread.
-pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle, health: HealthCheck) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    health: HealthCheck,
+    cluster: ClusterStatus,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -203,9 +236,10 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle, 
                 continue;
             }
         };
-        let (handle, health) = (handle.clone(), health.clone());
+        let (handle, health, cluster) = (handle.clone(), health.clone(), cluster.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| respond(req, handle.clone(), health.clone()));
+            let svc =
+                hyper::service::service_fn(move |req| respond(req, handle.clone(), health.clone(), cluster.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, svc)

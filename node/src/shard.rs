@@ -15,7 +15,7 @@ use glommio::{GlommioError, ResourceType};
 use jid::{BareJid, Jid};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use starling_actors::address::{Address, MailboxKey, NodeId, Placement, ShardId, SingleNode};
+use starling_actors::address::{Address, MailboxKey, NodeId, ShardId};
 use starling_actors::c2s::C2sConfig;
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::stanza;
@@ -70,12 +70,15 @@ pub struct ShardParams {
     pub grace: Duration,
     pub negotiation_timeout: Duration,
     pub write_timeout: Duration,
+    /// `None` on a single node.
+    pub cluster: Option<crate::cluster::ClusterParams>,
 }
 
 pub struct Shard {
     pub id: ShardId,
     pub node: NodeId,
-    placement: SingleNode,
+    /// The membership as this shard sees it, and its links to other nodes.
+    pub cluster: crate::cluster::link::Links,
     mesh: Option<Senders<Timed<Envelope>>>,
     pub sessions: RefCell<HashMap<u64, Mailbox<SessionMsg>>>,
     pub users: RefCell<HashMap<BareJid, Mailbox<UserMsg>>>,
@@ -107,20 +110,24 @@ impl Shard {
         ChaCha20Rng::from_seed(seed)
     }
 
+    /// The (node, shard) of an address; for another node's user, the shard is that node's
+    /// business.
+    fn place(&self, to: &Address) -> (NodeId, ShardId) {
+        match to {
+            Address::User(j) => self.cluster.view.borrow().place_user(j),
+            Address::Session(a) => (a.node, a.shard),
+        }
+    }
+
     /// Sends an envelope wherever its target lives.
     pub fn route(self: &Rc<Self>, env: Envelope) {
         self.route_at(env, Instant::now())
     }
 
     fn route_at(self: &Rc<Self>, env: Envelope, at: Instant) {
-        let (node, shard) = match &env.to {
-            Address::User(j) => self.placement.place_user(j),
-            Address::Session(a) => (a.node, a.shard),
-        };
+        let (node, shard) = self.place(&env.to);
         if node != self.node {
-            // One node until the cluster lands: nothing else can be addressed.
-            tracing::error!(?env.to, node, "envelope for another node; no cluster transport yet");
-            return self.undeliverable(env, "remote-server-not-found");
+            return self.send_remote(node, env);
         }
         if shard == self.id {
             return self.deliver_local_at(env, at);
@@ -144,11 +151,11 @@ impl Shard {
     /// User actors never wait on another actor's mailbox — two waiting on each other would
     /// deadlock — so for them a full local mailbox bounces the stanza.
     pub async fn route_wait(self: &Rc<Self>, env: Envelope, from: Origin) {
-        let (node, shard) = match &env.to {
-            Address::User(j) => self.placement.place_user(j),
-            Address::Session(a) => (a.node, a.shard),
-        };
-        if node != self.node || (shard != self.id && self.mesh.is_none()) {
+        let (node, shard) = self.place(&env.to);
+        if node != self.node {
+            return self.send_remote_wait(node, env).await;
+        }
+        if shard != self.id && self.mesh.is_none() {
             return self.route(env);
         }
         if shard != self.id {
@@ -407,9 +414,13 @@ pub async fn run(
     let shard = Rc::new(Shard {
         id,
         node: params.node,
-        placement: SingleNode {
-            node: params.node,
-            shards: params.shards as ShardId,
+        cluster: {
+            let (name, generation) = match &params.cluster {
+                Some(c) => (c.name.clone(), c.generation),
+                None => (String::new(), 0),
+            };
+            let view = crate::cluster::View::single(params.node, &name, params.shards as ShardId);
+            crate::cluster::link::Links::new(name, generation, view)
         },
         mesh: senders,
         sessions: RefCell::new(HashMap::new()),
@@ -436,6 +447,21 @@ pub async fn run(
                 }
             })
             .detach();
+        }
+    }
+    if let Some(c) = &params.cluster {
+        let Some(updates) = c.updates.get(id as usize).cloned() else {
+            let _ = ready.send(Err("no membership channel for this shard".into()));
+            return;
+        };
+        glommio::spawn_local(crate::cluster::link::follow_membership(shard.clone(), c.latest.clone(), updates))
+            .detach();
+        match bind_listener(c.transport) {
+            Ok(l) => accept_tasks_cluster(&shard, l),
+            Err(e) => {
+                let _ = ready.send(Err(format!("cluster.transport: {e}")));
+                return;
+            }
         }
     }
     let mut listeners = vec![(params.c2s_listen, false)];
@@ -493,6 +519,10 @@ async fn sample_mailboxes(shard: Rc<Shard>) {
         }
         glommio::timer::sleep(Duration::from_secs(1)).await;
     }
+}
+
+fn accept_tasks_cluster(shard: &Rc<Shard>, l: TcpListener) {
+    glommio::spawn_local(crate::cluster::link::accept_loop(shard.clone(), l)).detach();
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, direct_tls: bool) {

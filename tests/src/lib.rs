@@ -67,7 +67,7 @@ pub fn test_cert() -> &'static (PathBuf, PathBuf) {
 
 /// A loopback port nobody listens on, never handed out twice in this process: a server that
 /// is being restarted has let go of its ports, and another test must not take them meanwhile.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     loop {
@@ -138,6 +138,24 @@ impl Server {
         }
         s.spawn();
         s
+    }
+
+    /// A cluster member named `name`, gossiping on UDP `gossip`, its transport on TCP
+    /// `transport`, joining through the gossip ports in `seeds`. In-band registration is
+    /// open: accounts must be created through the cluster (they live on their owner node).
+    pub fn start_node(name: &str, gossip: u16, transport: u16, seeds: &[u16], settings: &[&str]) -> Server {
+        let seeds: Vec<String> = seeds.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let mut all = vec![
+            format!("cluster.node_name={name:?}"),
+            format!("cluster.gossip=\"127.0.0.1:{gossip}\""),
+            format!("cluster.transport=\"127.0.0.1:{transport}\""),
+            format!("cluster.seeds=[{}]", seeds.join(",")),
+            "registration.mode=open".to_string(),
+            "c2s.require_tls=false".to_string(),
+        ];
+        all.extend(settings.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+        Self::start_with(&refs, &[], true)
     }
 
     pub fn start(settings: &[&str], users: &[(&str, &str)]) -> Server {
@@ -228,6 +246,19 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGKILL: the process dies at once (no leave, no flush beyond what was acknowledged).
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the process again after `stop` or `kill9`.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
     }
 
     pub fn restart(&mut self) {

@@ -1,0 +1,223 @@
+//! The membership driver: a ractor actor on the control-plane thread that hosts the sans-io
+//! [`Membership`] — it owns the UDP socket, turns foca's timer requests into tokio sleeps, and
+//! pushes every membership change to every shard. It also keeps the JSON that `/cluster`
+//! (and so `starling cluster status`) shows.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+use starling_gossip::{Change, MemberState, Membership, NodeIdentity, Output, Ring, Timer, Timings};
+
+use super::Members;
+
+/// Datagrams larger than this are not gossip (foca's packets are ≤ 1400 bytes).
+const MAX_DATAGRAM: usize = 2048;
+/// How often the driver checks whether it is alone (and re-announces to the seeds) and
+/// refreshes the status.
+const TICK: Duration = Duration::from_secs(1);
+
+pub enum DriverMsg {
+    Packet(Vec<u8>),
+    Timer(Timer<NodeIdentity>),
+    Tick,
+    /// A clean shutdown: tell the others, then answer.
+    Leave(RpcReplyPort<()>),
+}
+
+pub struct DriverArgs {
+    pub me: NodeIdentity,
+    pub seeds: Vec<String>,
+    pub shards: Vec<flume::Sender<()>>,
+    pub latest: Arc<Mutex<Members>>,
+    pub status: Arc<Mutex<String>>,
+}
+
+pub struct DriverState {
+    membership: Membership,
+    socket: Arc<tokio::net::UdpSocket>,
+    shards: Vec<flume::Sender<()>>,
+    latest: Arc<Mutex<Members>>,
+    status: Arc<Mutex<String>>,
+    recv_task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Driver;
+
+#[derive(Serialize)]
+struct StatusMember {
+    name: String,
+    gossip: String,
+    transport: String,
+    generation: u64,
+    state: MemberState,
+    /// Share of user keys this member owns, estimated over sample keys.
+    ring_share: f64,
+}
+
+#[derive(Serialize)]
+struct Status {
+    node: String,
+    members: Vec<StatusMember>,
+}
+
+/// The fraction of keys each member owns, over 10,000 sample keys (rendezvous hashing has
+/// no token table to read shares from).
+fn shares(ring: &Ring) -> Vec<(String, f64)> {
+    const SAMPLES: usize = 10_000;
+    let mut counts: std::collections::BTreeMap<&str, usize> = ring.members().iter().map(|m| (m.as_str(), 0)).collect();
+    for i in 0..SAMPLES {
+        let key = format!("user{i}@sample");
+        if let Some(o) = ring.owner(key.as_bytes()) {
+            *counts.entry(o).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(m, c)| (m.to_string(), c as f64 / SAMPLES as f64))
+        .collect()
+}
+
+impl DriverState {
+    async fn carry(&mut self, me: &ActorRef<DriverMsg>, out: Output) {
+        for (to, data) in out.send {
+            match to.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if let Err(e) = self.socket.send_to(data.as_slice(), addr).await {
+                        tracing::debug!(%addr, error = %e, "gossip: send failed");
+                    }
+                }
+                Err(_) => tracing::warn!(to, "gossip: member with a bad address"),
+            }
+        }
+        for (after, timer) in out.timers {
+            let me = me.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = me.cast(DriverMsg::Timer(timer));
+            });
+        }
+        if !out.changes.is_empty() {
+            for c in &out.changes {
+                match c {
+                    Change::Up(id) => tracing::info!(node = %id.name, generation = id.generation, "cluster: member up"),
+                    Change::Down(id) => tracing::warn!(node = %id.name, generation = id.generation, "cluster: member down"),
+                }
+            }
+            let members: Members = Arc::new(self.membership.up());
+            *self.latest.lock().expect("members lock") = members.clone();
+            for tx in &self.shards {
+                // A wake-up, bounded at 1: when one is already pending the shard will read
+                // the latest membership anyway.
+                let _ = tx.try_send(());
+            }
+            metrics::gauge!("starling_cluster_members").set(members.len() as f64);
+            self.refresh_status();
+        }
+    }
+
+    fn refresh_status(&self) {
+        let ring = self.membership.ring();
+        let shares = shares(&ring);
+        let members = self
+            .membership
+            .members()
+            .into_iter()
+            .map(|(id, state)| StatusMember {
+                ring_share: shares.iter().find(|(n, _)| *n == id.name).map(|(_, s)| *s).unwrap_or(0.0),
+                name: id.name,
+                gossip: id.gossip,
+                transport: id.transport,
+                generation: id.generation,
+                state,
+            })
+            .collect();
+        let status = Status {
+            node: self.membership.me().name.clone(),
+            members,
+        };
+        if let Ok(json) = serde_json::to_string_pretty(&status) {
+            *self.status.lock().expect("status lock") = json;
+        }
+    }
+}
+
+impl Actor for Driver {
+    type Msg = DriverMsg;
+    type State = DriverState;
+    type Arguments = DriverArgs;
+
+    async fn pre_start(&self, me: ActorRef<DriverMsg>, args: DriverArgs) -> Result<DriverState, ActorProcessingErr> {
+        let addr: SocketAddr = args.me.gossip.parse()?;
+        let socket = Arc::new(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|e| format!("cluster.gossip {addr}: {e}"))?,
+        );
+        let rx = socket.clone();
+        let tx = me.clone();
+        let recv_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                match rx.recv_from(&mut buf).await {
+                    Ok((n, _)) => {
+                        if tx.cast(DriverMsg::Packet(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "gossip: receive failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+        let seed = args.me.generation ^ xxhash_rust::xxh3::xxh3_64(args.me.name.as_bytes());
+        let membership = Membership::new(args.me, args.seeds, &Timings::default(), seed);
+        let mut state = DriverState {
+            membership,
+            socket,
+            shards: args.shards,
+            latest: args.latest,
+            status: args.status,
+            recv_task,
+        };
+        let out = state.membership.join();
+        state.carry(&me, out).await;
+        state.refresh_status();
+        me.send_interval(TICK, || DriverMsg::Tick);
+        tracing::info!(gossip = %addr, "cluster: gossip listening");
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        me: ActorRef<DriverMsg>,
+        msg: DriverMsg,
+        state: &mut DriverState,
+    ) -> Result<(), ActorProcessingErr> {
+        let out = match msg {
+            DriverMsg::Packet(p) => state.membership.handle_data(&p),
+            DriverMsg::Timer(t) => state.membership.handle_timer(t),
+            DriverMsg::Tick => {
+                state.refresh_status();
+                state.membership.tick()
+            }
+            DriverMsg::Leave(reply) => {
+                let out = state.membership.leave();
+                state.carry(&me, out).await;
+                let _ = reply.send(());
+                return Ok(());
+            }
+        };
+        state.carry(&me, out).await;
+        Ok(())
+    }
+
+    async fn post_stop(&self, _me: ActorRef<DriverMsg>, state: &mut DriverState) -> Result<(), ActorProcessingErr> {
+        state.recv_task.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,419 @@
+//! Node-to-node links, on the shards (glommio): each shard keeps one TCP connection to each
+//! other node it sends to, and every shard accepts on `cluster.transport` (SO_REUSEPORT).
+//! A link carries length-prefixed rkyv frames (`starling_actors::wire`) both ways: envelopes
+//! and account requests one way, account answers back on the same connection, so an answer
+//! lands on the shard that asked.
+//!
+//! Order: one shard's envelopes to one node travel one connection in order, and the receiving
+//! shard routes them on through the mesh (FIFO per shard pair): what one sender sends to one
+//! actor arrives in order, as on a single node.
+//!
+//! Bounds: a link's queue holds `LINK_QUEUE` frames. When it is full, a connection task
+//! waits (TCP pushes back on its client), an actor's stanza bounces with
+//! `resource-constraint`, and control messages retry. A received frame is routed like an
+//! actor's send — the reader never waits for a mailbox, only for the mesh — so two nodes
+//! cannot deadlock on each other's full queues.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures::io::{ReadHalf, WriteHalf};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use starling_actors::address::NodeId;
+use starling_actors::msg::Envelope;
+use starling_actors::wire::{self, AccountOp, AccountResult, Frame};
+use starling_storage::{Account, Write};
+
+use super::View;
+use crate::shard::{Origin, Shard};
+
+/// Frames waiting for one link.
+pub const LINK_QUEUE: usize = 4096;
+/// Bytes gathered into one write.
+const BATCH: usize = 64 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a session waits for a remote account answer.
+const ACCOUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A shard's cluster state: its view of the membership and its links.
+pub struct Links {
+    pub name: String,
+    pub generation: u64,
+    pub view: RefCell<View>,
+    /// Outgoing links by node, with the peer generation they were opened for.
+    out: RefCell<HashMap<NodeId, (u64, flume::Sender<Frame>)>>,
+    pending: RefCell<HashMap<u64, flume::Sender<AccountResult>>>,
+    next_req: Cell<u64>,
+}
+
+impl Links {
+    pub fn new(name: String, generation: u64, view: View) -> Self {
+        Links {
+            name,
+            generation,
+            view: RefCell::new(view),
+            out: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            next_req: Cell::new(1),
+        }
+    }
+
+    /// Applies a membership: the ring changes, links to nodes gone (or restarted) close.
+    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) {
+        let mut view = self.view.borrow_mut();
+        view.update(members);
+        self.out
+            .borrow_mut()
+            .retain(|n, (generation, _)| view.peers.get(n).is_some_and(|p| p.generation == *generation));
+    }
+}
+
+impl Shard {
+    /// The queue of this shard's link to `node`, opening it if needed; `None` when the node
+    /// is not a member.
+    fn link(self: &Rc<Self>, node: NodeId) -> Option<flume::Sender<Frame>> {
+        if let Some((_, tx)) = self.cluster.out.borrow().get(&node) {
+            return Some(tx.clone());
+        }
+        let peer = self.cluster.view.borrow().peers.get(&node).cloned()?;
+        let (tx, rx) = flume::bounded(LINK_QUEUE);
+        self.cluster
+            .out
+            .borrow_mut()
+            .insert(node, (peer.generation, tx.clone()));
+        glommio::spawn_local(outgoing(self.clone(), node, peer.name, peer.transport, tx.downgrade(), rx)).detach();
+        Some(tx)
+    }
+
+    /// Sends an envelope to another node without waiting.
+    pub(crate) fn send_remote(self: &Rc<Self>, node: NodeId, env: Envelope) {
+        let Some(tx) = self.link(node) else {
+            tracing::debug!(?env.to, node, "envelope for a node that is not a member");
+            return self.undeliverable(env, "remote-server-not-found");
+        };
+        let control = env.msg.is_control();
+        match tx.try_send(Frame::Envelope(wire::envelope_out(&env))) {
+            Ok(()) => self.metrics.cluster_frames_out.increment(1),
+            Err(flume::TrySendError::Full(_)) if control => {
+                // Rare (a link with 4096 frames queued): try again shortly.
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                    me.route(env);
+                })
+                .detach();
+            }
+            Err(flume::TrySendError::Full(_)) => {
+                self.metrics.bounced.increment(1);
+                tracing::warn!(?env.to, node, "bouncing stanza: link to the node is full");
+                self.undeliverable(env, "resource-constraint");
+            }
+            Err(flume::TrySendError::Disconnected(_)) => {
+                self.drop_link(node, &tx);
+                self.undeliverable(env, "remote-server-timeout");
+            }
+        }
+    }
+
+    /// Sends an envelope to another node, waiting for room in the link's queue.
+    pub(crate) async fn send_remote_wait(self: &Rc<Self>, node: NodeId, env: Envelope) {
+        let Some(tx) = self.link(node) else {
+            return self.undeliverable(env, "remote-server-not-found");
+        };
+        if let Err(flume::SendError(Frame::Envelope(w))) = tx.send_async(Frame::Envelope(wire::envelope_out(&env))).await {
+            self.drop_link(node, &tx);
+            if let Ok(env) = wire::envelope_in(w) {
+                self.undeliverable(env, "remote-server-timeout");
+            }
+            return;
+        }
+        self.metrics.cluster_frames_out.increment(1);
+    }
+
+    fn drop_link(&self, node: NodeId, tx: &flume::Sender<Frame>) {
+        let mut out = self.cluster.out.borrow_mut();
+        if out.get(&node).is_some_and(|(_, t)| t.same_channel(tx)) {
+            out.remove(&node);
+        }
+    }
+
+    /// Where `user`'s account lives: this node, or the owner's node.
+    fn account_home(&self, user: &str) -> Option<NodeId> {
+        let bare: jid::BareJid = user.parse().ok()?;
+        let (node, _) = self.cluster.view.borrow().place_user(&bare);
+        (node != self.node).then_some(node)
+    }
+
+    async fn ask_remote(self: &Rc<Self>, node: NodeId, op: AccountOp) -> Result<AccountResult, String> {
+        let tx = self.link(node).ok_or("the account's node is not a member")?;
+        let id = self.cluster.next_req.get();
+        self.cluster.next_req.set(id + 1);
+        let (reply_tx, reply_rx) = flume::bounded(1);
+        self.cluster.pending.borrow_mut().insert(id, reply_tx);
+        let asked = tx.send_async(Frame::AccountReq { id, op }).await.is_ok();
+        let answer = if asked {
+            futures::future::select(
+                Box::pin(reply_rx.recv_async()),
+                Box::pin(glommio::timer::sleep(ACCOUNT_TIMEOUT)),
+            )
+            .await
+        } else {
+            futures::future::Either::Right(((), Box::pin(reply_rx.recv_async())))
+        };
+        self.cluster.pending.borrow_mut().remove(&id);
+        match answer {
+            futures::future::Either::Left((Ok(r), _)) => Ok(r),
+            _ => Err(format!("no answer from node {node}")),
+        }
+    }
+
+    /// The account, from wherever it lives.
+    pub async fn load_account(self: &Rc<Self>, user: String) -> Result<Option<Account>, String> {
+        let Some(node) = self.account_home(&user) else {
+            return self.storage.account(user).await.map_err(|e| e.to_string());
+        };
+        match self.ask_remote(node, AccountOp::Load { user }).await? {
+            AccountResult::Loaded(a) => Ok(a.map(wire::account_in)),
+            AccountResult::Failed(e) => Err(e),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    pub async fn create_account(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
+        let Some(node) = self.account_home(&user) else {
+            return self.storage.create_account(user, account).await.map_err(|e| e.to_string());
+        };
+        let account = wire::account_out(&account);
+        match self.ask_remote(node, AccountOp::Create { user, account }).await? {
+            AccountResult::Created(c) => Ok(c),
+            AccountResult::Failed(e) => Err(e),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    pub async fn put_account(self: &Rc<Self>, user: String, account: Account) -> Result<(), String> {
+        let Some(node) = self.account_home(&user) else {
+            return self
+                .storage
+                .write(vec![Write::PutAccount { user, account }])
+                .await
+                .map_err(|e| e.to_string());
+        };
+        let account = wire::account_out(&account);
+        match self.ask_remote(node, AccountOp::Put { user, account }).await? {
+            AccountResult::Done => Ok(()),
+            AccountResult::Failed(e) => Err(e),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// Serves an account request from another node against this node's storage.
+    async fn serve_account(self: &Rc<Self>, op: AccountOp) -> AccountResult {
+        let fail = |e: starling_storage::StorageError| AccountResult::Failed(e.to_string());
+        match op {
+            AccountOp::Load { user } => match self.storage.account(user).await {
+                Ok(a) => AccountResult::Loaded(a.as_ref().map(wire::account_out)),
+                Err(e) => fail(e),
+            },
+            AccountOp::Create { user, account } => {
+                match self.storage.create_account(user, wire::account_in(account)).await {
+                    Ok(c) => AccountResult::Created(c),
+                    Err(e) => fail(e),
+                }
+            }
+            AccountOp::Put { user, account } => {
+                let account = wire::account_in(account);
+                match self.storage.write(vec![Write::PutAccount { user, account }]).await {
+                    Ok(()) => AccountResult::Done,
+                    Err(e) => fail(e),
+                }
+            }
+        }
+    }
+}
+
+/// Opens this shard's link to `node` and runs it until the node leaves the membership, the
+/// connection fails, or the queue's last sender is dropped. What is still queued then is lost
+/// (and logged): the senders' stanzas were in flight to a node that went away.
+async fn outgoing(
+    shard: Rc<Shard>,
+    node: NodeId,
+    name: String,
+    addr: SocketAddr,
+    tx: flume::WeakSender<Frame>,
+    rx: flume::Receiver<Frame>,
+) {
+    let connect = futures::future::select(
+        Box::pin(TcpStream::connect(addr)),
+        Box::pin(glommio::timer::sleep(CONNECT_TIMEOUT)),
+    )
+    .await;
+    let stream = match connect {
+        futures::future::Either::Left((Ok(s), _)) => s,
+        futures::future::Either::Left((Err(e), _)) => {
+            tracing::warn!(peer = %name, %addr, error = %e, "cluster: cannot connect");
+            return give_up(&shard, node, &tx, &rx);
+        }
+        futures::future::Either::Right(_) => {
+            tracing::warn!(peer = %name, %addr, "cluster: connect timed out");
+            return give_up(&shard, node, &tx, &rx);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    tracing::debug!(peer = %name, %addr, "cluster: link up");
+    let (r, mut w) = stream.split();
+    let hello = Frame::Hello {
+        name: shard.cluster.name.clone(),
+        generation: shard.cluster.generation,
+    };
+    let mut buf = Vec::new();
+    if wire::encode(&hello, &mut buf).is_err() || w.write_all(&buf).await.is_err() {
+        return give_up(&shard, node, &tx, &rx);
+    }
+    // Answers to our account requests come back on this connection.
+    let reader = glommio::spawn_local(read_frames(shard.clone(), r, tx.clone(), name.clone()));
+    if let Err(e) = write_frames(&rx, w).await {
+        tracing::info!(peer = %name, error = %e, "cluster: link closed");
+    }
+    drop(reader);
+    give_up(&shard, node, &tx, &rx);
+}
+
+fn give_up(shard: &Rc<Shard>, node: NodeId, tx: &flume::WeakSender<Frame>, rx: &flume::Receiver<Frame>) {
+    if let Some(tx) = tx.upgrade() {
+        shard.drop_link(node, &tx);
+    }
+    let lost = rx.drain().filter(|f| matches!(f, Frame::Envelope(_))).count();
+    if lost > 0 {
+        tracing::warn!(node, lost, "cluster: envelopes lost with a link");
+        shard.metrics.cluster_frames_lost.increment(lost as u64);
+    }
+}
+
+async fn write_frames(rx: &flume::Receiver<Frame>, mut w: WriteHalf<TcpStream>) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(BATCH);
+    while let Ok(f) = rx.recv_async().await {
+        buf.clear();
+        let mut next = Some(f);
+        while let Some(f) = next.take() {
+            if let Err(e) = wire::encode(&f, &mut buf) {
+                tracing::error!(error = %e, "cluster: frame not sent");
+            }
+            if buf.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        w.write_all(&buf).await.map_err(|e| e.to_string())?;
+        w.flush().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Reads frames until the connection ends or a frame is corrupt (then the connection is
+/// dropped: the peer is broken or not a Starling node).
+async fn read_frames(shard: Rc<Shard>, mut r: ReadHalf<TcpStream>, reply: flume::WeakSender<Frame>, peer: String) {
+    let mut body = Vec::new();
+    loop {
+        let mut header = [0u8; 4];
+        if r.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let n = match wire::frame_len(header) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "cluster: bad frame; closing the link");
+                shard.metrics.cluster_bad_frames.increment(1);
+                return;
+            }
+        };
+        body.resize(n, 0);
+        if r.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let frame = match wire::decode(&body) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "cluster: corrupt frame; closing the link");
+                shard.metrics.cluster_bad_frames.increment(1);
+                return;
+            }
+        };
+        match frame {
+            Frame::Hello { name, generation } => {
+                tracing::debug!(peer = %name, generation, "cluster: peer said hello");
+            }
+            Frame::Envelope(w) => match wire::envelope_in(w) {
+                Ok(env) => {
+                    shard.metrics.cluster_frames_in.increment(1);
+                    shard.route_wait(env, Origin::Actor).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cluster: envelope refused");
+                    shard.metrics.cluster_bad_frames.increment(1);
+                }
+            },
+            Frame::AccountReq { id, op } => {
+                let s = shard.clone();
+                let reply = reply.clone();
+                glommio::spawn_local(async move {
+                    let result = s.serve_account(op).await;
+                    if let Some(tx) = reply.upgrade() {
+                        let _ = tx.send_async(Frame::AccountResp { id, result }).await;
+                    }
+                })
+                .detach();
+            }
+            Frame::AccountResp { id, result } => {
+                if let Some(tx) = shard.cluster.pending.borrow_mut().remove(&id) {
+                    let _ = tx.try_send(result);
+                }
+            }
+        }
+    }
+}
+
+/// Accepts links from other nodes on this shard (every shard listens, SO_REUSEPORT).
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                let s = shard.clone();
+                glommio::spawn_local(async move {
+                    let (r, w) = stream.split();
+                    let (tx, rx) = flume::bounded(LINK_QUEUE);
+                    let writer = glommio::spawn_local(async move {
+                        let _ = write_frames(&rx, w).await;
+                    });
+                    read_frames(s, r, tx.downgrade(), "incoming".into()).await;
+                    drop(tx);
+                    drop(writer);
+                })
+                .detach();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: accept failed");
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Follows the driver's membership updates until the shard stops.
+pub async fn follow_membership(
+    shard: Rc<Shard>,
+    latest: std::sync::Arc<std::sync::Mutex<super::Members>>,
+    updates: flume::Receiver<()>,
+) {
+    loop {
+        let members = latest.lock().expect("members lock").clone();
+        shard.cluster.update(&members);
+        if updates.recv_async().await.is_err() {
+            return;
+        }
+    }
+}
