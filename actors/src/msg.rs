@@ -1,6 +1,6 @@
 //! Messages between actors. Owned and `Send` so that the host can move them between shards.
 
-use crate::address::{Address, SessionAddr};
+use crate::address::{Address, NodeId, SessionAddr};
 use crate::xml::Element;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +25,9 @@ pub enum UserMsg {
     /// The session wrote the offline messages up to `upto` to its client: now they may be
     /// deleted (answer to [`SessionMsg::OfflineSent`]).
     OfflineDelivered { session: SessionAddr, upto: u64 },
+    /// A cluster node died or restarted: the sessions it hosted are gone (their clients will
+    /// reconnect elsewhere). Each is unbound as if it had closed.
+    NodeDown { node: NodeId },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -59,14 +62,18 @@ impl Msg {
     pub fn is_control(&self) -> bool {
         matches!(
             self,
-            Msg::User(UserMsg::Bind { .. } | UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. })
-                | Msg::Session(
-                    SessionMsg::Kick { .. }
-                        | SessionMsg::Bound { .. }
-                        | SessionMsg::BindFailed { .. }
-                        | SessionMsg::OfflineSent { .. }
-                        | SessionMsg::Offline(_)
-                )
+            Msg::User(
+                UserMsg::Bind { .. }
+                    | UserMsg::Unbind { .. }
+                    | UserMsg::OfflineDelivered { .. }
+                    | UserMsg::NodeDown { .. }
+            ) | Msg::Session(
+                SessionMsg::Kick { .. }
+                    | SessionMsg::Bound { .. }
+                    | SessionMsg::BindFailed { .. }
+                    | SessionMsg::OfflineSent { .. }
+                    | SessionMsg::Offline(_)
+            )
         )
     }
 }

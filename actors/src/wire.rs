@@ -76,6 +76,9 @@ pub enum WireMsg {
         session: WireSession,
         upto: u64,
     },
+    NodeDown {
+        node: u32,
+    },
     Bound {
         resource: String,
     },
@@ -129,9 +132,23 @@ pub struct WireAccount {
 
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AccountOp {
-    Load { user: String },
-    Create { user: String, account: WireAccount },
-    Put { user: String, account: WireAccount },
+    Load {
+        user: String,
+    },
+    Create {
+        user: String,
+        account: WireAccount,
+    },
+    Put {
+        user: String,
+        account: WireAccount,
+    },
+    /// A batch of storage writes for a user this node is a replica of (postcard-encoded
+    /// `Vec<starling_storage::Write>`: the storage types are serde), answered `Done` once
+    /// durable.
+    Replicate {
+        writes: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -344,6 +361,7 @@ pub fn envelope_out(env: &Envelope) -> WireEnvelope {
                 session: session_out(*session),
                 upto: *upto,
             },
+            UserMsg::NodeDown { node } => WireMsg::NodeDown { node: *node },
         },
         Msg::Session(m) => match m {
             SessionMsg::Bound { resource } => WireMsg::Bound {
@@ -394,6 +412,7 @@ pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
             session: session_in(session),
             upto,
         }),
+        WireMsg::NodeDown { node } => Msg::User(UserMsg::NodeDown { node }),
         WireMsg::Bound { resource } => Msg::Session(SessionMsg::Bound { resource }),
         WireMsg::BindFailed { condition } => Msg::Session(SessionMsg::BindFailed {
             condition: condition_in(&condition),
@@ -510,7 +529,8 @@ mod tests {
                     resource: "r".into(),
                 },
             ),
-            Envelope::to_user(alice, UserMsg::OfflineDelivered { session: s, upto: 5 }),
+            Envelope::to_user(alice.clone(), UserMsg::OfflineDelivered { session: s, upto: 5 }),
+            Envelope::to_user(alice, UserMsg::NodeDown { node: 7 }),
             Envelope::to_session(s, SessionMsg::Stanza(st.clone())),
             Envelope::to_session(s, SessionMsg::Offline(st)),
             Envelope::to_session(s, SessionMsg::OfflineSent { upto: 9 }),

@@ -300,7 +300,12 @@ fn serve(cfg: Config) -> Result<(), String> {
                     l.shards_alive.load(Ordering::Relaxed) == shards && l.storage_alive.load(Ordering::Relaxed)
                 });
                 tracing::info!(%addr, "metrics and health endpoint listening");
-                Some(tokio::spawn(crate::metrics::serve(listener, handle, health, status.clone())))
+                Some(tokio::spawn(crate::metrics::serve(
+                    listener,
+                    handle,
+                    health,
+                    status.clone(),
+                )))
             }
             None => None,
         };
@@ -317,9 +322,13 @@ fn serve(cfg: Config) -> Result<(), String> {
         // Gossip starts once the shards listen on the transport: peers may send at once.
         let driver = match cluster {
             Some(c) => Some(
-                ractor::Actor::spawn(Some("membership".into()), crate::cluster::driver::Driver, c.driver_args(status))
-                    .await
-                    .map_err(|e| format!("cluster membership failed to start: {e}"))?,
+                ractor::Actor::spawn(
+                    Some("membership".into()),
+                    crate::cluster::driver::Driver,
+                    c.driver_args(status),
+                )
+                .await
+                .map_err(|e| format!("cluster membership failed to start: {e}"))?,
             ),
             None => None,
         };

@@ -290,13 +290,23 @@ impl Config {
         }
         if !self.cluster.node_name.is_empty() {
             let c = &self.cluster;
-            if c.node_name.len() > 64 || !c.node_name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            if c.node_name.len() > 64
+                || !c
+                    .node_name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
                 return Err("cluster.node_name: up to 64 letters, digits, '-', '_' or '.'".into());
             }
-            c.gossip.parse::<SocketAddr>().map_err(|e| format!("cluster.gossip: {e}"))?;
-            c.transport.parse::<SocketAddr>().map_err(|e| format!("cluster.transport: {e}"))?;
+            c.gossip
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("cluster.gossip: {e}"))?;
+            c.transport
+                .parse::<SocketAddr>()
+                .map_err(|e| format!("cluster.transport: {e}"))?;
             for s in &c.seeds {
-                s.parse::<SocketAddr>().map_err(|e| format!("cluster.seeds: {s:?}: {e}"))?;
+                s.parse::<SocketAddr>()
+                    .map_err(|e| format!("cluster.seeds: {s:?}: {e}"))?;
             }
             if c.replication == 0 {
                 return Err("cluster.replication: at least 1".into());

@@ -146,7 +146,16 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     let mut buf = vec![0u8; 4096];
     // Until the session is bound, it must make progress before this deadline (slow-loris).
     let deadline = std::time::Instant::now() + shard.negotiation_timeout;
+    let mut recorded = false;
     loop {
+        if !recorded {
+            if let Some(j) = session.jid() {
+                let bare = j.to_bare();
+                let (node, _) = shard.cluster.view.borrow().place_user(&bare);
+                shard.session_users.borrow_mut().insert(id, (bare, node));
+                recorded = true;
+            }
+        }
         let event = {
             let read = conn.read(&mut buf);
             let recv = rx.recv_async();
@@ -205,6 +214,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     }
     let _ = conn.close().await;
     shard.sessions.borrow_mut().remove(&id);
+    shard.session_users.borrow_mut().remove(&id);
     // Messages that raced with the close go back to the user actor (see Shard::session_gone).
     while let Ok(t) = rx.try_recv() {
         if let SessionMsg::Stanza(_) = t.msg {

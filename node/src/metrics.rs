@@ -42,12 +42,22 @@ pub fn install() -> Result<PrometheusHandle, String> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("starling_cluster_envelopes_out_total", "Envelopes sent to other nodes");
-    describe_counter!("starling_cluster_envelopes_in_total", "Envelopes received from other nodes");
+    describe_counter!(
+        "starling_cluster_envelopes_in_total",
+        "Envelopes received from other nodes"
+    );
     describe_counter!(
         "starling_cluster_envelopes_lost_total",
         "Envelopes still queued for a node when its link closed"
     );
-    describe_counter!("starling_cluster_bad_frames_total", "Corrupt or refused frames from other nodes");
+    describe_counter!(
+        "starling_cluster_bad_frames_total",
+        "Corrupt or refused frames from other nodes"
+    );
+    describe_counter!(
+        "starling_cluster_replication_failures_total",
+        "Writes not acknowledged by a majority of a user's copies"
+    );
     describe_gauge!("starling_cluster_members", "Cluster members up, this node included");
     describe_gauge!("starling_connections", "Open client connections");
     describe_gauge!("starling_sessions", "Bound client sessions");
@@ -121,6 +131,7 @@ pub struct ShardMetrics {
     pub cluster_frames_in: Counter,
     pub cluster_frames_lost: Counter,
     pub cluster_bad_frames: Counter,
+    pub cluster_replication_failures: Counter,
 }
 
 /// Index of a stanza kind in the `[message, presence, iq]` arrays.
@@ -162,6 +173,7 @@ impl ShardMetrics {
             cluster_frames_in: metrics::counter!("starling_cluster_envelopes_in_total", "shard" => s.clone()),
             cluster_frames_lost: metrics::counter!("starling_cluster_envelopes_lost_total", "shard" => s.clone()),
             cluster_bad_frames: metrics::counter!("starling_cluster_bad_frames_total", "shard" => s.clone()),
+            cluster_replication_failures: metrics::counter!("starling_cluster_replication_failures_total", "shard" => s.clone()),
         }
     }
 }
@@ -211,7 +223,11 @@ async fn respond(
         ("GET", "/cluster") => {
             let json = cluster.lock().map(|s| s.clone()).unwrap_or_default();
             if json.is_empty() {
-                text(StatusCode::NOT_FOUND, "text/plain", "not a cluster member (cluster.node_name is empty)\n".into())
+                text(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "not a cluster member (cluster.node_name is empty)\n".into(),
+                )
             } else {
                 text(StatusCode::OK, "application/json", json)
             }

@@ -81,6 +81,9 @@ pub struct Shard {
     pub cluster: crate::cluster::link::Links,
     mesh: Option<Senders<Timed<Envelope>>>,
     pub sessions: RefCell<HashMap<u64, Mailbox<SessionMsg>>>,
+    /// Bound sessions: their user and the node its actor was on when they bound (a session
+    /// whose user's actor moves or dies must reconnect).
+    pub session_users: RefCell<HashMap<u64, (BareJid, NodeId)>>,
     pub users: RefCell<HashMap<BareJid, Mailbox<UserMsg>>>,
     held: RefCell<HashMap<MailboxKey, std::collections::VecDeque<Timed<Envelope>>>>,
     pub storage: StorageHandle,
@@ -415,15 +418,16 @@ pub async fn run(
         id,
         node: params.node,
         cluster: {
-            let (name, generation) = match &params.cluster {
-                Some(c) => (c.name.clone(), c.generation),
-                None => (String::new(), 0),
+            let (name, generation, replication) = match &params.cluster {
+                Some(c) => (c.name.clone(), c.generation, c.replication),
+                None => (String::new(), 0, 1),
             };
             let view = crate::cluster::View::single(params.node, &name, params.shards as ShardId);
-            crate::cluster::link::Links::new(name, generation, view)
+            crate::cluster::link::Links::new(name, generation, replication, view)
         },
         mesh: senders,
         sessions: RefCell::new(HashMap::new()),
+        session_users: RefCell::new(HashMap::new()),
         held: RefCell::new(HashMap::new()),
         users: RefCell::new(HashMap::new()),
         storage: params.storage.clone(),
@@ -454,8 +458,12 @@ pub async fn run(
             let _ = ready.send(Err("no membership channel for this shard".into()));
             return;
         };
-        glommio::spawn_local(crate::cluster::link::follow_membership(shard.clone(), c.latest.clone(), updates))
-            .detach();
+        glommio::spawn_local(crate::cluster::link::follow_membership(
+            shard.clone(),
+            c.latest.clone(),
+            updates,
+        ))
+        .detach();
         match bind_listener(c.transport) {
             Ok(l) => accept_tasks_cluster(&shard, l),
             Err(e) => {

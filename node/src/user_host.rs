@@ -79,7 +79,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
         for fx in effects {
             match fx {
                 Effect::Send(env) => shard.route_wait(env, Origin::Actor).await,
-                Effect::Persist { writes, then } => match shard.storage.write(writes).await {
+                Effect::Persist { writes, then } => match shard.write_replicated(jid.as_str(), writes).await {
                     Ok(()) => {
                         for e in then {
                             shard.route_wait(e, Origin::Actor).await;
@@ -133,6 +133,6 @@ fn fail(shard: &Rc<Shard>, m: UserMsg) {
             let env = Envelope::to_user(BareJid::new("x@x").expect("valid"), UserMsg::Inbound { stanza });
             shard.undeliverable(env, "internal-server-error");
         }
-        UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } => {}
+        UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } | UserMsg::NodeDown { .. } => {}
     }
 }

@@ -78,8 +78,8 @@ pub struct UserData {
     pub offline: Vec<OfflineMessage>,
 }
 
-/// One write. Batches of writes are applied in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One write. Batches of writes are applied in order. Serde: batches travel to replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Write {
     PutAccount {
         user: String,

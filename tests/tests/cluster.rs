@@ -81,18 +81,27 @@ async fn register(node: &Server, user: &str, password: &str) {
     ))
     .await;
     let got = r.until("id=\"reg\"").await;
-    assert!(got.contains("type=\"result\""), "registering {user} through port {}: {got}", node.port);
+    assert!(
+        got.contains("type=\"result\""),
+        "registering {user} through port {}: {got}",
+        node.port
+    );
 }
 
 fn roster_item(s: &Stanza) -> Option<Element> {
     match s {
-        Stanza::Iq(Iq::Set { payload, .. }) if payload.is("query", ROSTER) => payload.get_child("item", ROSTER).cloned(),
+        Stanza::Iq(Iq::Set { payload, .. }) if payload.is("query", ROSTER) => {
+            payload.get_child("item", ROSTER).cloned()
+        }
         _ => None,
     }
 }
 
 async fn roster_of(c: &mut Client) -> Element {
-    match c.iq(None, IqRequest::Get(Element::builder("query", ROSTER).build())).await {
+    match c
+        .iq(None, IqRequest::Get(Element::builder("query", ROSTER).build()))
+        .await
+    {
         IqResponse::Result(Some(q)) => q,
         other => panic!("roster get: {other:?}"),
     }
@@ -107,15 +116,19 @@ fn presence(to: &str, t: PresenceType) -> Stanza {
 /// `a` and `b` become mutual subscribers (RFC 6121 §3) and see each other online.
 async fn befriend(a: &mut Client, a_jid: &str, b: &mut Client, b_jid: &str) {
     a.send_stanza(presence(b_jid, PresenceType::Subscribe)).await.unwrap();
-    expect_stanza(b, "subscription request", |s| {
-        matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe)
-    })
+    expect_stanza(
+        b,
+        "subscription request",
+        |s| matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe),
+    )
     .await;
     b.send_stanza(presence(a_jid, PresenceType::Subscribed)).await.unwrap();
     b.send_stanza(presence(a_jid, PresenceType::Subscribe)).await.unwrap();
-    expect_stanza(a, "request back", |s| {
-        matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe)
-    })
+    expect_stanza(
+        a,
+        "request back",
+        |s| matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe),
+    )
     .await;
     a.send_stanza(presence(b_jid, PresenceType::Subscribed)).await.unwrap();
     expect_stanza(a, "subscription=both", |s| {
@@ -131,7 +144,8 @@ async fn befriend(a: &mut Client, a_jid: &str, b: &mut Client, b_jid: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     let (g1, g2, g3) = (free_port(), free_port(), free_port());
-    let n1 = Server::start_node("n1", g1, free_port(), &[g1], &[]);
+    let t1 = free_port();
+    let n1 = Server::start_node("n1", g1, t1, &[g1], &[]);
     let n2 = Server::start_node("n2", g2, free_port(), &[g1], &[]);
     let mut n3 = Server::start_node("n3", g3, free_port(), &[g1], &[]);
     for n in [&n1, &n2, &n3] {
@@ -139,9 +153,16 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     }
     let status = n2.cli(&["cluster", "status"]);
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "cluster status: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "cluster status: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     for n in ["n1", "n2", "n3"] {
-        assert!(text.lines().any(|l| l.starts_with(n) && l.contains("alive")), "{n} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(n) && l.contains("alive")),
+            "{n} in:\n{text}"
+        );
     }
 
     // Each user's actor lives on another node than the one its client connects to.
@@ -150,10 +171,14 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     let bob = user_owned_by(&ring, "n1", "bob"); // connects to n2
     let carol = user_owned_by(&ring, "n2", "carol"); // offline at first; later on n1
     let dave = user_owned_by(&ring, "n1", "dave"); // connects to n3, which dies
+    let erin = user_owned_by(&ring, "n3", "erin"); // owned by n3, connects to n1
+    let frank = user_owned_by(&ring, "n3", "frank"); // owned by n3, offline when it dies
     register(&n3, &alice, "pa").await;
     register(&n3, &bob, "pb").await;
     register(&n1, &carol, "pc").await;
     register(&n2, &dave, "pd").await;
+    register(&n1, &erin, "pe").await;
+    register(&n2, &frank, "pf").await;
     let (aj, bj, cj, dj) = (
         format!("{alice}@localhost"),
         format!("{bob}@localhost"),
@@ -163,7 +188,8 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
 
     let (mut a, a_full) = login(&n1, &aj, "pa").await;
     let (mut b, b_full) = login(&n2, &bj, "pb").await;
-    let (mut d, _) = login(&n3, &dj, "pd").await;
+    let (mut d, d_full) = login(&n3, &dj, "pd").await;
+    let mut e = Raw::login_plain(n1.port, &erin, "pe", "r").await;
     for c in [&mut a, &mut b, &mut d] {
         roster_of(c).await;
         c.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
@@ -194,20 +220,73 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     c.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
     expect_stanza(&mut c, "offline message", |s| has_body(s, "while you were out")).await;
 
+    // Frank (owned by n3, replicated to its next node in the ring) puts bob on his roster
+    // and gets a message while offline.
+    let fj = format!("{frank}@localhost");
+    let mut f = Raw::login_plain(n2.port, &frank, "pf", "r").await;
+    f.send(&format!(
+        "<iq type='set' id='add'><query xmlns='jabber:iq:roster'><item jid='{bj}'/></query></iq>"
+    ))
+    .await;
+    f.until("id=\"add\"").await;
+    f.send("</stream:stream>").await;
+    f.until_closed().await;
+    a.send_stanza(chat(&fj, "for frank")).await.unwrap();
+    // An IQ to frank's bare JID is answered by his actor after the message before it was
+    // handled — stored on n3 and its replica.
+    let ping = Element::builder("ping", "urn:xmpp:ping").build();
+    let _ = a.iq(Some(jid(&fj)), IqRequest::Get(ping)).await;
+
+    // Garbage on the transport port, a frame announcing 4 GiB, and stray datagrams on the
+    // gossip port: each link is dropped with a log line; nothing else changes.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0xff, 0xff, 0xff, 0xff, 0, 0][..],
+        &[0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8][..],
+    ] {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", t1)).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        let _ = s.shutdown().await;
+    }
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.send_to(b"\x00\x01not gossip", ("127.0.0.1", g1)).unwrap();
+    a.send_stanza(chat(&bj, "after the junk")).await.unwrap();
+    expect_stanza(&mut b, "message after the junk", |s| has_body(s, "after the junk")).await;
+    let log = n1.log_text();
+    assert!(log.contains("bad frame") && log.contains("corrupt frame"), "{log}");
+    assert_eq!(alive(&n1).len(), 3);
+
     // kill -9 n3: the others see it down within the bound (ARCHITECTURE.md "Cluster").
     n3.kill9();
     for n in [&n1, &n2] {
         let took = wait_alive(n, &["n1", "n2"], Duration::from_secs(15));
         eprintln!("n3 seen down after {took:?}");
     }
-    // Bob's actor (n1) noticed nothing yet of dave's dead connection: that needs the
-    // session's node. What must hold: dave logs in again through n1 with his roster, and
-    // alice and bob still talk.
+    // Dave's actor (n1) unbinds the session n3 hosted: bob sees dave go offline.
+    expect_stanza(&mut b, "dave unavailable", |s| {
+        matches!(s, Stanza::Presence(p) if p.from.as_ref() == Some(&d_full) && p.type_ == PresenceType::Unavailable)
+    })
+    .await;
+    // Erin's actor was on n3: her session on n1 is closed so that her client reconnects.
+    let closed = e.until_closed().await;
+    assert!(closed.contains("please reconnect"), "{closed}");
+    // Frank's data outlived n3: he logs in through n1, gets his offline message, his roster.
+    let mut f = Raw::login_plain(n1.port, &frank, "pf", "r").await;
+    f.send("<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq><presence/>")
+        .await;
+    let got = f.until("for frank").await;
+    assert!(
+        got.contains(&format!("jid=\"{bj}\"")),
+        "frank's roster after n3 died: {got}"
+    );
+    // Dave logs in again through n1 with his roster; alice and bob still talk.
     drop(d);
     let (mut d, _) = login(&n1, &dj, "pd").await;
     let r = roster_of(&mut d).await;
     assert!(
-        r.children().any(|i| i.attr("jid") == Some(bj.as_str()) && i.attr("subscription") == Some("both")),
+        r.children()
+            .any(|i| i.attr("jid") == Some(bj.as_str()) && i.attr("subscription") == Some("both")),
         "dave's roster after his node died: {r:?}"
     );
     a.send_stanza(chat(&bj, "still here")).await.unwrap();

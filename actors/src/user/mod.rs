@@ -117,6 +117,13 @@ impl UserActor {
             } => self.outbound(session, &resource, stanza, now),
             UserMsg::Inbound { stanza } => self.inbound(stanza, now),
             UserMsg::OfflineDelivered { session, upto } => self.offline_delivered(session, upto),
+            UserMsg::NodeDown { node } => {
+                for (session, resource) in self.sessions() {
+                    if session.node == node {
+                        self.unbind(session, &resource);
+                    }
+                }
+            }
         }
         std::mem::take(&mut self.fx)
     }

@@ -103,7 +103,9 @@ impl DriverState {
             for c in &out.changes {
                 match c {
                     Change::Up(id) => tracing::info!(node = %id.name, generation = id.generation, "cluster: member up"),
-                    Change::Down(id) => tracing::warn!(node = %id.name, generation = id.generation, "cluster: member down"),
+                    Change::Down(id) => {
+                        tracing::warn!(node = %id.name, generation = id.generation, "cluster: member down")
+                    }
                 }
             }
             let members: Members = Arc::new(self.membership.up());
@@ -126,7 +128,11 @@ impl DriverState {
             .members()
             .into_iter()
             .map(|(id, state)| StatusMember {
-                ring_share: shares.iter().find(|(n, _)| *n == id.name).map(|(_, s)| *s).unwrap_or(0.0),
+                ring_share: shares
+                    .iter()
+                    .find(|(n, _)| *n == id.name)
+                    .map(|(_, s)| *s)
+                    .unwrap_or(0.0),
                 name: id.name,
                 gossip: id.gossip,
                 transport: id.transport,

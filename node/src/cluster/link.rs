@@ -43,6 +43,7 @@ const ACCOUNT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Links {
     pub name: String,
     pub generation: u64,
+    pub replication: usize,
     pub view: RefCell<View>,
     /// Outgoing links by node, with the peer generation they were opened for.
     out: RefCell<HashMap<NodeId, (u64, flume::Sender<Frame>)>>,
@@ -51,10 +52,11 @@ pub struct Links {
 }
 
 impl Links {
-    pub fn new(name: String, generation: u64, view: View) -> Self {
+    pub fn new(name: String, generation: u64, replication: usize, view: View) -> Self {
         Links {
             name,
             generation,
+            replication,
             view: RefCell::new(view),
             out: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
@@ -63,12 +65,21 @@ impl Links {
     }
 
     /// Applies a membership: the ring changes, links to nodes gone (or restarted) close.
-    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) {
+    /// Returns the nodes that died or restarted: the sessions they hosted are gone.
+    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) -> Vec<NodeId> {
         let mut view = self.view.borrow_mut();
+        let before = view.peers.clone();
         view.update(members);
         self.out
             .borrow_mut()
             .retain(|n, (generation, _)| view.peers.get(n).is_some_and(|p| p.generation == *generation));
+        let mut gone: Vec<NodeId> = before
+            .iter()
+            .filter(|(n, p)| view.peers.get(n).is_none_or(|q| q.generation != p.generation))
+            .map(|(n, _)| *n)
+            .collect();
+        gone.sort_unstable();
+        gone
     }
 }
 
@@ -85,7 +96,15 @@ impl Shard {
             .out
             .borrow_mut()
             .insert(node, (peer.generation, tx.clone()));
-        glommio::spawn_local(outgoing(self.clone(), node, peer.name, peer.transport, tx.downgrade(), rx)).detach();
+        glommio::spawn_local(outgoing(
+            self.clone(),
+            node,
+            peer.name,
+            peer.transport,
+            tx.downgrade(),
+            rx,
+        ))
+        .detach();
         Some(tx)
     }
 
@@ -124,7 +143,9 @@ impl Shard {
         let Some(tx) = self.link(node) else {
             return self.undeliverable(env, "remote-server-not-found");
         };
-        if let Err(flume::SendError(Frame::Envelope(w))) = tx.send_async(Frame::Envelope(wire::envelope_out(&env))).await {
+        if let Err(flume::SendError(Frame::Envelope(w))) =
+            tx.send_async(Frame::Envelope(wire::envelope_out(&env))).await
+        {
             self.drop_link(node, &tx);
             if let Ok(env) = wire::envelope_in(w) {
                 self.undeliverable(env, "remote-server-timeout");
@@ -185,7 +206,7 @@ impl Shard {
 
     pub async fn create_account(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
         let Some(node) = self.account_home(&user) else {
-            return self.storage.create_account(user, account).await.map_err(|e| e.to_string());
+            return self.create_account_here(user, account).await;
         };
         let account = wire::account_out(&account);
         match self.ask_remote(node, AccountOp::Create { user, account }).await? {
@@ -197,11 +218,11 @@ impl Shard {
 
     pub async fn put_account(self: &Rc<Self>, user: String, account: Account) -> Result<(), String> {
         let Some(node) = self.account_home(&user) else {
-            return self
-                .storage
-                .write(vec![Write::PutAccount { user, account }])
-                .await
-                .map_err(|e| e.to_string());
+            let w = vec![Write::PutAccount {
+                user: user.clone(),
+                account,
+            }];
+            return self.write_replicated(&user, w).await;
         };
         let account = wire::account_out(&account);
         match self.ask_remote(node, AccountOp::Put { user, account }).await? {
@@ -211,27 +232,119 @@ impl Shard {
         }
     }
 
+    /// Creates an account owned by this node, on this node and its replicas.
+    async fn create_account_here(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
+        let created = self
+            .storage
+            .create_account(user.clone(), account.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        if created {
+            self.replicate(
+                &user,
+                &[Write::PutAccount {
+                    user: user.clone(),
+                    account,
+                }],
+            )
+            .await?;
+        }
+        Ok(created)
+    }
+
+    /// The other nodes that keep copies of `user`'s state: the next `cluster.replication - 1`
+    /// nodes in the ring's order for that key.
+    fn replica_nodes(&self, user: &str) -> Vec<NodeId> {
+        let view = self.cluster.view.borrow();
+        if view.peers.is_empty() {
+            return Vec::new();
+        }
+        view.ring
+            .replicas(user.as_bytes(), self.cluster.replication)
+            .into_iter()
+            .map(starling_gossip::node_id)
+            .filter(|n| *n != self.node)
+            .collect()
+    }
+
+    /// Writes `user`'s batch here and on its replicas; `Ok` once it is durable on a majority
+    /// of the copies (`copies / 2 + 1`, so with the default two copies: both), this node's
+    /// included — it serves the reads. What a client is told is durable survives the loss of
+    /// any one node.
+    pub async fn write_replicated(self: &Rc<Self>, user: &str, writes: Vec<Write>) -> Result<(), String> {
+        let (local, remote) = futures::join!(self.storage.write(writes.clone()), self.replicate(user, &writes));
+        local.map_err(|e| e.to_string())?;
+        remote
+    }
+
+    /// Sends a batch to `user`'s replicas and waits for enough of them (see
+    /// `write_replicated`; this node's own copy counts as one).
+    async fn replicate(self: &Rc<Self>, user: &str, writes: &[Write]) -> Result<(), String> {
+        let others = self.replica_nodes(user);
+        if others.is_empty() {
+            return Ok(());
+        }
+        let bytes = postcard::to_stdvec(writes).map_err(|e| e.to_string())?;
+        let asks = others
+            .iter()
+            .map(|n| self.ask_remote(*n, AccountOp::Replicate { writes: bytes.clone() }));
+        let answers = futures::future::join_all(asks).await;
+        let copies = 1 + answers.iter().filter(|a| matches!(a, Ok(AccountResult::Done))).count();
+        let total = others.len() + 1;
+        let need = total / 2 + 1;
+        if copies >= need {
+            return Ok(());
+        }
+        let why: Vec<String> = answers
+            .into_iter()
+            .filter_map(|a| match a {
+                Ok(AccountResult::Done) => None,
+                Ok(other) => Some(format!("{other:?}")),
+                Err(e) => Some(e),
+            })
+            .collect();
+        self.metrics.cluster_replication_failures.increment(1);
+        tracing::warn!(user, copies, need, ?why, "cluster: write not replicated to a majority");
+        Err(format!(
+            "durable on {copies} of {} copies, {need} needed",
+            others.len() + 1
+        ))
+    }
+
     /// Serves an account request from another node against this node's storage.
     async fn serve_account(self: &Rc<Self>, op: AccountOp) -> AccountResult {
-        let fail = |e: starling_storage::StorageError| AccountResult::Failed(e.to_string());
         match op {
             AccountOp::Load { user } => match self.storage.account(user).await {
                 Ok(a) => AccountResult::Loaded(a.as_ref().map(wire::account_out)),
-                Err(e) => fail(e),
+                Err(e) => AccountResult::Failed(e.to_string()),
             },
             AccountOp::Create { user, account } => {
-                match self.storage.create_account(user, wire::account_in(account)).await {
+                match self.create_account_here(user, wire::account_in(account)).await {
                     Ok(c) => AccountResult::Created(c),
-                    Err(e) => fail(e),
+                    Err(e) => AccountResult::Failed(e),
                 }
             }
             AccountOp::Put { user, account } => {
                 let account = wire::account_in(account);
-                match self.storage.write(vec![Write::PutAccount { user, account }]).await {
+                let w = vec![Write::PutAccount {
+                    user: user.clone(),
+                    account,
+                }];
+                match self.write_replicated(&user, w).await {
                     Ok(()) => AccountResult::Done,
-                    Err(e) => fail(e),
+                    Err(e) => AccountResult::Failed(e),
                 }
             }
+            AccountOp::Replicate { writes } => match postcard::from_bytes::<Vec<Write>>(&writes) {
+                Ok(w) => match self.storage.write(w).await {
+                    Ok(()) => AccountResult::Done,
+                    Err(e) => AccountResult::Failed(e.to_string()),
+                },
+                Err(e) => {
+                    self.metrics.cluster_bad_frames.increment(1);
+                    AccountResult::Failed(format!("undecodable writes: {e}"))
+                }
+            },
         }
     }
 }
@@ -411,9 +524,58 @@ pub async fn follow_membership(
 ) {
     loop {
         let members = latest.lock().expect("members lock").clone();
-        shard.cluster.update(&members);
+        let gone = shard.cluster.update(&members);
+        after_change(&shard, &gone);
         if updates.recv_async().await.is_err() {
             return;
         }
+    }
+}
+
+/// What a membership change means for this shard's actors and sessions.
+/// - The user actors here unbind the sessions that nodes gone hosted (contacts see them
+///   go offline; their clients reconnect elsewhere).
+/// - A session whose user's actor now lives on another node than when it bound (its node
+///   died, or a newcomer owns it now) is closed, so that its client reconnects and binds at
+///   the new owner. Re-registering live sessions in place is not built yet.
+fn after_change(shard: &Rc<Shard>, gone: &[NodeId]) {
+    if !gone.is_empty() {
+        let users: Vec<jid::BareJid> = shard.users.borrow().keys().cloned().collect();
+        for u in users {
+            for &node in gone {
+                shard.deliver_local(Envelope::to_user(
+                    u.clone(),
+                    starling_actors::msg::UserMsg::NodeDown { node },
+                ));
+            }
+        }
+    }
+    let moved: Vec<u64> = {
+        let view = shard.cluster.view.borrow();
+        shard
+            .session_users
+            .borrow()
+            .iter()
+            .filter(|(_, (user, node))| view.place_user(user).0 != *node)
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    for id in moved {
+        tracing::info!(
+            session = id,
+            "cluster: the session's user moved to another node; closing it"
+        );
+        let addr = starling_actors::address::SessionAddr {
+            node: shard.node,
+            shard: shard.id,
+            id,
+        };
+        shard.deliver_local(Envelope::to_session(
+            addr,
+            starling_actors::msg::SessionMsg::Kick {
+                condition: "undefined-condition",
+                text: "this account's cluster node changed; please reconnect".into(),
+            },
+        ));
     }
 }

@@ -27,6 +27,8 @@ pub struct ClusterParams {
     pub name: String,
     pub generation: u64,
     pub transport: SocketAddr,
+    /// `cluster.replication`: copies of each user's state, the owner's included.
+    pub replication: usize,
     /// The members up; replaced by the driver on every change.
     pub latest: Arc<std::sync::Mutex<Members>>,
     /// One wake-up receiver per shard, indexed by shard id.
@@ -84,7 +86,11 @@ impl View {
     /// picks its own shard).
     pub fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
         if !self.peers.is_empty() {
-            let owner = self.ring.owner(user.as_str().as_bytes()).map(node_id).unwrap_or(self.me);
+            let owner = self
+                .ring
+                .owner(user.as_str().as_bytes())
+                .map(node_id)
+                .unwrap_or(self.me);
             if owner != self.me {
                 return (owner, 0);
             }
@@ -129,6 +135,7 @@ pub fn setup(cfg: &crate::config::Config, shards: usize) -> Result<Option<Setup>
             name: c.node_name.clone(),
             generation,
             transport,
+            replication: c.replication,
             latest: Arc::new(std::sync::Mutex::new(Arc::new(vec![me.clone()]))),
             updates,
         },

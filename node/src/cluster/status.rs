@@ -26,7 +26,8 @@ struct Status {
 fn fetch(addr: std::net::SocketAddr) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| format!("cannot reach the node at {addr} (metrics.listen): {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
     write!(s, "GET /cluster HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
@@ -50,8 +51,8 @@ pub fn print(cfg: &crate::config::Config, json: bool) -> Result<(), String> {
     let st: Status = serde_json::from_str(&body).map_err(|e| format!("unexpected answer: {e}"))?;
     println!("cluster as seen by {}", st.node);
     println!(
-        "{:<16} {:<8} {:>7}  {:<22} {:<22} {}",
-        "NODE", "STATE", "SHARE", "GOSSIP (UDP)", "TRANSPORT (TCP)", "GENERATION"
+        "{:<16} {:<8} {:>7}  {:<22} {:<22} GENERATION",
+        "NODE", "STATE", "SHARE", "GOSSIP (UDP)", "TRANSPORT (TCP)"
     );
     for m in st.members {
         println!(
