@@ -149,6 +149,12 @@ pub enum AccountOp {
     Replicate {
         writes: Vec<u8>,
     },
+    /// A whole user (account, roster, offline queue) for a node that has just become one of
+    /// its replicas; applied only where the account does not exist yet.
+    Handoff {
+        user: String,
+        writes: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

@@ -26,6 +26,10 @@ pub enum StorageReq {
         writes: Vec<Write>,
         reply: Reply<()>,
     },
+    /// Every account stored here (the cluster's handoff walks them).
+    ListAccounts {
+        reply: Reply<Vec<String>>,
+    },
     Shutdown,
 }
 
@@ -63,6 +67,10 @@ impl StorageHandle {
         self.ask(|reply| StorageReq::LoadUser { user, reply }).await
     }
     /// Returns once the writes are durable.
+    pub async fn list_accounts(&self) -> Result<Vec<String>, StorageError> {
+        self.ask(|reply| StorageReq::ListAccounts { reply }).await
+    }
+
     pub async fn write(&self, writes: Vec<Write>) -> Result<(), StorageError> {
         self.ask(|reply| StorageReq::Write { writes, reply }).await
     }
@@ -103,6 +111,9 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
                         let _ = reply.send(Err(e));
                     }
                 },
+                StorageReq::ListAccounts { reply } => {
+                    let _ = reply.send(store.list_accounts());
+                }
                 StorageReq::Shutdown => stop = true,
             }
             if acks.len() + created.len() >= 1024 {

@@ -63,12 +63,42 @@ fn wait_alive(node: &Server, names: &[&str], within: Duration) -> Duration {
     }
 }
 
-/// The first `prefix{i}` owned by `owner` in `ring`.
-fn user_owned_by(ring: &Ring, owner: &str, prefix: &str) -> String {
-    (0..1000)
+/// The first `prefix{i}` owned by `owner` in `ring`, and by `later` in the ring after n3 died
+/// and n4 joined.
+fn user_owned_by(ring: &Ring, owner: &str, later: &str, prefix: &str) -> String {
+    let after = Ring::new(["n1".to_string(), "n2".into(), "n4".into()]);
+    (0..10_000)
         .map(|i| format!("{prefix}{i}"))
-        .find(|u| ring.owner(format!("{u}@localhost").as_bytes()) == Some(owner))
+        .find(|u| {
+            let k = format!("{u}@localhost");
+            ring.owner(k.as_bytes()) == Some(owner) && (later.is_empty() || after.owner(k.as_bytes()) == Some(later))
+        })
         .expect("a user for every node")
+}
+
+/// SASL PLAIN in clear and bind; `None` while the account is not known (yet).
+async fn try_login_plain(port: u16, user: &str, password: &str) -> Option<Raw> {
+    use base64::Engine;
+    let mut r = Raw::connect(port).await;
+    r.send(HEADER).await;
+    r.until("</stream:features>").await;
+    let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    r.send(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+    ))
+    .await;
+    let got = r.until("/>").await;
+    if !got.contains("<success") {
+        return None;
+    }
+    r.send(HEADER).await;
+    r.until("</stream:features>").await;
+    r.send(
+        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>r</resource></bind></iq>",
+    )
+    .await;
+    r.until("</iq>").await;
+    Some(r)
 }
 
 /// In-band registration (XEP-0077) through `node`: the account is created on its owner.
@@ -167,18 +197,21 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
 
     // Each user's actor lives on another node than the one its client connects to.
     let ring = Ring::new(["n1".to_string(), "n2".into(), "n3".into()]);
-    let alice = user_owned_by(&ring, "n2", "alice"); // connects to n1
-    let bob = user_owned_by(&ring, "n1", "bob"); // connects to n2
-    let carol = user_owned_by(&ring, "n2", "carol"); // offline at first; later on n1
-    let dave = user_owned_by(&ring, "n1", "dave"); // connects to n3, which dies
-    let erin = user_owned_by(&ring, "n3", "erin"); // owned by n3, connects to n1
-    let frank = user_owned_by(&ring, "n3", "frank"); // owned by n3, offline when it dies
+    // alice and bob keep their owners when n4 joins; gina moves to n4.
+    let alice = user_owned_by(&ring, "n2", "n2", "alice"); // connects to n1
+    let bob = user_owned_by(&ring, "n1", "n1", "bob"); // connects to n2
+    let carol = user_owned_by(&ring, "n2", "", "carol"); // offline at first; later on n1
+    let dave = user_owned_by(&ring, "n1", "", "dave"); // connects to n3, which dies
+    let erin = user_owned_by(&ring, "n3", "", "erin"); // owned by n3, connects to n1
+    let frank = user_owned_by(&ring, "n3", "", "frank"); // owned by n3, offline when it dies
+    let gina = user_owned_by(&ring, "n1", "n4", "gina"); // moves to n4 when it joins
     register(&n3, &alice, "pa").await;
     register(&n3, &bob, "pb").await;
     register(&n1, &carol, "pc").await;
     register(&n2, &dave, "pd").await;
     register(&n1, &erin, "pe").await;
     register(&n2, &frank, "pf").await;
+    register(&n2, &gina, "pg").await;
     let (aj, bj, cj, dj) = (
         format!("{alice}@localhost"),
         format!("{bob}@localhost"),
@@ -291,4 +324,55 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     );
     a.send_stanza(chat(&bj, "still here")).await.unwrap();
     expect_stanza(&mut b, "message after the kill", |s| has_body(s, "still here")).await;
+
+    // Gina (owned by n1) puts bob on her roster and gets a message while offline; then a
+    // fourth node joins and owns her: her state is handed to it and she logs in there.
+    let gj = format!("{gina}@localhost");
+    let mut g = Raw::login_plain(n2.port, &gina, "pg", "r").await;
+    g.send(&format!(
+        "<iq type='set' id='add'><query xmlns='jabber:iq:roster'><item jid='{bj}'/></query></iq>"
+    ))
+    .await;
+    g.until("id=\"add\"").await;
+    g.send("</stream:stream>").await;
+    g.until_closed().await;
+    a.send_stanza(chat(&gj, "for gina")).await.unwrap();
+    let ping = Element::builder("ping", "urn:xmpp:ping").build();
+    let _ = a.iq(Some(jid(&gj)), IqRequest::Get(ping)).await;
+
+    let g4 = free_port();
+    let n4 = Server::start_node("n4", g4, free_port(), &[g1], &[]);
+    for n in [&n1, &n2, &n4] {
+        wait_alive(n, &["n1", "n2", "n4"], Duration::from_secs(30));
+    }
+    let v: serde_json::Value = serde_json::from_str(&n4.http_get("/cluster").1).unwrap();
+    let share = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n4")
+        .unwrap()["ring_share"]
+        .as_f64()
+        .unwrap();
+    assert!((0.25..0.42).contains(&share), "n4 owns {share} of the keys");
+    // The handoff runs in the background: her login succeeds once it has arrived.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut g = loop {
+        if let Some(r) = try_login_plain(n2.port, &gina, "pg").await {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gina cannot log in after n4 joined\n{}",
+            n4.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    g.send("<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq><presence/>")
+        .await;
+    let got = g.until("for gina").await;
+    assert!(got.contains(&format!("jid=\"{bj}\"")), "gina's roster on n4: {got}");
+    // And alice and bob, whose owners did not change, still talk.
+    a.send_stanza(chat(&bj, "after the join")).await.unwrap();
+    expect_stanza(&mut b, "message after the join", |s| has_body(s, "after the join")).await;
 }

@@ -66,9 +66,10 @@ impl Links {
 
     /// Applies a membership: the ring changes, links to nodes gone (or restarted) close.
     /// Returns the nodes that died or restarted: the sessions they hosted are gone.
-    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) -> Vec<NodeId> {
+    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) -> (Vec<NodeId>, starling_gossip::Ring) {
         let mut view = self.view.borrow_mut();
         let before = view.peers.clone();
+        let old_ring = view.ring.clone();
         view.update(members);
         self.out
             .borrow_mut()
@@ -79,7 +80,7 @@ impl Links {
             .map(|(n, _)| *n)
             .collect();
         gone.sort_unstable();
-        gone
+        (gone, old_ring)
     }
 }
 
@@ -335,6 +336,24 @@ impl Shard {
                     Err(e) => AccountResult::Failed(e),
                 }
             }
+            AccountOp::Handoff { user, writes } => match self.storage.account(user.clone()).await {
+                Ok(Some(_)) => {
+                    tracing::debug!(user, "cluster: handoff skipped, the account is here already");
+                    AccountResult::Done
+                }
+                Ok(None) => match postcard::from_bytes::<Vec<Write>>(&writes) {
+                    Ok(w) if w.iter().all(|w| write_user(w) == user) => match self.storage.write(w).await {
+                        Ok(()) => AccountResult::Done,
+                        Err(e) => AccountResult::Failed(e.to_string()),
+                    },
+                    Ok(_) => AccountResult::Failed("handoff writes for another user".into()),
+                    Err(e) => {
+                        self.metrics.cluster_bad_frames.increment(1);
+                        AccountResult::Failed(format!("undecodable writes: {e}"))
+                    }
+                },
+                Err(e) => AccountResult::Failed(e.to_string()),
+            },
             AccountOp::Replicate { writes } => match postcard::from_bytes::<Vec<Write>>(&writes) {
                 Ok(w) => match self.storage.write(w).await {
                     Ok(()) => AccountResult::Done,
@@ -524,8 +543,13 @@ pub async fn follow_membership(
 ) {
     loop {
         let members = latest.lock().expect("members lock").clone();
-        let gone = shard.cluster.update(&members);
+        let (gone, old_ring) = shard.cluster.update(&members);
         after_change(&shard, &gone);
+        let new_ring = shard.cluster.view.borrow().ring.clone();
+        // One shard per node walks the stored users (they are the node's, not the shard's).
+        if shard.id == 0 && new_ring != old_ring && !old_ring.is_empty() {
+            glommio::spawn_local(handoff(shard.clone(), old_ring, new_ring)).detach();
+        }
         if updates.recv_async().await.is_err() {
             return;
         }
@@ -577,5 +601,119 @@ fn after_change(shard: &Rc<Shard>, gone: &[NodeId]) {
                 text: "this account's cluster node changed; please reconnect".into(),
             },
         ));
+    }
+}
+
+fn write_user(w: &Write) -> &str {
+    match w {
+        Write::PutAccount { user, .. }
+        | Write::DeleteUser { user }
+        | Write::PutRosterItem { user, .. }
+        | Write::DeleteRosterItem { user, .. }
+        | Write::SetRosterVer { user, .. }
+        | Write::PushOffline { user, .. }
+        | Write::DeleteOffline { user, .. } => user,
+    }
+}
+
+/// Users handed off at once (each is one request and one flush on the receiver).
+const HANDOFF_PARALLEL: usize = 32;
+
+/// After a membership change: for every user stored here whose replica set gained a node,
+/// the first of its previous replicas still up sends that node the user's whole state
+/// (account, roster, offline queue). The receiver applies it only if it has no such account:
+/// without per-user versions it cannot tell a stale copy from a newer one, so it never
+/// overwrites (ARCHITECTURE.md "Cluster" says what that leaves open).
+async fn handoff(shard: Rc<Shard>, old: starling_gossip::Ring, new: starling_gossip::Ring) {
+    let users = match shard.storage.list_accounts().await {
+        Ok(u) => u,
+        Err(e) => return tracing::error!(error = %e, "cluster: handoff cannot list accounts"),
+    };
+    let me = shard.cluster.name.clone();
+    let r = shard.cluster.replication;
+    let mut jobs: Vec<(String, NodeId)> = Vec::new();
+    for user in users {
+        let key = user.as_bytes();
+        let before = old.replicas(key, r);
+        let after = new.replicas(key, r);
+        let sender = before.iter().find(|n| new.members().iter().any(|m| m == *n));
+        if sender.copied() != Some(me.as_str()) {
+            continue;
+        }
+        for n in after {
+            if n != me && !before.contains(&n) {
+                jobs.push((user.clone(), starling_gossip::node_id(n)));
+            }
+        }
+    }
+    if jobs.is_empty() {
+        return;
+    }
+    tracing::info!(users = jobs.len(), "cluster: handing users to their new replicas");
+    let mut failed = 0usize;
+    for chunk in jobs.chunks(HANDOFF_PARALLEL) {
+        let sends = chunk.iter().map(|(user, node)| hand_one(&shard, user, *node));
+        failed += futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .filter(|ok| !ok)
+            .count();
+    }
+    if failed > 0 {
+        tracing::warn!(failed, "cluster: some handoffs failed");
+    }
+}
+
+async fn hand_one(shard: &Rc<Shard>, user: &str, node: NodeId) -> bool {
+    let snapshot = async {
+        let account = shard
+            .storage
+            .account(user.to_string())
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("account gone")?;
+        let (_, data) = shard
+            .storage
+            .load_user(user.to_string())
+            .await
+            .map_err(|e| e.to_string())?;
+        let u = user.to_string();
+        let mut w = vec![Write::PutAccount {
+            user: u.clone(),
+            account,
+        }];
+        w.extend(
+            data.roster
+                .into_iter()
+                .map(|item| Write::PutRosterItem { user: u.clone(), item }),
+        );
+        w.push(Write::SetRosterVer {
+            user: u.clone(),
+            ver: data.roster_ver,
+        });
+        w.extend(
+            data.offline
+                .into_iter()
+                .map(|msg| Write::PushOffline { user: u.clone(), msg }),
+        );
+        postcard::to_stdvec(&w).map_err(|e| e.to_string())
+    };
+    let writes = match snapshot.await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(user, error = %e, "cluster: no snapshot to hand off");
+            return false;
+        }
+    };
+    let op = AccountOp::Handoff {
+        user: user.to_string(),
+        writes,
+    };
+    match shard.ask_remote(node, op).await {
+        Ok(AccountResult::Done) => true,
+        other => {
+            tracing::warn!(user, node, answer = ?other, "cluster: handoff failed");
+            false
+        }
     }
 }
