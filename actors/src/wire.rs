@@ -153,6 +153,7 @@ pub enum AccountOp {
     /// its replicas; applied only where the account does not exist yet.
     Handoff {
         user: String,
+        version: u64,
         writes: Vec<u8>,
     },
 }

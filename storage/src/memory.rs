@@ -59,6 +59,12 @@ fn apply_one(state: &mut State, w: &Write) {
                 u.offline.retain(|m| m.seq > *upto);
             }
         }
+        Write::BumpVersion { user } => {
+            state.users.entry(user.clone()).or_default().version += 1;
+        }
+        Write::SetVersion { user, version } => {
+            state.users.entry(user.clone()).or_default().version = *version;
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! sled key layout (one tree each, keys are UTF-8 bare JIDs):
 //! - `accounts`: `user` → postcard(Account)
 //! - `roster`:   `user \0 contact` → postcard(RosterItem)
-//! - `meta`:     `rver \0 user` → u64 big-endian (roster version)
+//! - `meta`:     `rver \0 user` → u64 big-endian (roster version); `wver \0 user` → u64
+//!   big-endian (write version, see `UserData::version`)
 //! - `offline`:  `user \0 seq(u64 BE)` → postcard(OfflineMessage); BE keeps them in order
 use std::path::Path;
 
@@ -57,6 +58,25 @@ fn ver_key(user: &str) -> Vec<u8> {
     let mut k = b"rver\0".to_vec();
     k.extend_from_slice(user.as_bytes());
     k
+}
+
+fn wver_key(user: &str) -> Vec<u8> {
+    let mut k = b"wver\0".to_vec();
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8], what: &str) -> Result<u64> {
+    match tree.get(key).map_err(backend)? {
+        None => Ok(0),
+        Some(v) => {
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StorageError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason: format!("{what} is not 8 bytes"),
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+    }
 }
 
 impl SledStorage {
@@ -136,6 +156,7 @@ impl Storage for SledStorage {
             })?;
             data.roster_ver = u64::from_be_bytes(bytes);
         }
+        data.version = read_u64(&self.meta, &wver_key(user), "write version")?;
         Ok(data)
     }
 
@@ -152,6 +173,16 @@ impl Storage for SledStorage {
                     Self::delete_prefix(&self.roster, &prefix(user))?;
                     self.offline_count -= Self::delete_prefix(&self.offline, &prefix(user))?.min(self.offline_count);
                     self.meta.remove(ver_key(user)).map_err(backend)?;
+                    self.meta.remove(wver_key(user)).map_err(backend)?;
+                }
+                Write::BumpVersion { user } => {
+                    let v = read_u64(&self.meta, &wver_key(user), "write version")? + 1;
+                    self.meta.insert(wver_key(user), &v.to_be_bytes()).map_err(backend)?;
+                }
+                Write::SetVersion { user, version } => {
+                    self.meta
+                        .insert(wver_key(user), &version.to_be_bytes())
+                        .map_err(backend)?;
                 }
                 Write::PutRosterItem { user, item } => {
                     self.roster
@@ -298,5 +329,28 @@ mod tests {
         m.crash();
         assert!(m.account("a@x").unwrap().is_some());
         assert_eq!(m.load_user("a@x").unwrap().roster_ver, 0);
+    }
+
+    #[test]
+    fn write_versions_count_batches_and_go_with_the_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStorage::open(dir.path()).unwrap();
+        let stores: Vec<Box<dyn Storage>> = vec![Box::new(sled), Box::new(crate::MemoryStorage::new())];
+        for mut s in stores {
+            let bump = || Write::BumpVersion { user: "a@x".into() };
+            assert_eq!(s.load_user("a@x").unwrap().version, 0);
+            s.apply(&[bump(), bump()]).unwrap();
+            assert_eq!(s.load_user("a@x").unwrap().version, 2);
+            s.apply(&[Write::SetVersion {
+                user: "a@x".into(),
+                version: 10,
+            }])
+            .unwrap();
+            assert_eq!(s.load_user("a@x").unwrap().version, 10);
+            assert_eq!(s.load_user("b@x").unwrap().version, 0, "per user");
+            s.apply(&[Write::DeleteUser { user: "a@x".into() }]).unwrap();
+            assert_eq!(s.load_user("a@x").unwrap().version, 0);
+            assert_eq!(bump().user(), "a@x");
+        }
     }
 }

@@ -76,6 +76,9 @@ pub struct UserData {
     pub roster: Vec<RosterItem>,
     pub roster_ver: u64,
     pub offline: Vec<OfflineMessage>,
+    /// How many write batches the user's state has had (`Write::BumpVersion`): in a cluster,
+    /// a copy with a lower version is stale and a handoff may replace it.
+    pub version: u64,
 }
 
 /// One write. Batches of writes are applied in order. Serde: batches travel to replicas.
@@ -110,4 +113,30 @@ pub enum Write {
         user: String,
         upto: u64,
     },
+    /// One more batch for this user (the cluster appends it to every replicated batch).
+    BumpVersion {
+        user: String,
+    },
+    /// The version of a whole state handed to this node.
+    SetVersion {
+        user: String,
+        version: u64,
+    },
+}
+
+impl Write {
+    /// The user whose state this write changes.
+    pub fn user(&self) -> &str {
+        match self {
+            Write::PutAccount { user, .. }
+            | Write::DeleteUser { user }
+            | Write::PutRosterItem { user, .. }
+            | Write::DeleteRosterItem { user, .. }
+            | Write::SetRosterVer { user, .. }
+            | Write::PushOffline { user, .. }
+            | Write::DeleteOffline { user, .. }
+            | Write::BumpVersion { user }
+            | Write::SetVersion { user, .. } => user,
+        }
+    }
 }

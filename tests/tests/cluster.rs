@@ -203,7 +203,15 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     let carol = user_owned_by(&ring, "n2", "", "carol"); // offline at first; later on n1
     let dave = user_owned_by(&ring, "n1", "", "dave"); // connects to n3, which dies
     let erin = user_owned_by(&ring, "n3", "", "erin"); // owned by n3, connects to n1
-    let frank = user_owned_by(&ring, "n3", "", "frank"); // owned by n3, offline when it dies
+                                                       // Frank is owned by n3, offline when it dies, and n3's again when it comes back.
+    let all4 = Ring::new(["n1".to_string(), "n2".into(), "n3".into(), "n4".into()]);
+    let frank = (0..10_000)
+        .map(|i| format!("frank{i}"))
+        .find(|u| {
+            let k = format!("{u}@localhost");
+            ring.owner(k.as_bytes()) == Some("n3") && all4.owner(k.as_bytes()) == Some("n3")
+        })
+        .unwrap();
     let gina = user_owned_by(&ring, "n1", "n4", "gina"); // moves to n4 when it joins
     register(&n3, &alice, "pa").await;
     register(&n3, &bob, "pb").await;
@@ -375,4 +383,34 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     // And alice and bob, whose owners did not change, still talk.
     a.send_stanza(chat(&bj, "after the join")).await.unwrap();
     expect_stanza(&mut b, "message after the join", |s| has_body(s, "after the join")).await;
+
+    // n3 comes back with its old data. Frank got a message while it was away (stored on his
+    // interim owner and its replica, a newer version of his state): n3 owns him again and
+    // must serve the newer copy, handed to it, not its own stale one.
+    drop(f);
+    a.send_stanza(chat(&fj, "while n3 was down")).await.unwrap();
+    let ping = Element::builder("ping", "urn:xmpp:ping").build();
+    let _ = a.iq(Some(jid(&fj)), IqRequest::Get(ping)).await;
+    n3.start_again();
+    for n in [&n1, &n2, &n3, &n4] {
+        wait_alive(n, &["n1", "n2", "n3", "n4"], Duration::from_secs(30));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(mut f) = try_login_plain(n1.port, &frank, "pf").await {
+            f.send("<presence/>").await;
+            if tokio::time::timeout(Duration::from_secs(3), f.until("while n3 was down"))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "frank's message from while n3 was down is not served after it came back\n{}",
+            n3.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

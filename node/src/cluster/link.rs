@@ -240,17 +240,25 @@ impl Shard {
             .create_account(user.clone(), account.clone())
             .await
             .map_err(|e| e.to_string())?;
-        if created {
-            self.replicate(
-                &user,
-                &[Write::PutAccount {
+        if created && self.in_cluster() {
+            let bump = Write::BumpVersion { user: user.clone() };
+            let batch = [
+                Write::PutAccount {
                     user: user.clone(),
                     account,
-                }],
-            )
-            .await?;
+                },
+                bump.clone(),
+            ];
+            let (local, remote) = futures::join!(self.storage.write(vec![bump]), self.replicate(&user, &batch));
+            local.map_err(|e| e.to_string())?;
+            remote?;
         }
         Ok(created)
+    }
+
+    /// Configured as a cluster member (`cluster.node_name`), whether alone just now or not.
+    fn in_cluster(&self) -> bool {
+        !self.cluster.name.is_empty()
     }
 
     /// The other nodes that keep copies of `user`'s state: the next `cluster.replication - 1`
@@ -272,7 +280,10 @@ impl Shard {
     /// of the copies (`copies / 2 + 1`, so with the default two copies: both), this node's
     /// included — it serves the reads. What a client is told is durable survives the loss of
     /// any one node.
-    pub async fn write_replicated(self: &Rc<Self>, user: &str, writes: Vec<Write>) -> Result<(), String> {
+    pub async fn write_replicated(self: &Rc<Self>, user: &str, mut writes: Vec<Write>) -> Result<(), String> {
+        if self.in_cluster() {
+            writes.push(Write::BumpVersion { user: user.to_string() });
+        }
         let (local, remote) = futures::join!(self.storage.write(writes.clone()), self.replicate(user, &writes));
         local.map_err(|e| e.to_string())?;
         remote
@@ -312,6 +323,45 @@ impl Shard {
         ))
     }
 
+    /// A whole user from the node that held it: it replaces the copy here only if that one
+    /// is older (fewer write batches) or absent, so a node back from the dead never has its
+    /// stale copy win, nor does a late handoff undo newer writes.
+    async fn take_handoff(self: &Rc<Self>, user: String, version: u64, writes: &[u8]) -> AccountResult {
+        let here = async {
+            let account = self.storage.account(user.clone()).await?;
+            let (_, data) = self.storage.load_user(user.clone()).await?;
+            Ok::<_, starling_storage::StorageError>(account.map(|_| data.version))
+        };
+        match here.await {
+            Err(e) => return AccountResult::Failed(e.to_string()),
+            Ok(Some(v)) if v >= version => {
+                tracing::debug!(
+                    user,
+                    here = v,
+                    offered = version,
+                    "cluster: handoff not newer; kept ours"
+                );
+                return AccountResult::Done;
+            }
+            Ok(_) => {}
+        }
+        let w = match postcard::from_bytes::<Vec<Write>>(writes) {
+            Ok(w) if w.iter().all(|w| w.user() == user) => w,
+            Ok(_) => return AccountResult::Failed("handoff writes for another user".into()),
+            Err(e) => {
+                self.metrics.cluster_bad_frames.increment(1);
+                return AccountResult::Failed(format!("undecodable writes: {e}"));
+            }
+        };
+        let mut all = vec![Write::DeleteUser { user: user.clone() }];
+        all.extend(w);
+        all.push(Write::SetVersion { user, version });
+        match self.storage.write(all).await {
+            Ok(()) => AccountResult::Done,
+            Err(e) => AccountResult::Failed(e.to_string()),
+        }
+    }
+
     /// Serves an account request from another node against this node's storage.
     async fn serve_account(self: &Rc<Self>, op: AccountOp) -> AccountResult {
         match op {
@@ -336,24 +386,7 @@ impl Shard {
                     Err(e) => AccountResult::Failed(e),
                 }
             }
-            AccountOp::Handoff { user, writes } => match self.storage.account(user.clone()).await {
-                Ok(Some(_)) => {
-                    tracing::debug!(user, "cluster: handoff skipped, the account is here already");
-                    AccountResult::Done
-                }
-                Ok(None) => match postcard::from_bytes::<Vec<Write>>(&writes) {
-                    Ok(w) if w.iter().all(|w| write_user(w) == user) => match self.storage.write(w).await {
-                        Ok(()) => AccountResult::Done,
-                        Err(e) => AccountResult::Failed(e.to_string()),
-                    },
-                    Ok(_) => AccountResult::Failed("handoff writes for another user".into()),
-                    Err(e) => {
-                        self.metrics.cluster_bad_frames.increment(1);
-                        AccountResult::Failed(format!("undecodable writes: {e}"))
-                    }
-                },
-                Err(e) => AccountResult::Failed(e.to_string()),
-            },
+            AccountOp::Handoff { user, version, writes } => self.take_handoff(user, version, &writes).await,
             AccountOp::Replicate { writes } => match postcard::from_bytes::<Vec<Write>>(&writes) {
                 Ok(w) => match self.storage.write(w).await {
                     Ok(()) => AccountResult::Done,
@@ -604,26 +637,13 @@ fn after_change(shard: &Rc<Shard>, gone: &[NodeId]) {
     }
 }
 
-fn write_user(w: &Write) -> &str {
-    match w {
-        Write::PutAccount { user, .. }
-        | Write::DeleteUser { user }
-        | Write::PutRosterItem { user, .. }
-        | Write::DeleteRosterItem { user, .. }
-        | Write::SetRosterVer { user, .. }
-        | Write::PushOffline { user, .. }
-        | Write::DeleteOffline { user, .. } => user,
-    }
-}
-
 /// Users handed off at once (each is one request and one flush on the receiver).
 const HANDOFF_PARALLEL: usize = 32;
 
 /// After a membership change: for every user stored here whose replica set gained a node,
 /// the first of its previous replicas still up sends that node the user's whole state
-/// (account, roster, offline queue). The receiver applies it only if it has no such account:
-/// without per-user versions it cannot tell a stale copy from a newer one, so it never
-/// overwrites (ARCHITECTURE.md "Cluster" says what that leaves open).
+/// (account, roster, offline queue, write version). The receiver keeps the newer of the two
+/// (`take_handoff`).
 async fn handoff(shard: Rc<Shard>, old: starling_gossip::Ring, new: starling_gossip::Ring) {
     let users = match shard.storage.list_accounts().await {
         Ok(u) => u,
@@ -696,9 +716,11 @@ async fn hand_one(shard: &Rc<Shard>, user: &str, node: NodeId) -> bool {
                 .into_iter()
                 .map(|msg| Write::PushOffline { user: u.clone(), msg }),
         );
-        postcard::to_stdvec(&w).map_err(|e| e.to_string())
+        postcard::to_stdvec(&w)
+            .map(|b| (b, data.version))
+            .map_err(|e| e.to_string())
     };
-    let writes = match snapshot.await {
+    let (writes, version) = match snapshot.await {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(user, error = %e, "cluster: no snapshot to hand off");
@@ -707,6 +729,7 @@ async fn hand_one(shard: &Rc<Shard>, user: &str, node: NodeId) -> bool {
     };
     let op = AccountOp::Handoff {
         user: user.to_string(),
+        version,
         writes,
     };
     match shard.ask_remote(node, op).await {
