@@ -84,6 +84,14 @@ impl Raw {
 
     /// Stream header, then SASL PLAIN (the server must allow it in clear), restart, bind.
     pub async fn login_plain(port: u16, user: &str, password: &str, resource: &str) -> Raw {
+        match Self::try_login_plain(port, user, password, resource).await {
+            Ok(r) => r,
+            Err(got) => panic!("login of {user} failed: {got}"),
+        }
+    }
+
+    /// Like `login_plain`; a refused authentication is the server's answer as an error.
+    pub async fn try_login_plain(port: u16, user: &str, password: &str, resource: &str) -> Result<Raw, String> {
         let mut r = Raw::connect(port).await;
         r.send(HEADER).await;
         r.until("</stream:features>").await;
@@ -93,11 +101,13 @@ impl Raw {
         ))
         .await;
         let got = r.until("/>").await;
-        assert!(got.contains("<success"), "login of {user} failed: {got}");
+        if !got.contains("<success") {
+            return Err(got);
+        }
         r.send(HEADER).await;
         r.until("</stream:features>").await;
         r.send(&format!("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
         r.until("</iq>").await;
-        r
+        Ok(r)
     }
 }

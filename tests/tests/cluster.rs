@@ -76,31 +76,6 @@ fn user_owned_by(ring: &Ring, owner: &str, later: &str, prefix: &str) -> String 
         .expect("a user for every node")
 }
 
-/// SASL PLAIN in clear and bind; `None` while the account is not known (yet).
-async fn try_login_plain(port: u16, user: &str, password: &str) -> Option<Raw> {
-    use base64::Engine;
-    let mut r = Raw::connect(port).await;
-    r.send(HEADER).await;
-    r.until("</stream:features>").await;
-    let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
-    r.send(&format!(
-        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
-    ))
-    .await;
-    let got = r.until("/>").await;
-    if !got.contains("<success") {
-        return None;
-    }
-    r.send(HEADER).await;
-    r.until("</stream:features>").await;
-    r.send(
-        "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>r</resource></bind></iq>",
-    )
-    .await;
-    r.until("</iq>").await;
-    Some(r)
-}
-
 /// In-band registration (XEP-0077) through `node`: the account is created on its owner.
 async fn register(node: &Server, user: &str, password: &str) {
     let mut r = Raw::connect(node.port).await;
@@ -366,7 +341,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     // The handoff runs in the background: her login succeeds once it has arrived.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut g = loop {
-        if let Some(r) = try_login_plain(n2.port, &gina, "pg").await {
+        if let Ok(r) = Raw::try_login_plain(n2.port, &gina, "pg", "r").await {
             break r;
         }
         assert!(
@@ -397,7 +372,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(mut f) = try_login_plain(n1.port, &frank, "pf").await {
+        if let Ok(mut f) = Raw::try_login_plain(n1.port, &frank, "pf", "r").await {
             f.send("<presence/>").await;
             if tokio::time::timeout(Duration::from_secs(3), f.until("while n3 was down"))
                 .await

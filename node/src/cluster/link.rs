@@ -284,7 +284,13 @@ impl Shard {
         if self.in_cluster() {
             writes.push(Write::BumpVersion { user: user.to_string() });
         }
-        let (local, remote) = futures::join!(self.storage.write(writes.clone()), self.replicate(user, &writes));
+        let others = self.replica_nodes(user);
+        if others.is_empty() {
+            // A single node, or alone for now: no copy of the batch, nothing encoded.
+            return self.storage.write(writes).await.map_err(|e| e.to_string());
+        }
+        let bytes = postcard::to_stdvec(&writes).map_err(|e| e.to_string())?;
+        let (local, remote) = futures::join!(self.storage.write(writes), self.replicate_to(user, &others, bytes));
         local.map_err(|e| e.to_string())?;
         remote
     }
@@ -297,6 +303,10 @@ impl Shard {
             return Ok(());
         }
         let bytes = postcard::to_stdvec(writes).map_err(|e| e.to_string())?;
+        self.replicate_to(user, &others, bytes).await
+    }
+
+    async fn replicate_to(self: &Rc<Self>, user: &str, others: &[NodeId], bytes: Vec<u8>) -> Result<(), String> {
         let asks = others
             .iter()
             .map(|n| self.ask_remote(*n, AccountOp::Replicate { writes: bytes.clone() }));
