@@ -465,7 +465,9 @@ pub async fn run(
         ))
         .detach();
         match bind_listener(c.transport) {
-            Ok(l) => accept_tasks_cluster(&shard, l),
+            Ok(l) => {
+                glommio::spawn_local(crate::cluster::link::accept_loop(shard.clone(), l)).detach();
+            }
             Err(e) => {
                 let _ = ready.send(Err(format!("cluster.transport: {e}")));
                 return;
@@ -527,10 +529,6 @@ async fn sample_mailboxes(shard: Rc<Shard>) {
         }
         glommio::timer::sleep(Duration::from_secs(1)).await;
     }
-}
-
-fn accept_tasks_cluster(shard: &Rc<Shard>, l: TcpListener) {
-    glommio::spawn_local(crate::cluster::link::accept_loop(shard.clone(), l)).detach();
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, direct_tls: bool) {

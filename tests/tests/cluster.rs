@@ -146,6 +146,27 @@ async fn befriend(a: &mut Client, a_jid: &str, b: &mut Client, b_jid: &str) {
     .await;
 }
 
+/// `user` logs in through `node`, puts `contact` on the roster and logs out.
+async fn add_contact_and_leave(node: &Server, user: &str, password: &str, contact: &str) {
+    let mut r = Raw::login_plain(node.port, user, password, "r").await;
+    r.send(&format!(
+        "<iq type='set' id='add'><query xmlns='jabber:iq:roster'><item jid='{contact}'/></query></iq>"
+    ))
+    .await;
+    r.until("id=\"add\"").await;
+    r.send("</stream:stream>").await;
+    r.until_closed().await;
+}
+
+/// `from` sends `text` to the offline `to`, then an IQ to `to`'s bare JID: its actor answers
+/// that after handling the message, so once the answer is in, the message is stored (on the
+/// owner and its replica).
+async fn message_stored(from: &mut Client, to: &str, text: &str) {
+    from.send_stanza(chat(to, text)).await.unwrap();
+    let ping = Element::builder("ping", "urn:xmpp:ping").build();
+    let _ = from.iq(Some(jid(to)), IqRequest::Get(ping)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     let (g1, g2, g3) = (free_port(), free_port(), free_port());
@@ -239,19 +260,8 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     // Frank (owned by n3, replicated to its next node in the ring) puts bob on his roster
     // and gets a message while offline.
     let fj = format!("{frank}@localhost");
-    let mut f = Raw::login_plain(n2.port, &frank, "pf", "r").await;
-    f.send(&format!(
-        "<iq type='set' id='add'><query xmlns='jabber:iq:roster'><item jid='{bj}'/></query></iq>"
-    ))
-    .await;
-    f.until("id=\"add\"").await;
-    f.send("</stream:stream>").await;
-    f.until_closed().await;
-    a.send_stanza(chat(&fj, "for frank")).await.unwrap();
-    // An IQ to frank's bare JID is answered by his actor after the message before it was
-    // handled — stored on n3 and its replica.
-    let ping = Element::builder("ping", "urn:xmpp:ping").build();
-    let _ = a.iq(Some(jid(&fj)), IqRequest::Get(ping)).await;
+    add_contact_and_leave(&n2, &frank, "pf", &bj).await;
+    message_stored(&mut a, &fj, "for frank").await;
 
     // Garbage on the transport port, a frame announcing 4 GiB, and stray datagrams on the
     // gossip port: each link is dropped with a log line; nothing else changes.
@@ -311,17 +321,8 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     // Gina (owned by n1) puts bob on her roster and gets a message while offline; then a
     // fourth node joins and owns her: her state is handed to it and she logs in there.
     let gj = format!("{gina}@localhost");
-    let mut g = Raw::login_plain(n2.port, &gina, "pg", "r").await;
-    g.send(&format!(
-        "<iq type='set' id='add'><query xmlns='jabber:iq:roster'><item jid='{bj}'/></query></iq>"
-    ))
-    .await;
-    g.until("id=\"add\"").await;
-    g.send("</stream:stream>").await;
-    g.until_closed().await;
-    a.send_stanza(chat(&gj, "for gina")).await.unwrap();
-    let ping = Element::builder("ping", "urn:xmpp:ping").build();
-    let _ = a.iq(Some(jid(&gj)), IqRequest::Get(ping)).await;
+    add_contact_and_leave(&n2, &gina, "pg", &bj).await;
+    message_stored(&mut a, &gj, "for gina").await;
 
     let g4 = free_port();
     let n4 = Server::start_node("n4", g4, free_port(), &[g1], &[]);
@@ -363,9 +364,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     // interim owner and its replica, a newer version of his state): n3 owns him again and
     // must serve the newer copy, handed to it, not its own stale one.
     drop(f);
-    a.send_stanza(chat(&fj, "while n3 was down")).await.unwrap();
-    let ping = Element::builder("ping", "urn:xmpp:ping").build();
-    let _ = a.iq(Some(jid(&fj)), IqRequest::Get(ping)).await;
+    message_stored(&mut a, &fj, "while n3 was down").await;
     n3.start_again();
     for n in [&n1, &n2, &n3, &n4] {
         wait_alive(n, &["n1", "n2", "n3", "n4"], Duration::from_secs(30));
