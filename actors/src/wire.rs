@@ -150,11 +150,16 @@ pub enum AccountOp {
         writes: Vec<u8>,
     },
     /// A whole user (account, roster, offline queue) for a node that has just become one of
-    /// its replicas; applied only where the account does not exist yet.
+    /// its replicas; it replaces the copy there only if that one is older or absent.
     Handoff {
         user: String,
         version: u64,
         writes: Vec<u8>,
+    },
+    /// The whole state of a user this node keeps a copy of (read repair before the owner
+    /// starts the user's actor): answered `Snapshot`, or `Done` when there is no account.
+    Pull {
+        user: String,
     },
 }
 
@@ -164,6 +169,11 @@ pub enum AccountResult {
     Created(bool),
     Done,
     Failed(String),
+    /// A user's whole state as postcard-encoded storage writes, with its write version.
+    Snapshot {
+        version: u64,
+        writes: Vec<u8>,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -117,6 +117,11 @@ pub struct Output {
     pub timers: Vec<(Duration, Timer<NodeIdentity>)>,
     /// Members that came up or went down (placeholders never appear).
     pub changes: Vec<Change>,
+    /// The others had declared this node down, and it rejoined under a new generation: they
+    /// have dropped its sessions and may have taken over its users meanwhile, so the host
+    /// must treat its sessions and user actors as a restarted node would (found by the
+    /// simulator: a lossy network made nodes rejoin while their sessions stayed connected).
+    pub rejoined: bool,
 }
 
 pub struct Membership {
@@ -300,6 +305,7 @@ impl Membership {
                     // Declared down (a partition, a pause) and back under a new generation.
                     tracing::warn!(?id, "gossip: this node was declared down; rejoined");
                     self.me = id;
+                    out.rejoined = true;
                 }
                 _ => {}
             }

@@ -35,6 +35,9 @@ pub fn activate(shard: &Rc<Shard>, jid: BareJid) -> Mailbox<UserMsg> {
 }
 
 async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>) {
+    if shard.in_cluster() {
+        shard.pull_newest(jid.as_str()).await;
+    }
     let (exists, data) = match shard.storage.load_user(jid.to_string()).await {
         Ok(x) => x,
         Err(e) => {
@@ -76,6 +79,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
                 return;
             }
         };
+        let mut write_failed = false;
         for fx in effects {
             match fx {
                 Effect::Send(env) => shard.route_wait(env, Origin::Actor).await,
@@ -88,7 +92,8 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
                     Err(e) => {
                         // Nothing that depended on the write is claimed: IQ results become
                         // errors, the rest is not sent.
-                        tracing::error!(user = %jid, error = %e, "write failed");
+                        tracing::error!(user = %jid, error = %e, "write failed; ending the actor");
+                        write_failed = true;
                         for env in then {
                             if let Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
                                 if st.name == "iq" && st.attr("type") == Some("result") {
@@ -111,6 +116,12 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
             }
         }
         shard.metrics.user_handle.record(started.elapsed().as_secs_f64());
+        if write_failed {
+            // Its memory is now ahead of its storage: end it, so that the next incarnation
+            // reloads what is durable (found by the simulator: a roster item in memory only
+            // was shown to the client, then missing after a reconnect).
+            return end_after_failed_write(&shard, &jid, &actor, &rx);
+        }
         // Idle and nothing queued: let go; the durable state reloads on the next message.
         let queued = shard.users.borrow().get(&jid).map(|tx| tx.len()).unwrap_or(0);
         if actor.is_idle() && queued == 0 {
@@ -118,6 +129,25 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
             shard.users.borrow_mut().remove(&jid);
             return;
         }
+    }
+}
+
+/// Ends an actor whose write failed: its sessions are closed (their clients reconnect), the
+/// next incarnation learns they are gone, and what was queued goes to it, in order.
+fn end_after_failed_write(shard: &Rc<Shard>, jid: &BareJid, actor: &UserActor, rx: &flume::Receiver<Timed<UserMsg>>) {
+    shard.users.borrow_mut().remove(jid);
+    for (a, resource) in actor.sessions() {
+        shard.route(Envelope::to_session(
+            a,
+            SessionMsg::Kick {
+                condition: "internal-server-error",
+                text: "storage failure".into(),
+            },
+        ));
+        shard.route(Envelope::to_user(jid.clone(), UserMsg::Unbind { session: a, resource }));
+    }
+    while let Ok(t) = rx.try_recv() {
+        shard.route(Envelope::to_user(jid.clone(), t.msg));
     }
 }
 

@@ -99,7 +99,10 @@ impl DriverState {
                 let _ = me.cast(DriverMsg::Timer(timer));
             });
         }
-        if !out.changes.is_empty() {
+        if out.rejoined {
+            tracing::warn!("cluster: this node was declared down and rejoined; closing its sessions");
+        }
+        if !out.changes.is_empty() || out.rejoined {
             for c in &out.changes {
                 match c {
                     Change::Up(id) => tracing::info!(node = %id.name, generation = id.generation, "cluster: member up"),

@@ -249,15 +249,15 @@ impl Shard {
                 },
                 bump.clone(),
             ];
-            let (local, remote) = futures::join!(self.storage.write(vec![bump]), self.replicate(&user, &batch));
-            local.map_err(|e| e.to_string())?;
-            remote?;
+            // Here the local copy goes first: "create if absent" is decided by this node.
+            self.storage.write(vec![bump]).await.map_err(|e| e.to_string())?;
+            self.replicate(&user, &batch).await?;
         }
         Ok(created)
     }
 
     /// Configured as a cluster member (`cluster.node_name`), whether alone just now or not.
-    fn in_cluster(&self) -> bool {
+    pub(crate) fn in_cluster(&self) -> bool {
         !self.cluster.name.is_empty()
     }
 
@@ -276,23 +276,37 @@ impl Shard {
             .collect()
     }
 
-    /// Writes `user`'s batch here and on its replicas; `Ok` once it is durable on a majority
-    /// of the copies (`copies / 2 + 1`, so with the default two copies: both), this node's
-    /// included — it serves the reads. What a client is told is durable survives the loss of
-    /// any one node.
+    /// Copies a write needs: a majority of `cluster.replication` (with the default 2: both),
+    /// whatever the number of members seen just now — a node cut off from the others must
+    /// not acknowledge alone what the other side of a partition may be writing too.
+    fn copies_needed(&self) -> usize {
+        self.cluster.replication / 2 + 1
+    }
+
+    /// Writes `user`'s batch on its replicas, then here; `Ok` once it is durable on a
+    /// majority of `cluster.replication` copies, this node's included — it serves the reads.
+    /// What a client is told is durable survives the loss of any one node. The replicas go
+    /// first so that a batch that failed never raises this copy's version above theirs (the
+    /// simulator found acknowledged writes lost to such a copy after a partition healed).
     pub async fn write_replicated(self: &Rc<Self>, user: &str, mut writes: Vec<Write>) -> Result<(), String> {
-        if self.in_cluster() {
-            writes.push(Write::BumpVersion { user: user.to_string() });
-        }
-        let others = self.replica_nodes(user);
-        if others.is_empty() {
-            // A single node, or alone for now: no copy of the batch, nothing encoded.
+        if !self.in_cluster() {
+            // A single node: no copy of the batch, nothing encoded.
             return self.storage.write(writes).await.map_err(|e| e.to_string());
         }
-        let bytes = postcard::to_stdvec(&writes).map_err(|e| e.to_string())?;
-        let (local, remote) = futures::join!(self.storage.write(writes), self.replicate_to(user, &others, bytes));
-        local.map_err(|e| e.to_string())?;
-        remote
+        writes.push(Write::BumpVersion { user: user.to_string() });
+        let others = self.replica_nodes(user);
+        if !others.is_empty() {
+            let bytes = postcard::to_stdvec(&writes).map_err(|e| e.to_string())?;
+            self.replicate_to(user, &others, bytes).await?;
+        } else if self.copies_needed() > 1 {
+            self.metrics.cluster_replication_failures.increment(1);
+            return Err(format!(
+                "alone in the cluster: {} copies needed (cluster.replication = {})",
+                self.copies_needed(),
+                self.cluster.replication
+            ));
+        }
+        self.storage.write(writes).await.map_err(|e| e.to_string())
     }
 
     /// Sends a batch to `user`'s replicas and waits for enough of them (see
@@ -311,9 +325,9 @@ impl Shard {
             .iter()
             .map(|n| self.ask_remote(*n, AccountOp::Replicate { writes: bytes.clone() }));
         let answers = futures::future::join_all(asks).await;
+        // This node's copy is written after these answers (see `write_replicated`).
         let copies = 1 + answers.iter().filter(|a| matches!(a, Ok(AccountResult::Done))).count();
-        let total = others.len() + 1;
-        let need = total / 2 + 1;
+        let need = self.copies_needed();
         if copies >= need {
             return Ok(());
         }
@@ -331,6 +345,77 @@ impl Shard {
             "durable on {copies} of {} copies, {need} needed",
             others.len() + 1
         ))
+    }
+
+    /// Read repair before the owner starts `user`'s actor: the other replicas send their
+    /// copies, and the newest replaces this node's if it is newer (`take_handoff`). So a node
+    /// that owns a user after a join, a heal or a death serves the latest acknowledged state
+    /// even before its handoff arrives. A replica that does not answer is skipped.
+    pub async fn pull_newest(self: &Rc<Self>, user: &str) {
+        let others = self.replica_nodes(user);
+        if others.is_empty() {
+            return;
+        }
+        let asks = others
+            .iter()
+            .map(|n| self.ask_remote(*n, AccountOp::Pull { user: user.to_string() }));
+        let mut best: Option<(u64, Vec<u8>)> = None;
+        for a in futures::future::join_all(asks).await {
+            match a {
+                Ok(AccountResult::Snapshot { version, writes }) => {
+                    if best.as_ref().is_none_or(|(v, _)| version > *v) {
+                        best = Some((version, writes));
+                    }
+                }
+                Ok(AccountResult::Done) => {}
+                other => tracing::warn!(user, answer = ?other, "cluster: read repair without a replica's copy"),
+            }
+        }
+        if let Some((version, writes)) = best {
+            if let AccountResult::Failed(e) = self.take_handoff(user.to_string(), version, &writes).await {
+                tracing::warn!(user, error = %e, "cluster: read repair failed");
+            }
+        }
+    }
+
+    /// A user's whole state here as postcard-encoded writes, with its version; `None` when
+    /// there is no account.
+    async fn snapshot(&self, user: &str) -> Result<Option<(Vec<u8>, u64)>, String> {
+        let Some(account) = self
+            .storage
+            .account(user.to_string())
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let (_, data) = self
+            .storage
+            .load_user(user.to_string())
+            .await
+            .map_err(|e| e.to_string())?;
+        let u = user.to_string();
+        let mut w = vec![Write::PutAccount {
+            user: u.clone(),
+            account,
+        }];
+        w.extend(
+            data.roster
+                .into_iter()
+                .map(|item| Write::PutRosterItem { user: u.clone(), item }),
+        );
+        w.push(Write::SetRosterVer {
+            user: u.clone(),
+            ver: data.roster_ver,
+        });
+        w.extend(
+            data.offline
+                .into_iter()
+                .map(|msg| Write::PushOffline { user: u.clone(), msg }),
+        );
+        postcard::to_stdvec(&w)
+            .map(|b| Some((b, data.version)))
+            .map_err(|e| e.to_string())
     }
 
     /// A whole user from the node that held it: it replaces the copy here only if that one
@@ -397,6 +482,11 @@ impl Shard {
                 }
             }
             AccountOp::Handoff { user, version, writes } => self.take_handoff(user, version, &writes).await,
+            AccountOp::Pull { user } => match self.snapshot(&user).await {
+                Ok(Some((writes, version))) => AccountResult::Snapshot { version, writes },
+                Ok(None) => AccountResult::Done,
+                Err(e) => AccountResult::Failed(e),
+            },
             AccountOp::Replicate { writes } => match postcard::from_bytes::<Vec<Write>>(&writes) {
                 Ok(w) => match self.storage.write(w).await {
                     Ok(()) => AccountResult::Done,
@@ -584,10 +674,19 @@ pub async fn follow_membership(
     latest: std::sync::Arc<std::sync::Mutex<super::Members>>,
     updates: flume::Receiver<()>,
 ) {
+    let mut my_generation = shard.cluster.generation;
     loop {
         let members = latest.lock().expect("members lock").clone();
         let (gone, old_ring) = shard.cluster.update(&members);
-        after_change(&shard, &gone);
+        // Declared down by the others, this node rejoined under a new generation (see
+        // `Output::rejoined`): they dropped its sessions and may have served its users.
+        let now = members
+            .iter()
+            .find(|m| m.name == shard.cluster.name)
+            .map_or(my_generation, |m| m.generation);
+        let rejoined = now != my_generation;
+        my_generation = now;
+        after_change(&shard, &gone, &old_ring, rejoined);
         let new_ring = shard.cluster.view.borrow().ring.clone();
         // One shard per node walks the stored users (they are the node's, not the shard's).
         if shard.id == 0 && new_ring != old_ring && !old_ring.is_empty() {
@@ -602,10 +701,12 @@ pub async fn follow_membership(
 /// What a membership change means for this shard's actors and sessions.
 /// - The user actors here unbind the sessions that nodes gone hosted (contacts see them
 ///   go offline; their clients reconnect elsewhere).
-/// - A session whose user's actor now lives on another node than when it bound (its node
-///   died, or a newcomer owns it now) is closed, so that its client reconnects and binds at
-///   the new owner. Re-registering live sessions in place is not built yet.
-fn after_change(shard: &Rc<Shard>, gone: &[NodeId]) {
+/// - A session is closed, so that its client reconnects and binds again, when its user's
+///   actor now lives on another node than when it bound, or lived on a node that died or
+///   restarted (the actor died with it), or when the user's replica set gained a node (after
+///   a heal that node may have served the user: the actor must reload, with read repair), or
+///   when this node itself rejoined. Re-registering live sessions in place is not built yet.
+fn after_change(shard: &Rc<Shard>, gone: &[NodeId], old_ring: &starling_gossip::Ring, rejoined: bool) {
     if !gone.is_empty() {
         let users: Vec<jid::BareJid> = shard.users.borrow().keys().cloned().collect();
         for u in users {
@@ -619,11 +720,19 @@ fn after_change(shard: &Rc<Shard>, gone: &[NodeId]) {
     }
     let moved: Vec<u64> = {
         let view = shard.cluster.view.borrow();
+        let r = shard.cluster.replication;
+        let gained = |user: &jid::BareJid| {
+            let key = user.as_str().as_bytes();
+            let before = old_ring.replicas(key, r);
+            view.ring.replicas(key, r).iter().any(|n| !before.contains(n))
+        };
         shard
             .session_users
             .borrow()
             .iter()
-            .filter(|(_, (user, node))| view.place_user(user).0 != *node)
+            .filter(|(_, (user, node))| {
+                rejoined || view.place_user(user).0 != *node || gone.contains(node) || gained(user)
+            })
             .map(|(id, _)| *id)
             .collect()
     };
@@ -695,43 +804,12 @@ async fn handoff(shard: Rc<Shard>, old: starling_gossip::Ring, new: starling_gos
 }
 
 async fn hand_one(shard: &Rc<Shard>, user: &str, node: NodeId) -> bool {
-    let snapshot = async {
-        let account = shard
-            .storage
-            .account(user.to_string())
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("account gone")?;
-        let (_, data) = shard
-            .storage
-            .load_user(user.to_string())
-            .await
-            .map_err(|e| e.to_string())?;
-        let u = user.to_string();
-        let mut w = vec![Write::PutAccount {
-            user: u.clone(),
-            account,
-        }];
-        w.extend(
-            data.roster
-                .into_iter()
-                .map(|item| Write::PutRosterItem { user: u.clone(), item }),
-        );
-        w.push(Write::SetRosterVer {
-            user: u.clone(),
-            ver: data.roster_ver,
-        });
-        w.extend(
-            data.offline
-                .into_iter()
-                .map(|msg| Write::PushOffline { user: u.clone(), msg }),
-        );
-        postcard::to_stdvec(&w)
-            .map(|b| (b, data.version))
-            .map_err(|e| e.to_string())
-    };
-    let (writes, version) = match snapshot.await {
-        Ok(w) => w,
+    let (writes, version) = match shard.snapshot(user).await {
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            tracing::warn!(user, "cluster: no snapshot to hand off: account gone");
+            return false;
+        }
         Err(e) => {
             tracing::warn!(user, error = %e, "cluster: no snapshot to hand off");
             return false;
