@@ -27,6 +27,19 @@ pub struct Faults {
     pub storms: u32,
     /// Mailbox capacity (small ones exercise the overflow rules).
     pub mailbox: usize,
+    // The cluster (multi-node runs only).
+    /// Mean delay of a gossip datagram, µs (datagrams overtake each other).
+    pub gossip_delay_us: u64,
+    /// Probability that a datagram is lost.
+    pub gossip_loss: f64,
+    /// Probability that a datagram arrives twice.
+    pub gossip_dup: f64,
+    /// Mean delay of a frame on a node-to-node link, µs (in order per link).
+    pub link_delay_us: u64,
+    /// Partitions (each heals after 1–8 s) during the run.
+    pub partitions: u32,
+    /// The last node starts part-way through the run (a join) instead of at the start.
+    pub late_join: bool,
 }
 
 impl Faults {
@@ -37,7 +50,45 @@ impl Faults {
             read_us: 100,
             flush_us: 500,
             mailbox: 1024,
+            gossip_delay_us: 300,
+            link_delay_us: 200,
             ..Default::default()
+        }
+    }
+
+    /// The cluster's faults, drawn after the others (so that single-node runs replay as
+    /// before). `only`: the cluster faults kept (`loss`, `partitions`, `joins`, `crashes`;
+    /// node crashes count as cluster faults here); `None` keeps every one drawn.
+    pub fn draw_cluster(&mut self, rng: &mut Rng, only: Option<&[String]>) {
+        self.gossip_delay_us = rng.range(100, 3_000);
+        self.gossip_loss = if rng.chance(0.5) {
+            rng.range(10, 150) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        self.gossip_dup = if rng.chance(0.3) {
+            rng.range(10, 100) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        self.link_delay_us = rng.range(50, 3_000);
+        self.partitions = if rng.chance(0.5) { rng.range(1, 2) as u32 } else { 0 };
+        self.late_join = rng.chance(0.5);
+        if let Some(only) = only {
+            let has = |k: &str| only.iter().any(|o| o == k);
+            if !has("loss") {
+                self.gossip_loss = 0.0;
+                self.gossip_dup = 0.0;
+            }
+            if !has("partitions") {
+                self.partitions = 0;
+            }
+            if !has("joins") {
+                self.late_join = false;
+            }
+            if !has("crashes") {
+                self.node_crashes = 0;
+            }
         }
     }
 
@@ -70,6 +121,7 @@ impl Faults {
             } else {
                 1024
             },
+            ..Faults::none()
         }
     }
 }

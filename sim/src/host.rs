@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use jid::{BareJid, Jid};
-use starling_actors::address::{Address, MailboxKey, Placement, SessionAddr, SingleNode};
+use starling_actors::address::{Address, MailboxKey, SessionAddr, SingleNode};
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
@@ -29,11 +29,15 @@ pub enum Read {
 pub struct Node {
     pub id: u32,
     pub up: bool,
+    /// A late joiner that has not started yet is neither up nor a member.
+    pub started: bool,
+    /// The node's cluster state (multi-node runs only; see cluster.rs).
+    pub cluster: crate::cluster::NodeCluster,
     /// Bumped by every crash: events of an earlier life are dropped on arrival.
     pub epoch: u64,
     pub shards: Vec<Shard>,
     pub storage: MemoryStorage,
-    placement: SingleNode,
+    pub placement: SingleNode,
     /// Writes waiting for the flush in progress to finish (group commit).
     queued: Vec<(Vec<Write>, Option<Waiter>)>,
     /// The flush in progress: who waits on it, and the offline messages it makes durable.
@@ -44,12 +48,19 @@ pub struct Node {
 /// messages it makes durable.
 type Flush = (Vec<Waiter>, Vec<(String, String)>);
 
-/// A user actor waiting for its writes, with what it sends once they are durable.
-pub struct Waiter {
-    shard: u16,
-    shard_epoch: u64,
-    jid: BareJid,
-    then: Vec<Envelope>,
+/// Who waits for a flush.
+pub enum Waiter {
+    /// A user actor waiting for its writes, with what it sends once they are durable.
+    User {
+        shard: u16,
+        shard_epoch: u64,
+        jid: BareJid,
+        then: Vec<Envelope>,
+    },
+    /// The local copy of a replicated write (cluster.rs).
+    Replicated(u64),
+    /// A request from another node answered once its writes are durable here.
+    Answer(crate::cluster::Reply),
 }
 
 pub struct Shard {
@@ -74,11 +85,14 @@ pub struct SessionHost {
     pub mailbox: VecDeque<SessionMsg>,
     actions: VecDeque<Action>,
     /// Waiting for a storage read.
-    waiting: bool,
+    pub waiting: bool,
     scheduled: bool,
     /// Offline messages it wrote and has not yet confirmed (`OfflineDelivered`): if it ends
     /// first, they stay stored and come again — at-least-once, allowed by the oracle.
     unconfirmed: Vec<String>,
+    /// Once bound: the node its user's actor was on then (a session whose user moves to
+    /// another node is closed, as `after_change` in node/src/cluster/link.rs does).
+    pub bound_owner: Option<u32>,
 }
 
 pub struct UserHost {
@@ -89,15 +103,29 @@ pub struct UserHost {
     /// Waiting for a flush.
     waiting: bool,
     scheduled: bool,
+    /// A write failed: its memory is ahead of its storage, so it ends after this message
+    /// (user_host.rs).
+    pub doomed: bool,
 }
 
 /// A route a connection must wait for gives its envelope back (boxed: it is large).
-type Routed = Result<(), Box<Envelope>>;
+pub(crate) type Routed = Result<(), Box<Envelope>>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
+pub(crate) enum Origin {
     Connection,
     Actor,
+}
+
+impl SessionHost {
+    pub fn jid_bare(&self) -> Option<BareJid> {
+        self.s.jid().map(|j| j.to_bare())
+    }
+
+    /// conn.rs after a failed account lookup.
+    pub fn stream_error(&mut self, condition: &str, text: &str) {
+        self.s.stream_error(condition, Some(text));
+    }
 }
 
 impl Shard {
@@ -117,6 +145,8 @@ impl Node {
         Node {
             id,
             up: true,
+            started: true,
+            cluster: crate::cluster::NodeCluster::new(id),
             epoch: 0,
             shards: (0..shards).map(|_| Shard::new(0)).collect(),
             storage,
@@ -135,6 +165,7 @@ impl Node {
         self.shards = (0..n).map(|_| Shard::new(0)).collect();
         self.queued.clear();
         self.flushing = None;
+        self.cluster.crash();
     }
 }
 
@@ -147,12 +178,12 @@ fn msg_id(st: &Element) -> Option<&str> {
 }
 
 impl World {
-    fn live(&self, node: u32, epoch: u64) -> bool {
+    pub(crate) fn live(&self, node: u32, epoch: u64) -> bool {
         let n = &self.nodes[node as usize];
         n.up && n.epoch == epoch
     }
 
-    fn shard_live(&self, node: u32, epoch: u64, shard: u16, shard_epoch: u64) -> bool {
+    pub(crate) fn shard_live(&self, node: u32, epoch: u64, shard: u16, shard_epoch: u64) -> bool {
         self.live(node, epoch) && self.nodes[node as usize].shards[shard as usize].epoch == shard_epoch
     }
 
@@ -180,12 +211,13 @@ impl World {
                 waiting: false,
                 scheduled: false,
                 unconfirmed: Vec::new(),
+                bound_owner: None,
             },
         );
         sid
     }
 
-    fn session_mut(&mut self, node: u32, shard: u16, sid: u64) -> Option<&mut SessionHost> {
+    pub(crate) fn session_mut(&mut self, node: u32, shard: u16, sid: u64) -> Option<&mut SessionHost> {
         self.nodes[node as usize].shards[shard as usize].sessions.get_mut(&sid)
     }
 
@@ -313,7 +345,7 @@ impl World {
         self.carry_out(node, shard, sid);
     }
 
-    fn session_input(&mut self, node: u32, shard: u16, sid: u64, input: Input<'_>) {
+    pub(crate) fn session_input(&mut self, node: u32, shard: u16, sid: u64, input: Input<'_>) {
         let now = self.now_ms();
         let sh = &mut self.nodes[node as usize].shards[shard as usize];
         let Some(h) = sh.sessions.get_mut(&sid) else { return };
@@ -327,12 +359,33 @@ impl World {
         let out = h.s.take_output();
         h.actions.extend(out.actions);
         let conn = h.conn;
+        let newly_bound = match h.s.jid() {
+            Some(j) if h.bound_owner.is_none() => Some(j.to_bare()),
+            _ => None,
+        };
+        self.server_send(conn, out.bytes);
+        if let Some(bare) = newly_bound {
+            let owner = self.place_user(node, &bare).0;
+            if let Some(h) = self.session_mut(node, shard, sid) {
+                h.bound_owner = Some(owner);
+            }
+        }
+    }
+
+    /// Sends what the session wrote outside `handle` (a stream error from the host).
+    pub(crate) fn session_flush(&mut self, node: u32, shard: u16, sid: u64) {
+        let Some(h) = self.session_mut(node, shard, sid) else {
+            return;
+        };
+        let out = h.s.take_output();
+        h.actions.extend(out.actions);
+        let conn = h.conn;
         self.server_send(conn, out.bytes);
     }
 
     /// Carries out the session's actions in order, as conn.rs does; stops at a storage read
     /// or a full local mailbox (the connection is not read meanwhile).
-    fn carry_out(&mut self, node: u32, shard: u16, sid: u64) {
+    pub(crate) fn carry_out(&mut self, node: u32, shard: u16, sid: u64) {
         loop {
             let Some(h) = self.session_mut(node, shard, sid) else {
                 return;
@@ -383,6 +436,10 @@ impl World {
                 Action::Close | Action::StartTls => return self.finish_session(node, shard, sid),
                 Action::LoadAccount(user) => {
                     h.waiting = true;
+                    if let Some(home) = self.account_home(node, &user) {
+                        self.load_account_remote(node, shard, sid, home, user);
+                        return;
+                    }
                     let epoch = self.nodes[node as usize].epoch;
                     let d = self.rng.exp(self.faults.read_us) + 1;
                     self.after(
@@ -453,6 +510,19 @@ impl World {
                 self.carry_out(node, shard, sid);
             }
             Read::User { jid } => {
+                if self.clustered() {
+                    // The cluster's read repair first (cluster.rs `pull`).
+                    return self.pull(node, shard, jid);
+                }
+                self.activate_user(node, shard, jid);
+            }
+        }
+    }
+
+    /// The user's state is read: its actor starts.
+    pub(crate) fn activate_user(&mut self, node: u32, shard: u16, jid: BareJid) {
+        {
+            {
                 let st = &self.nodes[node as usize].storage;
                 let key = jid.to_string();
                 let exists = st.account(&key).ok().flatten().is_some();
@@ -473,7 +543,10 @@ impl World {
 
     /// Routes an envelope from `shard` (Shard::route / route_wait). `Err` gives it back when
     /// a connection must wait for room.
-    fn route(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
+    pub(crate) fn route(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
+        if let Some(id) = crate::cluster::env_msg_id(&env) {
+            self.msgs.touch(&id, node);
+        }
         if let Msg::User(UserMsg::Inbound { stanza: st }) | Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
             if st.attr("type") == Some("error") {
                 if let Some(id) = msg_id(st) {
@@ -485,11 +558,11 @@ impl World {
             }
         }
         let (n, s) = match &env.to {
-            Address::User(j) => self.nodes[node as usize].placement.place_user(j),
+            Address::User(j) => self.place_user(node, j),
             Address::Session(a) => (a.node, a.shard),
         };
         if n != node {
-            self.undeliverable(node, shard, env, "remote-server-not-found");
+            self.send_remote(node, shard, n, env);
             return Ok(());
         }
         if s == shard {
@@ -566,7 +639,7 @@ impl World {
         let _ = self.deliver_local(node, shard, env, Origin::Actor);
     }
 
-    fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
+    pub(crate) fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
         let cap = self.faults.mailbox;
         let target = MailboxKey::of(&env.to);
         if let Some(q) = self.nodes[node as usize].shards[shard as usize].held.get_mut(&target) {
@@ -605,6 +678,7 @@ impl World {
                             effects: VecDeque::new(),
                             waiting: false,
                             scheduled: false,
+                            doomed: false,
                         },
                     );
                     let epoch = self.nodes[node as usize].epoch;
@@ -693,7 +767,7 @@ impl World {
         }
     }
 
-    fn undeliverable(&mut self, node: u32, shard: u16, env: Envelope, condition: &str) {
+    pub(crate) fn undeliverable(&mut self, node: u32, shard: u16, env: Envelope, condition: &str) {
         let st = match env.msg {
             Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. }) => stanza,
             Msg::Session(SessionMsg::Stanza(s)) => s,
@@ -762,7 +836,11 @@ impl World {
                         continue;
                     }
                     h.waiting = true;
-                    let w = Waiter {
+                    if self.cfg.nodes > 1 {
+                        self.persist_replicated(node, shard, shard_epoch, jid, writes, then);
+                        return;
+                    }
+                    let w = Waiter::User {
                         shard,
                         shard_epoch,
                         jid: jid.clone(),
@@ -777,6 +855,9 @@ impl World {
             .users
             .get_mut(&jid)
             .expect("present");
+        if h.doomed {
+            return self.end_actor(node, shard, &jid);
+        }
         let idle = h.actor.as_ref().is_some_and(|a| a.is_idle());
         if idle && h.mailbox.is_empty() {
             // Idle and nothing queued: let go; the durable state reloads on the next message.
@@ -786,9 +867,31 @@ impl World {
         }
     }
 
+    /// Ends a user actor whose write failed (user_host.rs `end_after_failed_write`): its
+    /// sessions are closed (their clients reconnect) and the next incarnation, loaded from
+    /// storage, learns they are gone and gets what was queued.
+    pub(crate) fn end_actor(&mut self, node: u32, shard: u16, jid: &BareJid) {
+        let Some(h) = self.nodes[node as usize].shards[shard as usize].users.remove(jid) else {
+            return;
+        };
+        let sessions = h.actor.as_ref().map(|a| a.sessions()).unwrap_or_default();
+        for (session, resource) in sessions {
+            let kick = SessionMsg::Kick {
+                condition: "internal-server-error",
+                text: "storage failure".into(),
+            };
+            let _ = self.route(node, shard, Envelope::to_session(session, kick), Origin::Actor);
+            let env = Envelope::to_user(jid.clone(), UserMsg::Unbind { session, resource });
+            let _ = self.route(node, shard, env, Origin::Actor);
+        }
+        for m in h.mailbox {
+            let _ = self.route(node, shard, Envelope::to_user(jid.clone(), m), Origin::Actor);
+        }
+    }
+
     /// Hands writes to the storage thread: applied at once (later reads see them, as with
     /// sled), made durable by the next flush with whatever else is queued (group commit).
-    fn submit(&mut self, node: u32, writes: Vec<Write>, waiter: Option<Waiter>) {
+    pub(crate) fn submit(&mut self, node: u32, writes: Vec<Write>, waiter: Option<Waiter>) {
         let n = &mut self.nodes[node as usize];
         if let Err(e) = n.storage.apply(&writes) {
             self.fail(0, format!("memory storage refused a write: {e}"));
@@ -848,18 +951,52 @@ impl World {
             }
         }
         for w in waiters {
-            if !self.shard_live(node, epoch, w.shard, w.shard_epoch) {
-                continue;
-            }
-            for env in w.then {
-                let _ = self.route(node, w.shard, env, Origin::Actor);
-            }
-            if let Some(h) = self.nodes[node as usize].shards[w.shard as usize].users.get_mut(&w.jid) {
-                h.waiting = false;
-                self.schedule_user(node, w.shard, &w.jid);
-            }
+            let (shard, shard_epoch, jid, then) = match w {
+                Waiter::User {
+                    shard,
+                    shard_epoch,
+                    jid,
+                    then,
+                } => (shard, shard_epoch, jid, then),
+                Waiter::Replicated(id) => {
+                    self.replicated_local_done(node, id);
+                    continue;
+                }
+                Waiter::Answer(r) => {
+                    self.answer(node, r, crate::cluster::Res::Done);
+                    continue;
+                }
+            };
+            self.persisted(node, epoch, shard, shard_epoch, &jid, then);
         }
         self.start_flush(node);
+    }
+
+    /// A user actor's writes are durable (everywhere they had to be): it sends what
+    /// depended on them and goes on.
+    pub(crate) fn persisted(
+        &mut self,
+        node: u32,
+        epoch: u64,
+        shard: u16,
+        shard_epoch: u64,
+        jid: &BareJid,
+        then: Vec<Envelope>,
+    ) {
+        if !self.shard_live(node, epoch, shard, shard_epoch) {
+            return;
+        }
+        for env in then {
+            let _ = self.route(node, shard, env, Origin::Actor);
+        }
+        self.resume_user(node, shard, jid);
+    }
+
+    pub(crate) fn resume_user(&mut self, node: u32, shard: u16, jid: &BareJid) {
+        if let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(jid) {
+            h.waiting = false;
+            self.schedule_user(node, shard, jid);
+        }
     }
 
     /// A shard dies and restarts empty. Its connections drop; the host tells the rest of the
@@ -885,6 +1022,15 @@ impl World {
         // mailbox), and tells the contacts.
         for (jid, u) in &old.users {
             for (session, resource) in u.actor.as_ref().map(|a| a.sessions()).unwrap_or_default() {
+                if session.node != node {
+                    // Sessions on other nodes are told directly, as user_host.rs does after
+                    // a panic (this node's own sessions are ended below).
+                    let kick = SessionMsg::Kick {
+                        condition: "internal-server-error",
+                        text: "internal error".into(),
+                    };
+                    let _ = self.route(node, shard, Envelope::to_session(session, kick), Origin::Actor);
+                }
                 let env = Envelope::to_user(jid.clone(), UserMsg::Unbind { session, resource });
                 let _ = self.route(node, shard, env, Origin::Actor);
             }
@@ -903,7 +1049,6 @@ impl World {
                 let _ = self.route(node, shard, env, Origin::Actor);
             }
         }
-        let placement = self.nodes[node as usize].placement.clone();
         let kick = SessionMsg::Kick {
             condition: "internal-server-error",
             text: "internal error".into(),
@@ -913,7 +1058,7 @@ impl World {
                 .sessions
                 .iter()
                 .filter(|(_, h)| match h.s.jid() {
-                    Some(j) => placement.place_user(&j.to_bare()).1 == shard,
+                    Some(j) => self.place_user(node, &j.to_bare()) == (node, shard),
                     None => true,
                 })
                 .map(|(id, _)| *id)

@@ -9,6 +9,7 @@
 //! quiescence.
 
 mod client;
+mod cluster;
 mod faults;
 mod host;
 mod oracle;
@@ -36,6 +37,9 @@ pub struct Config {
     pub keep_events: usize,
     /// Clients also remove contacts and cancel subscriptions.
     pub churn: bool,
+    /// With N > 1: the cluster faults allowed (`loss`, `partitions`, `joins`, `crashes`);
+    /// `None` allows every one.
+    pub cluster_faults: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
             faults: true,
             keep_events: 40,
             churn: true,
+            cluster_faults: None,
         }
     }
 }
@@ -83,6 +88,17 @@ pub struct Stats {
     pub node_crashes: u64,
     pub shard_crashes: u64,
     pub bounces: u64,
+    // The cluster (multi-node runs).
+    pub partitions: u64,
+    pub node_joins: u64,
+    pub rejoins: u64,
+    pub datagrams_lost: u64,
+    pub frames_lost: u64,
+    pub messages_lost_with_link: u64,
+    pub moved_kicks: u64,
+    pub handoffs: u64,
+    pub repairs: u64,
+    pub write_failures: u64,
 }
 
 /// Runs one simulation.
@@ -121,6 +137,22 @@ impl Outcome {
             st.shard_crashes,
             st.bounces
         );
+        if st.partitions + st.node_joins + st.handoffs + st.datagrams_lost > 0 {
+            let _ = writeln!(
+                s,
+                "  cluster: partitions {} joins {} rejoins {} datagrams-lost {} frames-lost {} lost-with-link {} moved-kicks {} handoffs {} repairs {} write-failures {}",
+                st.partitions,
+                st.node_joins,
+                st.rejoins,
+                st.datagrams_lost,
+                st.frames_lost,
+                st.messages_lost_with_link,
+                st.moved_kicks,
+                st.handoffs,
+                st.repairs,
+                st.write_failures
+            );
+        }
         let _ = writeln!(s, "  faults {:?}", self.faults);
         if let Some(v) = &self.violation {
             let _ = writeln!(

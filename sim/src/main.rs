@@ -35,6 +35,10 @@ struct Args {
     /// keep-delivered-offline, forget-roster-push, ignore-offline-cap, ack-before-flush.
     #[arg(long = "bug")]
     bugs: Vec<String>,
+    /// With --nodes > 1, only these cluster faults (comma-separated: loss, partitions,
+    /// joins, crashes; `none` for none of them); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
     /// Events to show before a failure.
     #[arg(long, default_value_t = 40)]
     last: usize,
@@ -65,9 +69,16 @@ fn main() -> ExitCode {
         faults: !a.no_faults,
         keep_events: a.last,
         churn: !a.no_churn,
+        cluster_faults: a.only.clone(),
     };
-    if a.nodes != 1 {
-        eprintln!("--nodes must be 1 until the cluster lands (placement, transport and membership are issue 5)");
+    for o in a.only.iter().flatten() {
+        if !["loss", "partitions", "joins", "crashes", "none"].contains(&o.as_str()) {
+            eprintln!("--only takes loss, partitions, joins, crashes or none; not {o:?}");
+            return ExitCode::from(2);
+        }
+    }
+    if a.nodes == 0 || a.nodes > 16 {
+        eprintln!("--nodes wants 1 to 16");
         return ExitCode::from(2);
     }
     let seeds = match (a.seed, a.seeds.as_deref()) {
@@ -82,6 +93,9 @@ fn main() -> ExitCode {
         (None, None) => 0..1,
     };
     let mut flags = String::new();
+    if a.nodes != 1 {
+        flags += &format!(" --nodes {}", a.nodes);
+    }
     if a.shards != 3 {
         flags += &format!(" --shards {}", a.shards);
     }
@@ -96,6 +110,9 @@ fn main() -> ExitCode {
     }
     if a.no_churn {
         flags += " --no-churn";
+    }
+    if let Some(o) = &a.only {
+        flags += &format!(" --only {}", o.join(","));
     }
     for b in &a.bugs {
         flags += &format!(" --bug {b}");

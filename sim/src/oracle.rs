@@ -44,6 +44,8 @@ pub struct MsgRec {
     /// It may be handed over once more: it was still in durable offline storage at a crash
     /// after it had been handed over.
     pub redelivery_allowed: u32,
+    /// The nodes it passed through (bit per node): a crash of one of them may have lost it.
+    pub touched: u64,
 }
 
 #[derive(Default)]
@@ -104,6 +106,25 @@ impl Messages {
         }
         r.handed += 1;
         Ok(excused)
+    }
+
+    /// It was routed on `node`.
+    pub fn touch(&mut self, id: &str, node: u32) {
+        if let Some(r) = self.recs.get_mut(id) {
+            r.touched |= 1 << node.min(63);
+        }
+    }
+
+    /// It was in a frame on a node-to-node link that closed before it arrived (the node
+    /// counts it in `starling_cluster_envelopes_lost_total`). Returns whether that is news.
+    pub fn lost(&mut self, id: &str) -> bool {
+        match self.recs.get_mut(id) {
+            Some(r) if r.handed == 0 && !r.stored_durable && !r.errored && !r.lost_in_crash => {
+                r.lost_in_crash = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn errored(&mut self, id: &str) {

@@ -10,6 +10,7 @@ use starling_actors::c2s::C2sConfig;
 use starling_actors::msg::Envelope;
 use starling_actors::parser::Limits;
 use starling_actors::user::UserConfig;
+use starling_gossip::{NodeIdentity, Timer};
 use starling_storage::{MemoryStorage, Storage, Subscription};
 
 use crate::client::{self, Client, Note};
@@ -84,9 +85,51 @@ pub enum Ev {
     },
     NodeCrash(u32),
     NodeRestart(u32),
+    /// A node that was not started yet starts and joins the cluster.
+    NodeJoin(u32),
+    /// A gossip datagram arrives (cluster.rs).
+    Datagram {
+        to: u32,
+        bytes: Vec<u8>,
+    },
+    GossipTimer {
+        node: u32,
+        epoch: u64,
+        timer: Timer<NodeIdentity>,
+    },
+    GossipTick {
+        node: u32,
+        epoch: u64,
+    },
+    /// A frame arrives over a node-to-node link.
+    Link {
+        from: u32,
+        from_gen: u64,
+        shard: u16,
+        to: u32,
+        to_gen: u64,
+        frame: crate::cluster::Frame,
+    },
+    ReqTimeout {
+        node: u32,
+        epoch: u64,
+        id: u64,
+    },
+    Partition,
+    Heal,
     ShardCrash(u32, u16),
     Storm,
     Quiesce,
+}
+
+impl Ev {
+    /// Membership keeps talking forever: its events do not count as work left to do.
+    fn background(&self) -> bool {
+        matches!(
+            self,
+            Ev::Datagram { .. } | Ev::GossipTimer { .. } | Ev::GossipTick { .. }
+        )
+    }
 }
 
 pub struct Conn {
@@ -127,16 +170,25 @@ pub struct World {
     pub presence_lost: BTreeSet<(String, String)>,
     /// Users whose roster pushes were bounced by a full mailbox.
     pub roster_stale: BTreeSet<String>,
+    /// Node-to-node links by (from node, from shard, to node) (cluster.rs).
+    pub links: BTreeMap<(u32, u16, u32), crate::cluster::Link>,
+    /// Node pairs (lower id first) a partition separates.
+    pub cut_pairs: BTreeSet<(u32, u32)>,
+    /// Events queued that are not membership chatter.
+    work: u64,
 }
 
 impl World {
     pub fn new(seed: u64, cfg: Config) -> Self {
         let mut rng = Rng::new(seed);
-        let faults = if cfg.faults {
+        let mut faults = if cfg.faults {
             Faults::draw(&mut rng)
         } else {
             Faults::none()
         };
+        if cfg.faults && cfg.nodes > 1 {
+            faults.draw_cluster(&mut rng, cfg.cluster_faults.as_deref());
+        }
         let c2s_cfg = Rc::new(C2sConfig {
             domains: vec![client::DOMAIN.to_string()],
             require_tls: false,
@@ -180,6 +232,9 @@ impl World {
             mesh_depth: BTreeMap::new(),
             presence_lost: BTreeSet::new(),
             roster_stale: BTreeSet::new(),
+            links: BTreeMap::new(),
+            cut_pairs: BTreeSet::new(),
+            work: 0,
         }
     }
 
@@ -189,6 +244,9 @@ impl World {
 
     pub fn at(&mut self, t_us: u64, ev: Ev) {
         self.seq += 1;
+        if !ev.background() {
+            self.work += 1;
+        }
         self.queue.insert((t_us.max(self.now_us), self.seq), ev);
     }
 
@@ -220,11 +278,28 @@ impl World {
                 let _ = st.flush();
             }
         }
+        let dur = self.cfg.duration_ms * 1000;
+        if self.clustered() {
+            let n = self.nodes.len() as u32;
+            for i in 0..n {
+                if i == n - 1 && self.faults.late_join {
+                    self.nodes[i as usize].up = false;
+                    self.nodes[i as usize].started = false;
+                    let t = self.rng.range(dur / 10, dur / 2);
+                    self.at(t, Ev::NodeJoin(i));
+                } else {
+                    self.node_start(i);
+                }
+            }
+            for _ in 0..self.faults.partitions {
+                let t = self.rng.range(dur / 10, dur * 7 / 10);
+                self.at(t, Ev::Partition);
+            }
+        }
         for c in 0..self.clients.len() {
             let d = self.rng.range(0, 2_000_000);
             self.wake(c, d);
         }
-        let dur = self.cfg.duration_ms * 1000;
         for _ in 0..self.faults.node_crashes {
             let t = self.rng.range(dur / 10, dur);
             let n = self.rng.below(self.nodes.len()) as u32;
@@ -250,15 +325,28 @@ impl World {
         while let Some(((t, _), ev)) = self.queue.pop_first() {
             if t > limit {
                 self.now_us = t;
-                self.fail(
-                    0,
-                    "no quiescence: events still scheduled two virtual minutes after the end".into(),
-                );
+                match self.membership_disagreement() {
+                    Some(d) if self.work == 0 => self.fail(
+                        5,
+                        format!("membership did not converge within two virtual minutes after the end: {d}"),
+                    ),
+                    _ => self.fail(
+                        0,
+                        "no quiescence: events still scheduled two virtual minutes after the end".into(),
+                    ),
+                }
                 break;
+            }
+            if !ev.background() {
+                self.work -= 1;
             }
             self.now_us = t;
             self.handle(ev);
             if self.violation.is_some() {
+                break;
+            }
+            // Quiescent: no work left and (with a cluster) the membership converged.
+            if self.quiescing && self.work == 0 && self.membership_disagreement().is_none() {
                 break;
             }
         }
@@ -373,6 +461,75 @@ impl World {
             Ev::NodeRestart(n) => {
                 self.trace.record(self.now_us, format!("restart node {n}"));
                 self.nodes[n as usize].up = true;
+                if self.clustered() {
+                    self.node_start(n);
+                }
+            }
+            Ev::NodeJoin(n) => {
+                self.trace.record(self.now_us, format!("node {n} starts and joins"));
+                self.stats.node_joins += 1;
+                let node = &mut self.nodes[n as usize];
+                node.up = true;
+                node.started = true;
+                self.node_start(n);
+            }
+            Ev::Datagram { to, bytes } => {
+                self.trace
+                    .record(self.now_us, format!("datagram → n{to} ({} bytes)", bytes.len()));
+                if self.nodes[to as usize].up {
+                    self.datagram_arrives(to, bytes);
+                }
+            }
+            Ev::GossipTimer { node, epoch, timer } => {
+                self.trace
+                    .record(self.now_us, format!("gossip timer n{node} {timer:?}"));
+                self.gossip_timer(node, epoch, timer);
+            }
+            Ev::GossipTick { node, epoch } => {
+                self.trace.record(self.now_us, format!("gossip tick n{node}"));
+                self.gossip_tick(node, epoch);
+            }
+            Ev::Link {
+                from,
+                from_gen,
+                shard,
+                to,
+                to_gen,
+                frame,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("link n{from}/s{shard} → n{to} {frame:?}"));
+                self.link_arrives(from, from_gen, shard, to, to_gen, frame);
+            }
+            Ev::ReqTimeout { node, epoch, id } => {
+                self.trace
+                    .record(self.now_us, format!("request {id} of n{node} times out?"));
+                self.req_timeout(node, epoch, id);
+            }
+            Ev::Partition => {
+                let up: Vec<u32> = self.nodes.iter().filter(|n| n.up).map(|n| n.id).collect();
+                if up.len() >= 2 && self.cut_pairs.is_empty() && !self.quiescing {
+                    // A random non-empty proper subset on one side.
+                    let mut side = Vec::new();
+                    while side.is_empty() || side.len() == up.len() {
+                        side = up.iter().copied().filter(|_| self.rng.chance(0.5)).collect();
+                    }
+                    for &a in &side {
+                        for &b in up.iter().filter(|b| !side.contains(b)) {
+                            self.cut_pairs.insert((a.min(b), a.max(b)));
+                        }
+                    }
+                    self.stats.partitions += 1;
+                    self.trace
+                        .record(self.now_us, format!("PARTITION {side:?} from the rest"));
+                    let d = self.rng.range(1_000_000, 8_000_000);
+                    self.after(d, Ev::Heal);
+                }
+            }
+            Ev::Heal => {
+                self.trace.record(self.now_us, "partition heals".into());
+                self.cut_pairs.clear();
+                self.release_held();
             }
             Ev::ShardCrash(n, s) => {
                 self.trace.record(self.now_us, format!("CRASH shard {s} of node {n}"));
@@ -658,7 +815,10 @@ impl World {
         node.crash();
         // What is still durably in offline storage may be handed over again.
         let still = self.stored_offline_ids(n);
-        self.stats.messages_lost_in_crash += self.msgs.crashed(|_| true, &still);
+        let bit = 1u64 << n.min(63);
+        self.stats.messages_lost_in_crash += self.msgs.crashed(|r| r.touched & bit != 0, &still);
+        // Its links die with it (frames already on the wire still arrive).
+        self.links.retain(|k, _| k.0 != n);
         self.mesh_depth.retain(|k, _| k.0 != n);
         let conns: Vec<u64> = self
             .conns
@@ -686,10 +846,26 @@ impl World {
     /// After the queue ran dry: invariants 1 and 3 over the whole state.
     fn final_checks(&mut self) {
         let now = self.now_us / 1000;
+        // 5: membership and placement converged.
+        if let Some(d) = self.membership_disagreement() {
+            self.violation = Some(Violation {
+                invariant: 5,
+                at_ms: now,
+                what: d,
+            });
+            return;
+        }
+        // Each user's state as its owner holds it now.
+        let homes: BTreeMap<String, u32> = self
+            .clients
+            .iter()
+            .map(|c| (c.user.clone(), self.home(&c.user)))
+            .collect();
+        let nodes = &self.nodes;
+        let st = |u: &str| &nodes[homes.get(u).copied().unwrap_or(0) as usize].storage;
         // 1: every accepted message has a fate.
-        let storage = &self.nodes[0].storage;
         let stored = |u: &str| -> Vec<String> {
-            storage
+            st(u)
                 .load_user(u)
                 .map(|d| d.offline.iter().filter_map(|m| xml_id(&m.xml)).collect())
                 .unwrap_or_default()
@@ -709,7 +885,7 @@ impl World {
             if !c.online() || !c.roster_known {
                 continue;
             }
-            let truth: BTreeMap<String, (String, bool)> = storage
+            let truth: BTreeMap<String, (String, bool)> = st(&c.user)
                 .load_user(&c.user)
                 .map(|d| {
                     d.roster
@@ -743,7 +919,7 @@ impl World {
                 let sees = c.presence.get(contact).is_some_and(|r| r.values().any(|a| *a));
                 // The contact's side decides whom it sends presence to; after a crash the two
                 // sides can disagree (checked below when no crash happened).
-                let grants = storage
+                let grants = st(contact)
                     .load_user(contact)
                     .map(|d| d.roster.iter().any(|i| i.jid == c.user && i.subscription.has_from()))
                     .unwrap_or(false);
@@ -765,10 +941,11 @@ impl World {
         }
         // 3: subscription states agree pairwise — unless a crash cut an exchange in half (the
         // two users' writes are not one transaction).
-        if self.stats.node_crashes + self.stats.shard_crashes == 0 {
+        let st_ = &self.stats;
+        if st_.node_crashes + st_.shard_crashes + st_.partitions + st_.write_failures + st_.frames_lost == 0 {
             let mut rosters = BTreeMap::new();
             for c in &self.clients {
-                let r: BTreeMap<String, Subscription> = storage
+                let r: BTreeMap<String, Subscription> = st(&c.user)
                     .load_user(&c.user)
                     .map(|d| d.roster.into_iter().map(|i| (i.jid, i.subscription)).collect())
                     .unwrap_or_default();

@@ -74,6 +74,93 @@ fn a_sweep_of_200_seeds_holds_every_invariant() {
     }
 }
 
+/// CI's three-node sweep: the real membership (foca over simulated UDP), routing by each
+/// node's ring, node-to-node links with the node's wire codec, remote account reads,
+/// replicated writes, handoffs and read repair, with every single-node fault (cuts, storms,
+/// shard crashes, slow storage, small mailboxes) but none of the cluster's own faults: with
+/// node crashes, joins, gossip loss and partitions the simulator still finds violations
+/// (sim/README.md, "Multi-node runs"), so those are not swept here yet. Membership must
+/// converge (invariant 5) and every other invariant hold.
+#[test]
+fn a_three_node_sweep_holds_every_invariant() {
+    let cfg = Config {
+        nodes: 3,
+        cluster_faults: Some(Vec::new()),
+        ..quiet()
+    };
+    let mut failed = Vec::new();
+    let (mut handed, mut handoffs, mut shard_crashes, mut cuts) = (0, 0, 0, 0);
+    for seed in 0..100 {
+        let out = run(seed, &cfg);
+        if out.violation.is_some() {
+            failed.push(out.report());
+        }
+        handed += out.stats.messages_handed;
+        handoffs += out.stats.handoffs;
+        shard_crashes += out.stats.shard_crashes;
+        cuts += out.stats.connections_cut;
+    }
+    println!("100 seeds, 3 nodes: handed {handed} handoffs {handoffs} shard-crashes {shard_crashes} cuts {cuts}");
+    assert!(
+        failed.is_empty(),
+        "{} seeds failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    for (what, n) in [
+        ("handed messages", handed),
+        ("handoffs", handoffs),
+        ("shard crashes", shard_crashes),
+        ("connection cuts", cuts),
+    ] {
+        assert!(n > 0, "the sweep never produced {what}");
+    }
+    // Replays exactly, membership included.
+    let (a, b) = (run(7, &cfg), run(7, &cfg));
+    assert_eq!(a.trace_hash, b.trace_hash);
+}
+
+/// The multi-node faults run and happen (crashes, a join, partitions, lost datagrams), and
+/// none of these seeds breaks membership convergence (5), a queue bound (4) or the
+/// simulator itself (0: no panic, no livelock). A run stops at its first violation, so the
+/// convergence check at the end only runs in the seeds without a data violation; the data
+/// invariants (1–3) under these faults are not asserted yet: see sim/README.md,
+/// "Multi-node runs".
+#[test]
+fn multi_node_faults_happen_and_membership_converges() {
+    for (only, seeds) in [
+        ("crashes", 0..20u64),
+        ("joins", 0..20),
+        ("partitions", 0..20),
+        ("loss", 0..20),
+    ] {
+        let cfg = Config {
+            nodes: 3,
+            cluster_faults: Some(vec![only.to_string()]),
+            ..quiet()
+        };
+        let mut happened = 0;
+        for seed in seeds {
+            let out = run(seed, &cfg);
+            if let Some(v) = &out.violation {
+                assert!(
+                    v.invariant != 5 && v.invariant != 0 && v.invariant != 4,
+                    "{only}, seed {seed}: {}",
+                    out.report()
+                );
+            }
+            let s = &out.stats;
+            happened += match only {
+                "crashes" => s.node_crashes,
+                "joins" => s.node_joins,
+                "partitions" => s.partitions,
+                _ => s.datagrams_lost,
+            };
+        }
+        assert!(happened > 0, "no {only} in 20 seeds");
+    }
+}
+
 /// Each planted bug is caught by the invariant meant to catch it, within the CI sweep's
 /// seeds.
 #[test]
