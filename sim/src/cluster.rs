@@ -491,26 +491,8 @@ impl World {
         let st = &self.nodes[n as usize].storage;
         let account = st.account(user).ok()??;
         let data = st.load_user(user).ok()?;
-        let u = user.to_string();
-        let mut w = vec![Write::PutAccount {
-            user: u.clone(),
-            account,
-        }];
-        w.extend(
-            data.roster
-                .into_iter()
-                .map(|item| Write::PutRosterItem { user: u.clone(), item }),
-        );
-        w.push(Write::SetRosterVer {
-            user: u.clone(),
-            ver: data.roster_ver,
-        });
-        w.extend(
-            data.offline
-                .into_iter()
-                .map(|msg| Write::PushOffline { user: u.clone(), msg }),
-        );
-        Some((data.version, w))
+        let version = data.version;
+        Some((version, data.into_writes(user, account)))
     }
 
     /// This node's version of `user`, if it has the account.

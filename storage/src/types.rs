@@ -81,6 +81,33 @@ pub struct UserData {
     pub version: u64,
 }
 
+impl UserData {
+    /// The whole state of `user` (this data and its account) as writes that recreate it
+    /// elsewhere (cluster handoff and read repair); the version travels beside them.
+    pub fn into_writes(self, user: &str, account: Account) -> Vec<Write> {
+        let u = user.to_string();
+        let mut w = vec![Write::PutAccount {
+            user: u.clone(),
+            account,
+        }];
+        w.extend(
+            self.roster
+                .into_iter()
+                .map(|item| Write::PutRosterItem { user: u.clone(), item }),
+        );
+        w.push(Write::SetRosterVer {
+            user: u.clone(),
+            ver: self.roster_ver,
+        });
+        w.extend(
+            self.offline
+                .into_iter()
+                .map(|msg| Write::PushOffline { user: u.clone(), msg }),
+        );
+        w
+    }
+}
+
 /// One write. Batches of writes are applied in order. Serde: batches travel to replicas.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Write {

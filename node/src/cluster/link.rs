@@ -394,27 +394,10 @@ impl Shard {
             .load_user(user.to_string())
             .await
             .map_err(|e| e.to_string())?;
-        let u = user.to_string();
-        let mut w = vec![Write::PutAccount {
-            user: u.clone(),
-            account,
-        }];
-        w.extend(
-            data.roster
-                .into_iter()
-                .map(|item| Write::PutRosterItem { user: u.clone(), item }),
-        );
-        w.push(Write::SetRosterVer {
-            user: u.clone(),
-            ver: data.roster_ver,
-        });
-        w.extend(
-            data.offline
-                .into_iter()
-                .map(|msg| Write::PushOffline { user: u.clone(), msg }),
-        );
+        let version = data.version;
+        let w = data.into_writes(user, account);
         postcard::to_stdvec(&w)
-            .map(|b| Some((b, data.version)))
+            .map(|b| Some((b, version)))
             .map_err(|e| e.to_string())
     }
 
