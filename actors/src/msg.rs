@@ -28,7 +28,16 @@ pub enum UserMsg {
     /// A cluster node died or restarted: the sessions it hosted are gone (their clients will
     /// reconnect elsewhere). Each is unbound as if it had closed.
     NodeDown { node: NodeId },
+    /// An inbound stanza whose write failed in an earlier incarnation of this actor
+    /// (`Effect::Persist::failed`), handled like `Inbound`. `tries` counts those failures:
+    /// the hosts wait `tries` seconds before sending it (a cluster's views agree again by
+    /// then), and after [`MAX_TRIES`] it is dropped with a log line, so a broken store
+    /// cannot loop.
+    Again { stanza: Element, tries: u8 },
 }
+
+/// Failed writes after which a stanza is no longer tried again (`UserMsg::Again`).
+pub const MAX_TRIES: u8 = 3;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum SessionMsg {
@@ -67,6 +76,7 @@ impl Msg {
                     | UserMsg::Unbind { .. }
                     | UserMsg::OfflineDelivered { .. }
                     | UserMsg::NodeDown { .. }
+                    | UserMsg::Again { .. }
             ) | Msg::Session(
                 SessionMsg::Kick { .. }
                     | SessionMsg::Bound { .. }

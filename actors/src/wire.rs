@@ -79,6 +79,10 @@ pub enum WireMsg {
     NodeDown {
         node: u32,
     },
+    Again {
+        stanza: WireElement,
+        tries: u8,
+    },
     Bound {
         resource: String,
     },
@@ -379,6 +383,10 @@ pub fn envelope_out(env: &Envelope) -> WireEnvelope {
                 upto: *upto,
             },
             UserMsg::NodeDown { node } => WireMsg::NodeDown { node: *node },
+            UserMsg::Again { stanza, tries } => WireMsg::Again {
+                stanza: element_out(stanza),
+                tries: *tries,
+            },
         },
         Msg::Session(m) => match m {
             SessionMsg::Bound { resource } => WireMsg::Bound {
@@ -430,6 +438,10 @@ pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
             upto,
         }),
         WireMsg::NodeDown { node } => Msg::User(UserMsg::NodeDown { node }),
+        WireMsg::Again { stanza, tries } => Msg::User(UserMsg::Again {
+            stanza: element_in(stanza)?,
+            tries,
+        }),
         WireMsg::Bound { resource } => Msg::Session(SessionMsg::Bound { resource }),
         WireMsg::BindFailed { condition } => Msg::Session(SessionMsg::BindFailed {
             condition: condition_in(&condition),

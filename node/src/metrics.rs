@@ -62,6 +62,10 @@ fn describe() {
     describe_gauge!("starling_connections", "Open client connections");
     describe_gauge!("starling_sessions", "Bound client sessions");
     describe_gauge!("starling_user_actors", "Active user actors");
+    describe_counter!(
+        "starling_user_write_failures_total",
+        "User actors ended because a write of theirs was not made durable (storage or cluster)"
+    );
     describe_counter!("starling_logins_total", "Successful logins (resource bound)");
     describe_counter!("starling_auth_failures_total", "Failed SASL authentications");
     describe_counter!("starling_stanzas_in_total", "Stanzas received from clients, by kind");
@@ -113,6 +117,7 @@ pub struct ShardMetrics {
     pub connections: Gauge,
     pub sessions: Gauge,
     pub user_actors: Gauge,
+    pub user_write_failures: Counter,
     pub logins: Counter,
     pub auth_failures: Counter,
     pub stanzas_in: [Counter; 3],
@@ -156,6 +161,7 @@ impl ShardMetrics {
             connections: metrics::gauge!("starling_connections", "shard" => s.clone()),
             sessions: metrics::gauge!("starling_sessions", "shard" => s.clone()),
             user_actors: metrics::gauge!("starling_user_actors", "shard" => s.clone()),
+            user_write_failures: metrics::counter!("starling_user_write_failures_total", "shard" => s.clone()),
             logins: metrics::counter!("starling_logins_total", "shard" => s.clone()),
             auth_failures: metrics::counter!("starling_auth_failures_total", "shard" => s.clone()),
             stanzas_in: kinds("starling_stanzas_in_total"),

@@ -8,10 +8,12 @@ use std::rc::Rc;
 
 use jid::BareJid;
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
-use starling_actors::stanza;
 use starling_actors::user::{Effect, UserActor};
 
 use crate::shard::{Mailbox, Origin, Shard, Timed};
+
+/// The pause before a stanza whose write failed goes again, per failure (`UserMsg::Again`).
+pub const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -35,10 +37,17 @@ pub fn activate(shard: &Rc<Shard>, jid: BareJid) -> Mailbox<UserMsg> {
 }
 
 async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>) {
-    if shard.in_cluster() {
-        shard.pull_newest(jid.as_str()).await;
-    }
-    let (exists, data) = match shard.storage.load_user(jid.to_string()).await {
+    let loaded = async {
+        if shard.in_cluster() {
+            shard.pull_newest(jid.as_str()).await?;
+        }
+        shard
+            .storage
+            .load_user(jid.to_string())
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let (exists, data) = match loaded.await {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(user = %jid, error = %e, "cannot load user; failing its messages");
@@ -52,6 +61,8 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
     if !data.offline.is_empty() {
         shard.metrics.offline_at_load.record(data.offline.len() as f64);
     }
+    // The version of this actor's state in storage: its batches are written on that base.
+    let mut version = data.version;
     let mut actor = UserActor::new(jid.clone(), exists, data, shard.user_cfg.clone());
     while let Ok(Timed { at, msg }) = rx.recv_async().await {
         shard.metrics.route.record(at.elapsed().as_secs_f64());
@@ -79,40 +90,31 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
                 return;
             }
         };
+        // What the failed writes' actors asked to send instead (`Effect::Persist::failed`).
+        let mut instead: Vec<Envelope> = Vec::new();
         let mut write_failed = false;
         for fx in effects {
             match fx {
                 Effect::Send(env) => shard.route_wait(env, Origin::Actor).await,
-                Effect::Persist { writes, then } => match shard.write_replicated(jid.as_str(), writes).await {
-                    Ok(()) => {
-                        for e in then {
-                            shard.route_wait(e, Origin::Actor).await;
-                        }
-                    }
-                    Err(e) => {
-                        // Nothing that depended on the write is claimed: IQ results become
-                        // errors, the rest is not sent.
-                        tracing::error!(user = %jid, error = %e, "write failed; ending the actor");
-                        write_failed = true;
-                        for env in then {
-                            if let Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
-                                if st.name == "iq" && st.attr("type") == Some("result") {
-                                    let mut err = st.clone();
-                                    err.children.clear();
-                                    err.set_attr("type", "error");
-                                    err.push_child(stanza::error_element(
-                                        "internal-server-error",
-                                        Some("storage failure"),
-                                    ));
-                                    shard.route(Envelope {
-                                        to: env.to.clone(),
-                                        msg: Msg::Session(SessionMsg::Stanza(err)),
-                                    });
-                                }
+                // After a failed write, later ones would build on what is not stored.
+                Effect::Persist { failed, .. } if write_failed => instead.extend(failed),
+                Effect::Persist { writes, then, failed } => {
+                    match shard.write_replicated(jid.as_str(), writes, Some(version)).await {
+                        Ok(()) => {
+                            version += 1;
+                            for e in then {
+                                shard.route_wait(e, Origin::Actor).await;
                             }
                         }
+                        Err(e) => {
+                            // Nothing that depended on the write is claimed.
+                            tracing::error!(user = %jid, error = %e, "write failed; ending the actor");
+                            shard.metrics.user_write_failures.increment(1);
+                            write_failed = true;
+                            instead.extend(failed);
+                        }
                     }
-                },
+                }
             }
         }
         shard.metrics.user_handle.record(started.elapsed().as_secs_f64());
@@ -120,7 +122,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
             // Its memory is now ahead of its storage: end it, so that the next incarnation
             // reloads what is durable (found by the simulator: a roster item in memory only
             // was shown to the client, then missing after a reconnect).
-            return end_after_failed_write(&shard, &jid, &actor, &rx);
+            return end_after_failed_write(&shard, &jid, &actor, &rx, instead);
         }
         // Idle and nothing queued: let go; the durable state reloads on the next message.
         let queued = shard.users.borrow().get(&jid).map(|tx| tx.len()).unwrap_or(0);
@@ -133,8 +135,16 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
 }
 
 /// Ends an actor whose write failed: its sessions are closed (their clients reconnect), the
-/// next incarnation learns they are gone, and what was queued goes to it, in order.
-fn end_after_failed_write(shard: &Rc<Shard>, jid: &BareJid, actor: &UserActor, rx: &flume::Receiver<Timed<UserMsg>>) {
+/// next incarnation learns they are gone, what the actor asked to send instead goes (an
+/// inbound subscription stanza to the next incarnation among it), then what was queued, in
+/// order.
+fn end_after_failed_write(
+    shard: &Rc<Shard>,
+    jid: &BareJid,
+    actor: &UserActor,
+    rx: &flume::Receiver<Timed<UserMsg>>,
+    instead: Vec<Envelope>,
+) {
     shard.users.borrow_mut().remove(jid);
     for (a, resource) in actor.sessions() {
         shard.route(Envelope::to_session(
@@ -145,6 +155,22 @@ fn end_after_failed_write(shard: &Rc<Shard>, jid: &BareJid, actor: &UserActor, r
             },
         ));
         shard.route(Envelope::to_user(jid.clone(), UserMsg::Unbind { session: a, resource }));
+    }
+    for env in instead {
+        match &env.msg {
+            // Sent after a pause: the condition that failed the write (views that disagree
+            // during a join or heal) usually passes within it.
+            Msg::User(UserMsg::Again { tries, .. }) => {
+                let pause = AGAIN_AFTER * u32::from(*tries);
+                let s = shard.clone();
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(pause).await;
+                    s.route(env);
+                })
+                .detach();
+            }
+            _ => shard.route(env),
+        }
     }
     while let Ok(t) = rx.try_recv() {
         shard.route(Envelope::to_user(jid.clone(), t.msg));
@@ -159,7 +185,7 @@ fn fail(shard: &Rc<Shard>, m: UserMsg) {
                 condition: "internal-server-error",
             },
         )),
-        UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } => {
+        UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } | UserMsg::Again { stanza, .. } => {
             let env = Envelope::to_user(BareJid::new("x@x").expect("valid"), UserMsg::Inbound { stanza });
             shard.undeliverable(env, "internal-server-error");
         }

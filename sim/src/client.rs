@@ -191,8 +191,16 @@ impl Client {
             }
             Stage::Bind if el.name == "iq" && el.attr("id") == Some("bind") => {
                 if el.attr("type") != Some("result") {
-                    out.notes
-                        .push(Note::Unexpected(format!("bind failed: {}", el.to_client_xml())));
+                    // A cluster node that cannot reach enough copies of the user's state
+                    // refuses the bind (internal-server-error): the client tries again later.
+                    let transient = el.child("error", "jabber:client").is_some_and(|e| {
+                        e.child("internal-server-error", starling_actors::ns::STANZAS_ERR)
+                            .is_some()
+                    });
+                    if !transient {
+                        out.notes
+                            .push(Note::Unexpected(format!("bind failed: {}", el.to_client_xml())));
+                    }
                     out.close = true;
                     return;
                 }

@@ -71,13 +71,17 @@ pub struct NodeCluster {
     pulls: BTreeMap<u64, PullState>,
 }
 
-/// A read repair in progress: the newest copy seen so far.
+/// A read repair in progress: the newest copy seen so far, and the versions the replicas
+/// answered with (0: no account there).
 pub struct PullState {
     epoch: u64,
     shard: u16,
     jid: BareJid,
     left: usize,
     best: Option<(u64, Vec<Write>)>,
+    seen: Vec<(u32, u64)>,
+    /// Bringing the replicas found older level before the actor starts.
+    pushing: bool,
 }
 
 impl NodeCluster {
@@ -128,7 +132,7 @@ pub enum Pending {
     /// A user's state handed to a new replica.
     Handoff,
     /// Another replica's copy, for a read repair.
-    Pull { pull: u64 },
+    Pull { pull: u64, from: u32 },
 }
 
 /// A user actor's write batch on its way to the owner's storage and the replicas
@@ -139,9 +143,13 @@ pub struct RepWrite {
     shard_epoch: u64,
     jid: BareJid,
     then: Vec<Envelope>,
-    /// The batch, until it goes to this node's storage (after the replicas took it).
-    writes: Option<Vec<Write>>,
+    failed: Vec<Envelope>,
+    writes: Vec<Write>,
+    /// The batch went to this node's storage (after the replicas took it).
+    local_sent: bool,
     local_done: bool,
+    /// This node's copy refused it: another base (a handoff or repair replaced it).
+    local_failed: bool,
     remote_left: usize,
     remote_ok: usize,
 }
@@ -522,8 +530,14 @@ impl World {
     /// the newest (by version) replaces this node's if it is newer. A node that owns a user
     /// after a join, a heal or a death thus serves the latest acknowledged state even before
     /// its handoff arrives.
+    ///
+    /// A read needs as many copies as a write (`pull_newest`): too few reachable or
+    /// answering, and the actor does not start.
     pub fn pull(&mut self, node: u32, shard: u16, jid: BareJid) {
         let others = self.other_replicas(node, jid.as_str());
+        if others.len() < Self::NEED - 1 {
+            return self.activation_failed(node, shard, &jid);
+        }
         if others.is_empty() {
             return self.activate_user(node, shard, jid);
         }
@@ -539,43 +553,82 @@ impl World {
                 jid: jid.clone(),
                 left: others.len(),
                 best: None,
+                seen: Vec::new(),
+                pushing: false,
             },
         );
         for o in others {
             let op = Op::Pull { user: jid.to_string() };
-            self.request(node, shard, o, op, Pending::Pull { pull: id });
+            self.request(node, shard, o, op, Pending::Pull { pull: id, from: o });
         }
     }
 
-    fn pulled(&mut self, node: u32, id: u64, res: Res) {
+    fn pulled(&mut self, node: u32, id: u64, from: u32, res: Res) {
         let Some(p) = self.nodes[node as usize].cluster.pulls.get_mut(&id) else {
             return;
         };
         p.left -= 1;
-        if let Res::Snapshot { version, writes } = res {
-            if p.best.as_ref().is_none_or(|(v, _)| version > *v) {
-                p.best = Some((version, writes));
+        if !p.pushing {
+            match res {
+                Res::Snapshot { version, writes } => {
+                    p.seen.push((from, version));
+                    if p.best.as_ref().is_none_or(|(v, _)| version > *v) {
+                        p.best = Some((version, writes));
+                    }
+                }
+                Res::Done => p.seen.push((from, 0)),
+                _ => {}
             }
         }
         if p.left > 0 {
             return;
         }
-        let p = self.nodes[node as usize].cluster.pulls.remove(&id).expect("present");
+        let mut p = self.nodes[node as usize].cluster.pulls.remove(&id).expect("present");
         if !self.live(node, p.epoch) {
             return;
         }
+        if p.pushing {
+            return self.activate_user(node, p.shard, p.jid);
+        }
+        if p.seen.len() < Self::NEED - 1 {
+            return self.activation_failed(node, p.shard, &p.jid);
+        }
         let user = p.jid.to_string();
-        if let Some((version, writes)) = p.best {
+        if let Some((version, writes)) = p.best.take() {
             if self.version_here(node, &user).is_none_or(|v| v < version) {
                 self.stats.repairs += 1;
                 let mut all = vec![Write::DeleteUser { user: user.clone() }];
                 all.extend(writes);
-                all.push(Write::SetVersion { user, version });
+                all.push(Write::SetVersion {
+                    user: user.clone(),
+                    version,
+                });
                 // Applied at once (later reads see it); durable with the next flush.
                 self.submit(node, all, None);
             }
         }
-        self.activate_user(node, p.shard, p.jid);
+        // The replicas found older get the newest copy before the actor's first write,
+        // which they would refuse on its base (`pull_newest`).
+        let Some((version, writes)) = self.snapshot(node, &user) else {
+            return self.activate_user(node, p.shard, p.jid);
+        };
+        let behind: Vec<u32> = p.seen.iter().filter(|(_, v)| *v < version).map(|(n, _)| *n).collect();
+        if behind.is_empty() {
+            return self.activate_user(node, p.shard, p.jid);
+        }
+        self.stats.level_pushes += behind.len() as u64;
+        let shard = p.shard;
+        p.pushing = true;
+        p.left = behind.len();
+        self.nodes[node as usize].cluster.pulls.insert(id, p);
+        for to in behind {
+            let op = Op::Handoff {
+                user: user.clone(),
+                version,
+                writes: writes.clone(),
+            };
+            self.request(node, shard, to, op, Pending::Pull { pull: id, from: to });
+        }
     }
 
     // ---- links --------------------------------------------------------------------------
@@ -791,7 +844,17 @@ impl World {
                 let acc = self.nodes[node as usize].storage.account(&user).ok().flatten();
                 self.answer(node, r, Res::Loaded(acc));
             }
-            Op::Replicate { writes } => self.submit(node, writes, Some(Waiter::Answer(r))),
+            Op::Replicate { writes } => {
+                // Only from the node this one sees as the user's owner (`serve_account`).
+                let owner = writes
+                    .first()
+                    .and_then(|w| w.user().parse::<BareJid>().ok())
+                    .map(|j| self.place_user(node, &j).0);
+                if owner != Some(r.to) {
+                    return self.answer(node, r, Res::Failed("not the owner here".into()));
+                }
+                self.submit(node, writes, Some(Waiter::Answer(r)))
+            }
             Op::Pull { user } => {
                 let res = match self.snapshot(node, &user) {
                     Some((version, writes)) => Res::Snapshot { version, writes },
@@ -830,6 +893,9 @@ impl World {
             }
             Pending::Replicate { write } => {
                 let ok = matches!(res, Res::Done);
+                if !ok {
+                    self.stats.replicas_refused += 1;
+                }
                 if let Some(w) = self.nodes[node as usize].cluster.writes.get_mut(&write) {
                     w.remote_left -= 1;
                     w.remote_ok += ok as usize;
@@ -837,7 +903,7 @@ impl World {
                 self.replicated_step(node, write);
             }
             Pending::Handoff => {}
-            Pending::Pull { pull } => self.pulled(node, pull, res),
+            Pending::Pull { pull, from } => self.pulled(node, pull, from, res),
         }
     }
 
@@ -848,19 +914,22 @@ impl World {
 
     // ---- replicated writes ------------------------------------------------------------
 
-    /// `Shard::write_replicated` for a user actor's `Persist`: the batch (with a version
-    /// bump) goes to this node's storage and to the other replicas at once; it is
-    /// acknowledged when durable here and on a majority of all copies.
+    /// `Shard::write_replicated` for a user actor's `Persist`: the batch (on the actor's
+    /// version, `base`) goes to the other replicas, then to this node's storage; it is
+    /// acknowledged when durable on a majority of all copies, this one included.
     pub fn persist_replicated(
         &mut self,
         node: u32,
         shard: u16,
         shard_epoch: u64,
         jid: BareJid,
-        mut writes: Vec<Write>,
-        then: Vec<Envelope>,
+        (mut writes, then, failed): (Vec<Write>, Vec<Envelope>, Vec<Envelope>),
+        base: u64,
     ) {
-        writes.push(Write::BumpVersion { user: jid.to_string() });
+        writes.push(Write::NextVersion {
+            user: jid.to_string(),
+            base,
+        });
         let others = self.other_replicas(node, jid.as_str());
         let epoch = self.nodes[node as usize].epoch;
         let c = &mut self.nodes[node as usize].cluster;
@@ -874,8 +943,11 @@ impl World {
                 shard_epoch,
                 jid,
                 then,
-                writes: Some(writes.clone()),
+                failed,
+                writes: writes.clone(),
+                local_sent: false,
                 local_done: false,
+                local_failed: false,
                 remote_left: others.len(),
                 remote_ok: 0,
             },
@@ -894,6 +966,13 @@ impl World {
         self.replicated_step(node, id);
     }
 
+    pub fn replicated_local_failed(&mut self, node: u32, id: u64) {
+        if let Some(w) = self.nodes[node as usize].cluster.writes.get_mut(&id) {
+            w.local_failed = true;
+        }
+        self.replicated_step(node, id);
+    }
+
     /// Copies needed for a write: a majority of `cluster.replication`, whatever the number
     /// of members seen now — a node cut off from the others cannot acknowledge alone what
     /// the other side of the partition may overwrite.
@@ -905,11 +984,13 @@ impl World {
         if w.remote_left > 0 {
             return;
         }
-        let enough = 1 + w.remote_ok >= Self::NEED;
+        let enough = 1 + w.remote_ok >= Self::NEED && !w.local_failed;
         if enough {
             // The replicas have it: now this node's copy (remote first, so that a batch that
             // failed never raises this copy's version above the others').
-            if let Some(writes) = w.writes.take() {
+            if !w.local_sent {
+                w.local_sent = true;
+                let writes = w.writes.clone();
                 return self.submit(node, writes, Some(Waiter::Replicated(id)));
             }
             if !w.local_done {
@@ -918,13 +999,19 @@ impl World {
         }
         let w = c.writes.remove(&id).expect("present");
         if enough {
+            if self.shard_live(node, w.epoch, w.shard, w.shard_epoch) {
+                let users = &mut self.nodes[node as usize].shards[w.shard as usize].users;
+                if let Some(h) = users.get_mut(&w.jid) {
+                    h.version += 1;
+                }
+            }
             return self.persisted(node, w.epoch, w.shard, w.shard_epoch, &w.jid, w.then);
         }
         // Not durable on enough copies: nothing that depended on it is claimed (user_host.rs).
         self.stats.write_failures += 1;
         // Offline messages handed over whose deletion failed stay stored and come again:
         // at-least-once, as after a crash.
-        for wr in w.writes.iter().flatten() {
+        for wr in &w.writes {
             if let Write::DeleteOffline { user, upto } = wr {
                 let ids: Vec<String> = self.nodes[node as usize]
                     .storage
@@ -943,26 +1030,9 @@ impl World {
         if !self.shard_live(node, w.epoch, w.shard, w.shard_epoch) {
             return;
         }
-        for env in w.then {
-            if let Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
-                if st.name == "iq" && st.attr("type") == Some("result") {
-                    let mut err = st.clone();
-                    err.children.clear();
-                    err.set_attr("type", "error");
-                    err.push_child(starling_actors::stanza::error_element(
-                        "internal-server-error",
-                        Some("storage failure"),
-                    ));
-                    let env = Envelope {
-                        to: env.to.clone(),
-                        msg: Msg::Session(SessionMsg::Stanza(err)),
-                    };
-                    let _ = self.route(node, w.shard, env, Origin::Actor);
-                }
-            }
-        }
         if let Some(h) = self.nodes[node as usize].shards[w.shard as usize].users.get_mut(&w.jid) {
             h.doomed = true;
+            h.instead.extend(w.failed);
         }
         self.resume_user(node, w.shard, &w.jid);
     }

@@ -20,6 +20,9 @@ use starling_storage::{MemoryStorage, Storage, Write};
 use crate::oracle::xml_id;
 use crate::world::{Ev, World, MAX_OFFLINE};
 
+/// `user_host::AGAIN_AFTER`: the pause before a stanza whose write failed goes again.
+const AGAIN_AFTER_US: u64 = 1_000_000;
+
 #[derive(Debug)]
 pub enum Read {
     Account { sid: u64, user: String },
@@ -106,6 +109,12 @@ pub struct UserHost {
     /// A write failed: its memory is ahead of its storage, so it ends after this message
     /// (user_host.rs).
     pub doomed: bool,
+    /// The version its state was loaded at plus its batches since: the base of its next
+    /// replicated write (user_host.rs).
+    pub version: u64,
+    /// What its failed writes asked to send instead (`Effect::Persist::failed`), sent when
+    /// it ends.
+    pub instead: Vec<Envelope>,
 }
 
 /// A route a connection must wait for gives its envelope back (boxed: it is large).
@@ -519,6 +528,30 @@ impl World {
         }
     }
 
+    /// The user's state cannot be read (user_host.rs: too few copies answered the read
+    /// repair): the actor does not start and its messages fail.
+    pub(crate) fn activation_failed(&mut self, node: u32, shard: u16, jid: &BareJid) {
+        let Some(h) = self.nodes[node as usize].shards[shard as usize].users.remove(jid) else {
+            return;
+        };
+        self.stats.activations_failed += 1;
+        for m in h.mailbox {
+            match m {
+                UserMsg::Bind { session, .. } => {
+                    let failed = SessionMsg::BindFailed {
+                        condition: "internal-server-error",
+                    };
+                    let _ = self.route(node, shard, Envelope::to_session(session, failed), Origin::Actor);
+                }
+                UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } | UserMsg::Again { stanza, .. } => {
+                    let env = Envelope::to_user(jid.clone(), UserMsg::Inbound { stanza });
+                    self.undeliverable(node, shard, env, "internal-server-error");
+                }
+                UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } | UserMsg::NodeDown { .. } => {}
+            }
+        }
+    }
+
     /// The user's state is read: its actor starts.
     pub(crate) fn activate_user(&mut self, node: u32, shard: u16, jid: BareJid) {
         {
@@ -527,6 +560,7 @@ impl World {
                 let key = jid.to_string();
                 let exists = st.account(&key).ok().flatten().is_some();
                 let data = st.load_user(&key).unwrap_or_default();
+                let version = data.version;
                 let actor = UserActor::new(jid.clone(), exists, data, self.user_cfg.clone());
                 let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid) else {
                     return;
@@ -536,6 +570,7 @@ impl World {
                     return;
                 }
                 h.actor = Some(actor);
+                h.version = version;
                 self.schedule_user(node, shard, &jid);
             }
         }
@@ -679,6 +714,8 @@ impl World {
                             waiting: false,
                             scheduled: false,
                             doomed: false,
+                            version: 0,
+                            instead: Vec::new(),
                         },
                     );
                     let epoch = self.nodes[node as usize].epoch;
@@ -827,7 +864,9 @@ impl World {
                 Effect::Send(env) => {
                     let _ = self.route(node, shard, env, Origin::Actor);
                 }
-                Effect::Persist { writes, then } => {
+                // After a failed write, later ones would build on what is not stored.
+                Effect::Persist { failed, .. } if h.doomed => h.instead.extend(failed),
+                Effect::Persist { writes, then, failed } => {
                     if planted::active(Bug::AckBeforeFlush) {
                         self.submit(node, writes, None);
                         for env in then {
@@ -837,7 +876,8 @@ impl World {
                     }
                     h.waiting = true;
                     if self.cfg.nodes > 1 {
-                        self.persist_replicated(node, shard, shard_epoch, jid, writes, then);
+                        let base = h.version;
+                        self.persist_replicated(node, shard, shard_epoch, jid, (writes, then, failed), base);
                         return;
                     }
                     let w = Waiter::User {
@@ -884,6 +924,24 @@ impl World {
             let env = Envelope::to_user(jid.clone(), UserMsg::Unbind { session, resource });
             let _ = self.route(node, shard, env, Origin::Actor);
         }
+        for env in h.instead {
+            if let Msg::User(UserMsg::Again { tries, .. }) = &env.msg {
+                // After a pause, as user_host.rs does.
+                let pause = AGAIN_AFTER_US * u64::from(*tries);
+                let epoch = self.nodes[node as usize].epoch;
+                self.after(
+                    pause,
+                    Ev::Again {
+                        node,
+                        epoch,
+                        shard,
+                        env,
+                    },
+                );
+                continue;
+            }
+            let _ = self.route(node, shard, env, Origin::Actor);
+        }
         for m in h.mailbox {
             let _ = self.route(node, shard, Envelope::to_user(jid.clone(), m), Origin::Actor);
         }
@@ -893,9 +951,21 @@ impl World {
     /// sled), made durable by the next flush with whatever else is queued (group commit).
     pub(crate) fn submit(&mut self, node: u32, writes: Vec<Write>, waiter: Option<Waiter>) {
         let n = &mut self.nodes[node as usize];
-        if let Err(e) = n.storage.apply(&writes) {
-            self.fail(0, format!("memory storage refused a write: {e}"));
-            return;
+        match n.storage.apply(&writes) {
+            Ok(()) => {}
+            // A replicated batch on another base (`Write::NextVersion`): refused whole, at
+            // once, as the storage thread answers it.
+            Err(e @ starling_storage::StorageError::Conflict { .. }) => {
+                return match waiter {
+                    Some(Waiter::Replicated(id)) => self.replicated_local_failed(node, id),
+                    Some(Waiter::Answer(r)) => self.answer(node, r, crate::cluster::Res::Failed(e.to_string())),
+                    _ => self.fail(0, format!("an unconditional write met a conflict: {e}")),
+                };
+            }
+            Err(e) => {
+                self.fail(0, format!("memory storage refused a write: {e}"));
+                return;
+            }
         }
         n.queued.push((writes, waiter));
         if n.flushing.is_none() {

@@ -98,6 +98,12 @@ pub struct Stats {
     pub moved_kicks: u64,
     pub handoffs: u64,
     pub repairs: u64,
+    /// Replicas brought level by a read repair before an actor started.
+    pub level_pushes: u64,
+    /// Replicated batches a replica refused (not the owner there, another base, timeout).
+    pub replicas_refused: u64,
+    /// User actors that did not start: too few copies answered their read repair.
+    pub activations_failed: u64,
     pub write_failures: u64,
 }
 
@@ -140,7 +146,7 @@ impl Outcome {
         if st.partitions + st.node_joins + st.handoffs + st.datagrams_lost > 0 {
             let _ = writeln!(
                 s,
-                "  cluster: partitions {} joins {} rejoins {} datagrams-lost {} frames-lost {} lost-with-link {} moved-kicks {} handoffs {} repairs {} write-failures {}",
+                "  cluster: partitions {} joins {} rejoins {} datagrams-lost {} frames-lost {} lost-with-link {} moved-kicks {} handoffs {} repairs {} level-pushes {} refused {} write-failures {} activations-failed {}",
                 st.partitions,
                 st.node_joins,
                 st.rejoins,
@@ -150,7 +156,10 @@ impl Outcome {
                 st.moved_kicks,
                 st.handoffs,
                 st.repairs,
-                st.write_failures
+                st.level_pushes,
+                st.replicas_refused,
+                st.write_failures,
+                st.activations_failed
             );
         }
         let _ = writeln!(s, "  faults {:?}", self.faults);

@@ -61,6 +61,13 @@ pub enum Ev {
         shard: u16,
         target: MailboxKey,
     },
+    /// A stanza whose write failed goes again after a pause (`UserMsg::Again`).
+    Again {
+        node: u32,
+        epoch: u64,
+        shard: u16,
+        env: Envelope,
+    },
     SessionRun {
         node: u32,
         epoch: u64,
@@ -419,6 +426,18 @@ impl World {
                 self.trace
                     .record(self.now_us, format!("held for {target:?} on n{node} s{shard}: retry"));
                 self.drain_held(node, epoch, shard, target);
+            }
+            Ev::Again {
+                node,
+                epoch,
+                shard,
+                env,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("again n{node} s{shard} {env:?}"));
+                if self.live(node, epoch) {
+                    let _ = self.route(node, shard, env, crate::host::Origin::Actor);
+                }
             }
             Ev::SessionRun {
                 node,

@@ -20,6 +20,9 @@ pub enum StorageError {
     Locked(String),
     #[error("storage backend error: {0}")]
     Backend(String),
+    /// A conditional batch (`Write::NextVersion`) found another version: nothing was applied.
+    #[error("{user}'s state is at version {have}, the batch was for version {base}")]
+    Conflict { user: String, have: u64, base: u64 },
     #[error("corrupt record under key {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -35,7 +38,8 @@ pub trait Storage {
     fn create_account(&mut self, user: &str, account: &Account) -> Result<bool>;
     /// Everything the user actor needs on activation: roster, roster version, offline queue.
     fn load_user(&self, user: &str) -> Result<UserData>;
-    /// Applies writes in order. Not durable until [`Storage::flush`] returns.
+    /// Applies writes in order, all or none of them when the batch has conditions
+    /// (`Write::NextVersion`). Not durable until [`Storage::flush`] returns.
     fn apply(&mut self, writes: &[Write]) -> Result<()>;
     /// Makes every applied write durable.
     fn flush(&mut self) -> Result<()>;

@@ -59,8 +59,8 @@ fn apply_one(state: &mut State, w: &Write) {
                 u.offline.retain(|m| m.seq > *upto);
             }
         }
-        Write::BumpVersion { user } => {
-            state.users.entry(user.clone()).or_default().version += 1;
+        Write::NextVersion { user, base } => {
+            state.users.entry(user.clone()).or_default().version = base + 1;
         }
         Write::SetVersion { user, version } => {
             state.users.entry(user.clone()).or_default().version = *version;
@@ -85,6 +85,16 @@ impl Storage for MemoryStorage {
         Ok(data)
     }
     fn apply(&mut self, writes: &[Write]) -> Result<()> {
+        for (user, base) in crate::version_conditions(writes) {
+            let have = self.current.users.get(user).map_or(0, |u| u.version);
+            if have != base {
+                return Err(crate::StorageError::Conflict {
+                    user: user.to_string(),
+                    have,
+                    base,
+                });
+            }
+        }
         for w in writes {
             apply_one(&mut self.current, w);
         }

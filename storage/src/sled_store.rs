@@ -161,6 +161,18 @@ impl Storage for SledStorage {
     }
 
     fn apply(&mut self, writes: &[Write]) -> Result<()> {
+        // Checked before anything is written: a refused batch leaves no trace. The storage
+        // thread is the only writer, so nothing changes between the check and the writes.
+        for (user, base) in crate::version_conditions(writes) {
+            let have = read_u64(&self.meta, &wver_key(user), "write version")?;
+            if have != base {
+                return Err(StorageError::Conflict {
+                    user: user.to_string(),
+                    have,
+                    base,
+                });
+            }
+        }
         for w in writes {
             match w {
                 Write::PutAccount { user, account } => {
@@ -175,9 +187,10 @@ impl Storage for SledStorage {
                     self.meta.remove(ver_key(user)).map_err(backend)?;
                     self.meta.remove(wver_key(user)).map_err(backend)?;
                 }
-                Write::BumpVersion { user } => {
-                    let v = read_u64(&self.meta, &wver_key(user), "write version")? + 1;
-                    self.meta.insert(wver_key(user), &v.to_be_bytes()).map_err(backend)?;
+                Write::NextVersion { user, base } => {
+                    self.meta
+                        .insert(wver_key(user), &(base + 1).to_be_bytes())
+                        .map_err(backend)?;
                 }
                 Write::SetVersion { user, version } => {
                     self.meta
@@ -337,10 +350,28 @@ mod tests {
         let sled = SledStorage::open(dir.path()).unwrap();
         let stores: Vec<Box<dyn Storage>> = vec![Box::new(sled), Box::new(crate::MemoryStorage::new())];
         for mut s in stores {
-            let bump = || Write::BumpVersion { user: "a@x".into() };
+            let next = |base| Write::NextVersion {
+                user: "a@x".into(),
+                base,
+            };
+            let item = |jid: &str| Write::PutRosterItem {
+                user: "a@x".into(),
+                item: RosterItem {
+                    jid: jid.into(),
+                    ..Default::default()
+                },
+            };
             assert_eq!(s.load_user("a@x").unwrap().version, 0);
-            s.apply(&[bump(), bump()]).unwrap();
+            s.apply(&[item("b@x"), next(0)]).unwrap();
+            s.apply(&[next(1)]).unwrap();
             assert_eq!(s.load_user("a@x").unwrap().version, 2);
+            // A batch for another base is refused whole: its roster item is not written.
+            match s.apply(&[item("c@x"), next(1)]) {
+                Err(StorageError::Conflict { have: 2, base: 1, .. }) => {}
+                other => panic!("expected a conflict, got {other:?}"),
+            }
+            let data = s.load_user("a@x").unwrap();
+            assert_eq!((data.version, data.roster.len()), (2, 1));
             s.apply(&[Write::SetVersion {
                 user: "a@x".into(),
                 version: 10,
@@ -350,7 +381,7 @@ mod tests {
             assert_eq!(s.load_user("b@x").unwrap().version, 0, "per user");
             s.apply(&[Write::DeleteUser { user: "a@x".into() }]).unwrap();
             assert_eq!(s.load_user("a@x").unwrap().version, 0);
-            assert_eq!(bump().user(), "a@x");
+            assert_eq!(next(0).user(), "a@x");
         }
     }
 }

@@ -76,7 +76,7 @@ pub struct UserData {
     pub roster: Vec<RosterItem>,
     pub roster_ver: u64,
     pub offline: Vec<OfflineMessage>,
-    /// How many write batches the user's state has had (`Write::BumpVersion`): in a cluster,
+    /// How many write batches the user's state has had (`Write::NextVersion`): in a cluster,
     /// a copy with a lower version is stale and a handoff may replace it.
     pub version: u64,
 }
@@ -140,15 +140,28 @@ pub enum Write {
         user: String,
         upto: u64,
     },
-    /// One more batch for this user (the cluster appends it to every replicated batch).
-    BumpVersion {
+    /// One more batch for this user, on condition: the whole batch applies only if the
+    /// user's version is `base` (it then becomes `base + 1`), else nothing of it does and
+    /// `apply` fails with [`crate::StorageError::Conflict`]. The cluster appends it to every
+    /// replicated batch, so a copy that missed or diverged from the owner's history refuses
+    /// the next batch instead of applying it on a different base.
+    NextVersion {
         user: String,
+        base: u64,
     },
     /// The version of a whole state handed to this node.
     SetVersion {
         user: String,
         version: u64,
     },
+}
+
+/// The conditions of a batch (its `NextVersion` writes) as `(user, base)`.
+pub fn version_conditions(writes: &[Write]) -> impl Iterator<Item = (&str, u64)> {
+    writes.iter().filter_map(|w| match w {
+        Write::NextVersion { user, base } => Some((user.as_str(), *base)),
+        _ => None,
+    })
 }
 
 impl Write {
@@ -162,7 +175,7 @@ impl Write {
             | Write::SetRosterVer { user, .. }
             | Write::PushOffline { user, .. }
             | Write::DeleteOffline { user, .. }
-            | Write::BumpVersion { user }
+            | Write::NextVersion { user, .. }
             | Write::SetVersion { user, .. } => user,
         }
     }

@@ -34,10 +34,16 @@ pub struct UserConfig {
 #[derive(Debug, PartialEq)]
 pub enum Effect {
     Send(Envelope),
-    /// Make `writes` durable, then send `then` in order.
+    /// Make `writes` durable, then send `then` in order. When they cannot be made durable
+    /// (a storage or cluster write failure), `failed` is sent instead and the host ends the
+    /// actor, whose memory is then ahead of its storage: the sender of a message that could
+    /// not be stored gets an error, a roster set an error result, and an inbound
+    /// subscription stanza goes again to the actor's next incarnation (the transitions of
+    /// RFC 6121 §3 are idempotent) — nothing accepted is dropped silently.
     Persist {
         writes: Vec<Write>,
         then: Vec<Envelope>,
+        failed: Vec<Envelope>,
     },
 }
 
@@ -67,6 +73,8 @@ pub struct UserActor {
     next_seq: u64,
     sessions: Vec<Session>,
     fx: Vec<Effect>,
+    /// While handling `UserMsg::Again`: the failed writes the stanza met before.
+    tries: u8,
 }
 
 impl UserActor {
@@ -84,6 +92,7 @@ impl UserActor {
             next_seq,
             sessions: Vec::new(),
             fx: Vec::new(),
+            tries: 0,
         }
     }
 
@@ -116,6 +125,11 @@ impl UserActor {
                 stanza,
             } => self.outbound(session, &resource, stanza, now),
             UserMsg::Inbound { stanza } => self.inbound(stanza, now),
+            UserMsg::Again { stanza, tries } => {
+                self.tries = tries;
+                self.inbound(stanza, now);
+                self.tries = 0;
+            }
             UserMsg::OfflineDelivered { session, upto } => self.offline_delivered(session, upto),
             UserMsg::NodeDown { node } => {
                 for (session, resource) in self.sessions() {
@@ -132,8 +146,8 @@ impl UserActor {
         self.fx.push(Effect::Send(env));
     }
 
-    fn persist(&mut self, writes: Vec<Write>, then: Vec<Envelope>) {
-        self.fx.push(Effect::Persist { writes, then });
+    fn persist(&mut self, writes: Vec<Write>, then: Vec<Envelope>, failed: Vec<Envelope>) {
+        self.fx.push(Effect::Persist { writes, then, failed });
     }
 
     fn full_jid(&self, resource: &str) -> String {
@@ -287,10 +301,17 @@ impl UserActor {
     }
 
     fn bounce(&mut self, st: &Element, condition: &str, text: Option<&str>) {
-        if stanza::may_bounce(st) {
-            let e = stanza::error_reply(st, condition, text);
-            self.reply(st, e);
+        if let Some(env) = self.bounce_env(st, condition, text) {
+            self.send(env);
         }
+    }
+
+    /// The error reply to `st` (when one may be sent), addressed to its sender.
+    fn bounce_env(&self, st: &Element, condition: &str, text: Option<&str>) -> Option<Envelope> {
+        if !stanza::may_bounce(st) {
+            return None;
+        }
+        self.route_to_from(st, stanza::error_reply(st, condition, text))
     }
 }
 

@@ -31,12 +31,14 @@ impl UserActor {
         };
         self.next_seq += 1;
         self.offline.push_back(msg.clone());
+        let failed = self.bounce_env(&st, "internal-server-error", Some("the message could not be stored"));
         self.persist(
             vec![Write::PushOffline {
                 user: self.jid.to_string(),
                 msg,
             }],
             Vec::new(),
+            failed.into_iter().collect(),
         );
     }
 
@@ -90,11 +92,13 @@ impl UserActor {
             return;
         }
         self.offline.retain(|m| m.seq > upto);
+        // Not deleted: they stay stored and come again (at-least-once, as after a crash).
         self.persist(
             vec![Write::DeleteOffline {
                 user: self.jid.to_string(),
                 upto,
             }],
+            Vec::new(),
             Vec::new(),
         );
     }

@@ -4,7 +4,7 @@ use jid::Jid;
 use starling_storage::{RosterItem, Write};
 
 use super::UserActor;
-use crate::msg::{Envelope, SessionMsg, UserMsg};
+use crate::msg::{Envelope, SessionMsg, UserMsg, MAX_TRIES};
 use crate::ns;
 use crate::planted::{self, Bug};
 use crate::stanza;
@@ -74,6 +74,12 @@ impl UserActor {
         let Some(reply) = self.route_to_from(iq, result) else {
             return;
         };
+        let mut err = stanza::error_reply(iq, "internal-server-error", Some("storage failure"));
+        err.remove_attr("from");
+        let Some(failed) = self.route_to_from(iq, err) else {
+            return;
+        };
+        let reply = (reply, failed);
         if item.attr("subscription") == Some("remove") {
             let Some(old) = self.roster.get(&contact).cloned().filter(|i| i.in_roster) else {
                 return self.bounce(iq, "item-not-found", None);
@@ -129,14 +135,46 @@ impl UserActor {
         self.commit_item(new, false, Some(reply), Vec::new());
     }
 
+    /// `commit_item` for a subscription stanza (`inbound`, `Some` when it came from the
+    /// contact): should the write fail, the inbound stanza goes again to this user's next
+    /// incarnation; an outbound one is dropped with its session (the client is told by the
+    /// stream error and finds the roster unchanged when it reconnects).
+    pub(super) fn commit_subscription(&mut self, item: RosterItem, then: Vec<Envelope>, inbound: Option<Element>) {
+        let tries = self.tries + 1;
+        let retry = inbound.and_then(|stanza| {
+            if tries >= MAX_TRIES {
+                tracing::warn!(user = %self.jid, ?stanza, tries, "a subscription stanza met failed writes too often; should its write fail, it is dropped");
+                return None;
+            }
+            Some(Envelope::to_user(self.jid.clone(), UserMsg::Again { stanza, tries }))
+        });
+        self.commit_change(item, false, None, then, retry.into_iter().collect());
+    }
+
     /// Stores a changed item and, when it is visible in the roster, bumps the version and
-    /// pushes it to interested resources; `then` follows the pushes once durable.
+    /// pushes it to interested resources; `then` follows the pushes once durable. `reply`:
+    /// a roster set's result, and the error result sent instead if the write fails.
     pub(super) fn commit_item(
+        &mut self,
+        item: RosterItem,
+        removed: bool,
+        reply: Option<(Envelope, Envelope)>,
+        then: Vec<Envelope>,
+    ) {
+        let (reply, failed) = match reply {
+            Some((ok, err)) => (Some(ok), vec![err]),
+            None => (None, Vec::new()),
+        };
+        self.commit_change(item, removed, reply, then, failed)
+    }
+
+    fn commit_change(
         &mut self,
         item: RosterItem,
         removed: bool,
         reply: Option<Envelope>,
         then: Vec<Envelope>,
+        failed: Vec<Envelope>,
     ) {
         let user = self.jid.to_string();
         let visible = removed || item.in_roster || self.roster.get(&item.jid).is_some_and(|o| o.in_roster);
@@ -188,6 +226,6 @@ impl UserActor {
         let mut ordered: Vec<Envelope> = reply.into_iter().collect();
         ordered.extend(all);
         ordered.extend(then);
-        self.persist(writes, ordered);
+        self.persist(writes, ordered, failed);
     }
 }

@@ -71,7 +71,7 @@ impl UserActor {
             _ => return,
         }
         if item != before {
-            self.commit_item(item, false, None, then);
+            self.commit_subscription(item, then, None);
         } else {
             for e in then {
                 self.send(e);
@@ -141,7 +141,7 @@ impl UserActor {
             then.extend(self.to_available(&st));
         }
         if item != before {
-            self.commit_item(item, false, None, then);
+            self.commit_subscription(item, then, Some(st));
         } else {
             for e in then {
                 self.send(e);

@@ -7,7 +7,7 @@ use starling_storage::Subscription;
 
 use super::*;
 use crate::address::Address;
-use crate::msg::Msg;
+use crate::msg::{Msg, MAX_TRIES};
 use crate::parser::{parse_element, Limits};
 
 fn el(xml: &str) -> Element {
@@ -79,7 +79,7 @@ impl World {
                     for fx in actor.handle(m, 1_700_000_000_000) {
                         match fx {
                             Effect::Send(e) => q.push_back(e),
-                            Effect::Persist { writes, then } => {
+                            Effect::Persist { writes, then, .. } => {
                                 self.writes.extend(writes);
                                 q.extend(then);
                             }
@@ -410,5 +410,115 @@ fn a_replaced_session_cannot_act_for_its_successor() {
     assert!(
         w.take(2).iter().any(|s| s.attr("id") == Some("m1")),
         "the new session is still available"
+    );
+}
+
+/// The `failed` half of each `Persist`, for a message handled directly by one actor.
+fn failed_of(actor: &mut UserActor, msg: UserMsg) -> Vec<Envelope> {
+    actor
+        .handle(msg, 1_700_000_000_000)
+        .into_iter()
+        .flat_map(|fx| match fx {
+            Effect::Persist { failed, .. } => failed,
+            Effect::Send(_) => Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_failed_write_says_what_to_send_instead() {
+    let bob: BareJid = "bob@localhost".parse().unwrap();
+    let mut a = UserActor::new(bob.clone(), true, UserData::default(), cfg());
+    // A message that could not be stored offline: its sender gets an error.
+    let msg = el("<message from='alice@localhost/a' to='bob@localhost' id='m1' type='chat'><body>x</body></message>");
+    let f = failed_of(&mut a, UserMsg::Inbound { stanza: msg });
+    let [Envelope {
+        to: Address::User(to),
+        msg: Msg::User(UserMsg::Inbound { stanza: err }),
+    }] = f.as_slice()
+    else {
+        panic!("one error to the sender expected: {f:?}");
+    };
+    assert_eq!(to.as_str(), "alice@localhost");
+    assert_eq!((err.attr("type"), err.attr("id")), (Some("error"), Some("m1")));
+    assert!(err
+        .child("error", ns::CLIENT)
+        .unwrap()
+        .child("internal-server-error", ns::STANZAS_ERR)
+        .is_some());
+    // An inbound subscription request: it goes again to bob's next incarnation.
+    let sub = el("<presence from='alice@localhost' to='bob@localhost' type='subscribe'/>");
+    let f = failed_of(&mut a, UserMsg::Inbound { stanza: sub });
+    let [Envelope {
+        to: Address::User(to),
+        msg: Msg::User(UserMsg::Again {
+            stanza: again,
+            tries: 1,
+        }),
+    }] = f.as_slice()
+    else {
+        panic!("the request again expected: {f:?}");
+    };
+    assert_eq!((to, again.attr("type")), (&bob, Some("subscribe")));
+    // ... and again, until it met MAX_TRIES failures.
+    let mut fresh = UserActor::new(bob.clone(), true, UserData::default(), cfg());
+    let f = failed_of(
+        &mut fresh,
+        UserMsg::Again {
+            stanza: again.clone(),
+            tries: 1,
+        },
+    );
+    assert!(
+        matches!(
+            f.as_slice(),
+            [Envelope {
+                msg: Msg::User(UserMsg::Again { tries: 2, .. }),
+                ..
+            }]
+        ),
+        "{f:?}"
+    );
+    let mut fresh = UserActor::new(bob.clone(), true, UserData::default(), cfg());
+    let f = failed_of(
+        &mut fresh,
+        UserMsg::Again {
+            stanza: again.clone(),
+            tries: MAX_TRIES - 1,
+        },
+    );
+    assert!(f.is_empty(), "dropped after MAX_TRIES: {f:?}");
+    // A roster set: an error result instead of the result.
+    let addr = SessionAddr {
+        node: 0,
+        shard: 0,
+        id: 1,
+    };
+    a.handle(
+        UserMsg::Bind {
+            session: addr,
+            resource: "r".into(),
+        },
+        0,
+    );
+    let set = el("<iq from='bob@localhost/r' type='set' id='s1'><query xmlns='jabber:iq:roster'><item jid='carol@localhost'/></query></iq>");
+    let f = failed_of(
+        &mut a,
+        UserMsg::Outbound {
+            session: addr,
+            resource: "r".into(),
+            stanza: set,
+        },
+    );
+    let [Envelope {
+        to: Address::Session(s),
+        msg: Msg::Session(SessionMsg::Stanza(err)),
+    }] = f.as_slice()
+    else {
+        panic!("an error result expected: {f:?}");
+    };
+    assert_eq!(
+        (*s, err.attr("type"), err.attr("id")),
+        (addr, Some("error"), Some("s1"))
     );
 }

@@ -223,7 +223,7 @@ impl Shard {
                 user: user.clone(),
                 account,
             }];
-            return self.write_replicated(&user, w).await;
+            return self.write_replicated(&user, w, None).await;
         };
         let account = wire::account_out(&account);
         match self.ask_remote(node, AccountOp::Put { user, account }).await? {
@@ -241,16 +241,20 @@ impl Shard {
             .await
             .map_err(|e| e.to_string())?;
         if created && self.in_cluster() {
-            let bump = Write::BumpVersion { user: user.clone() };
+            // A new account's history starts here: its first batch, on base 0 everywhere.
+            let first = Write::NextVersion {
+                user: user.clone(),
+                base: 0,
+            };
             let batch = [
                 Write::PutAccount {
                     user: user.clone(),
                     account,
                 },
-                bump.clone(),
+                first.clone(),
             ];
             // Here the local copy goes first: "create if absent" is decided by this node.
-            self.storage.write(vec![bump]).await.map_err(|e| e.to_string())?;
+            self.storage.write(vec![first]).await.map_err(|e| e.to_string())?;
             self.replicate(&user, &batch).await?;
         }
         Ok(created)
@@ -288,12 +292,31 @@ impl Shard {
     /// What a client is told is durable survives the loss of any one node. The replicas go
     /// first so that a batch that failed never raises this copy's version above theirs (the
     /// simulator found acknowledged writes lost to such a copy after a partition healed).
-    pub async fn write_replicated(self: &Rc<Self>, user: &str, mut writes: Vec<Write>) -> Result<(), String> {
+    ///
+    /// `base` is the version the writer's state was loaded at plus its batches since (a
+    /// user actor's); every copy applies the batch only at that version
+    /// (`Write::NextVersion`), and a replica only from the node it sees as the user's owner
+    /// (`serve_account`). So two actors of one user on two nodes with different views (a
+    /// join or heal in progress) cannot both write, and a copy that missed a batch refuses
+    /// the next instead of applying it on another base; the write fails, the actor ends, and
+    /// its next incarnation's read repair (`pull_newest`) brings every copy level. `None`
+    /// for writes outside a user actor's history (a password change).
+    pub async fn write_replicated(
+        self: &Rc<Self>,
+        user: &str,
+        mut writes: Vec<Write>,
+        base: Option<u64>,
+    ) -> Result<(), String> {
         if !self.in_cluster() {
             // A single node: no copy of the batch, nothing encoded.
             return self.storage.write(writes).await.map_err(|e| e.to_string());
         }
-        writes.push(Write::BumpVersion { user: user.to_string() });
+        if let Some(base) = base {
+            writes.push(Write::NextVersion {
+                user: user.to_string(),
+                base,
+            });
+        }
         let others = self.replica_nodes(user);
         if !others.is_empty() {
             let bytes = postcard::to_stdvec(&writes).map_err(|e| e.to_string())?;
@@ -350,32 +373,74 @@ impl Shard {
     /// Read repair before the owner starts `user`'s actor: the other replicas send their
     /// copies, and the newest replaces this node's if it is newer (`take_handoff`). So a node
     /// that owns a user after a join, a heal or a death serves the latest acknowledged state
-    /// even before its handoff arrives. A replica that does not answer is skipped.
-    pub async fn pull_newest(self: &Rc<Self>, user: &str) {
+    /// even before its handoff arrives. Then the replicas found older get the newest copy,
+    /// so that the actor's first write finds them at its base (`write_replicated`).
+    ///
+    /// A read needs as many copies as a write (`copies_needed`, this node's included): a
+    /// node cut off from the others must not serve its own, possibly stale, copy (found by
+    /// the simulator: a roster read on the minority side of a partition lacked items the
+    /// client had been told were stored). `Err` then, and the actor does not start.
+    pub async fn pull_newest(self: &Rc<Self>, user: &str) -> Result<(), String> {
         let others = self.replica_nodes(user);
+        let need = self.copies_needed() - 1;
+        if others.len() < need {
+            return Err(format!(
+                "{} copies of {user} reachable, {} needed",
+                others.len() + 1,
+                need + 1
+            ));
+        }
         if others.is_empty() {
-            return;
+            return Ok(());
         }
         let asks = others
             .iter()
             .map(|n| self.ask_remote(*n, AccountOp::Pull { user: user.to_string() }));
         let mut best: Option<(u64, Vec<u8>)> = None;
-        for a in futures::future::join_all(asks).await {
+        let mut seen: Vec<(NodeId, u64)> = Vec::new();
+        for (n, a) in others.iter().zip(futures::future::join_all(asks).await) {
             match a {
                 Ok(AccountResult::Snapshot { version, writes }) => {
+                    seen.push((*n, version));
                     if best.as_ref().is_none_or(|(v, _)| version > *v) {
                         best = Some((version, writes));
                     }
                 }
-                Ok(AccountResult::Done) => {}
+                // No account there (yet): any copy is newer.
+                Ok(AccountResult::Done) => seen.push((*n, 0)),
                 other => tracing::warn!(user, answer = ?other, "cluster: read repair without a replica's copy"),
             }
+        }
+        if seen.len() < need {
+            return Err(format!(
+                "{} copies of {user} answered, {} needed",
+                seen.len() + 1,
+                need + 1
+            ));
         }
         if let Some((version, writes)) = best {
             if let AccountResult::Failed(e) = self.take_handoff(user.to_string(), version, &writes).await {
                 tracing::warn!(user, error = %e, "cluster: read repair failed");
             }
         }
+        let Ok(Some((writes, version))) = self.snapshot(user).await else {
+            return Ok(());
+        };
+        let behind: Vec<NodeId> = seen.iter().filter(|(_, v)| *v < version).map(|(n, _)| *n).collect();
+        let pushes = behind.iter().map(|n| {
+            let op = AccountOp::Handoff {
+                user: user.to_string(),
+                version,
+                writes: writes.clone(),
+            };
+            self.ask_remote(*n, op)
+        });
+        for (n, a) in behind.iter().zip(futures::future::join_all(pushes).await) {
+            if !matches!(a, Ok(AccountResult::Done)) {
+                tracing::warn!(user, node = n, answer = ?a, "cluster: a replica was not brought level");
+            }
+        }
+        Ok(())
     }
 
     /// A user's whole state here as postcard-encoded writes, with its version; `None` when
@@ -440,8 +505,9 @@ impl Shard {
         }
     }
 
-    /// Serves an account request from another node against this node's storage.
-    async fn serve_account(self: &Rc<Self>, op: AccountOp) -> AccountResult {
+    /// Serves an account request from another node (`from`, as its hello named it) against
+    /// this node's storage.
+    async fn serve_account(self: &Rc<Self>, op: AccountOp, from: Option<NodeId>) -> AccountResult {
         match op {
             AccountOp::Load { user } => match self.storage.account(user).await {
                 Ok(a) => AccountResult::Loaded(a.as_ref().map(wire::account_out)),
@@ -459,7 +525,7 @@ impl Shard {
                     user: user.clone(),
                     account,
                 }];
-                match self.write_replicated(&user, w).await {
+                match self.write_replicated(&user, w, None).await {
                     Ok(()) => AccountResult::Done,
                     Err(e) => AccountResult::Failed(e),
                 }
@@ -471,10 +537,34 @@ impl Shard {
                 Err(e) => AccountResult::Failed(e),
             },
             AccountOp::Replicate { writes } => match postcard::from_bytes::<Vec<Write>>(&writes) {
-                Ok(w) => match self.storage.write(w).await {
-                    Ok(()) => AccountResult::Done,
-                    Err(e) => AccountResult::Failed(e.to_string()),
-                },
+                Ok(w) => {
+                    let Some(user) = w.first().map(|w| w.user().to_string()) else {
+                        return AccountResult::Done;
+                    };
+                    if w.iter().any(|x| x.user() != user) {
+                        return AccountResult::Failed("a replicated batch for several users".into());
+                    }
+                    // Only the owner this node sees writes: during a join or a heal two
+                    // nodes may each think they own the user; neither gets this copy until
+                    // the views agree (found by the simulator: two actors of one user, each
+                    // acknowledged by the other's copy, overfilled the offline queue).
+                    let owner = jid::BareJid::new(&user)
+                        .ok()
+                        .map(|j| self.cluster.view.borrow().place_user(&j).0);
+                    if from.is_none() || owner != from {
+                        tracing::debug!(
+                            user,
+                            ?from,
+                            ?owner,
+                            "cluster: replicated batch from a node not the owner here"
+                        );
+                        return AccountResult::Failed("not the owner here".into());
+                    }
+                    match self.storage.write(w).await {
+                        Ok(()) => AccountResult::Done,
+                        Err(e) => AccountResult::Failed(e.to_string()),
+                    }
+                }
                 Err(e) => {
                     self.metrics.cluster_bad_frames.increment(1);
                     AccountResult::Failed(format!("undecodable writes: {e}"))
@@ -565,6 +655,8 @@ async fn write_frames(rx: &flume::Receiver<Frame>, mut w: WriteHalf<TcpStream>) 
 /// dropped: the peer is broken or not a Starling node).
 async fn read_frames(shard: Rc<Shard>, mut r: ReadHalf<TcpStream>, reply: flume::WeakSender<Frame>, peer: String) {
     let mut body = Vec::new();
+    // Who is on the other end, once it said hello: account requests are served for it.
+    let mut from: Option<NodeId> = None;
     loop {
         let mut header = [0u8; 4];
         if r.read_exact(&mut header).await.is_err() {
@@ -593,6 +685,7 @@ async fn read_frames(shard: Rc<Shard>, mut r: ReadHalf<TcpStream>, reply: flume:
         match frame {
             Frame::Hello { name, generation } => {
                 tracing::debug!(peer = %name, generation, "cluster: peer said hello");
+                from = Some(starling_gossip::node_id(&name));
             }
             Frame::Envelope(w) => match wire::envelope_in(w) {
                 Ok(env) => {
@@ -608,7 +701,7 @@ async fn read_frames(shard: Rc<Shard>, mut r: ReadHalf<TcpStream>, reply: flume:
                 let s = shard.clone();
                 let reply = reply.clone();
                 glommio::spawn_local(async move {
-                    let result = s.serve_account(op).await;
+                    let result = s.serve_account(op, from).await;
                     if let Some(tx) = reply.upgrade() {
                         let _ = tx.send_async(Frame::AccountResp { id, result }).await;
                     }
