@@ -148,9 +148,13 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     let deadline = std::time::Instant::now() + shard.negotiation_timeout;
     let mut recorded = false;
     loop {
+        // Recorded from the bind request on: a node that rejoins or a user that moves
+        // closes sessions whose bind is still in flight too (found by the simulator: the
+        // bind's answer was lost with a link, and the actor routed to a session that never
+        // learned it was bound).
         if !recorded {
-            if let Some(j) = session.jid() {
-                let bare = j.to_bare();
+            if let Some(bare) = session.binding_user() {
+                let bare = bare.clone();
                 let (node, _) = shard.cluster.view.borrow().place_user(&bare);
                 shard.session_users.borrow_mut().insert(id, (bare, node));
                 recorded = true;

@@ -145,6 +145,9 @@ pub struct RepWrite {
     then: Vec<Envelope>,
     failed: Vec<Envelope>,
     writes: Vec<Write>,
+    /// The offline messages its `DeleteOffline` removes (oracle: redelivery excused while
+    /// the deletion is not acknowledged).
+    deleting: Vec<String>,
     /// The batch went to this node's storage (after the replicas took it).
     local_sent: bool,
     local_done: bool,
@@ -930,6 +933,8 @@ impl World {
             user: jid.to_string(),
             base,
         });
+        let deleting = self.offline_ids_upto(node, &writes);
+        self.msgs.deletes_pending(&deleting, true);
         let others = self.other_replicas(node, jid.as_str());
         let epoch = self.nodes[node as usize].epoch;
         let c = &mut self.nodes[node as usize].cluster;
@@ -944,6 +949,7 @@ impl World {
                 jid,
                 then,
                 failed,
+                deleting,
                 writes: writes.clone(),
                 local_sent: false,
                 local_done: false,
@@ -957,6 +963,24 @@ impl World {
             self.request(node, shard, *o, op, Pending::Replicate { write: id });
         }
         self.replicated_step(node, id);
+    }
+
+    /// The ids of the offline messages a batch's `DeleteOffline` removes here.
+    fn offline_ids_upto(&self, node: u32, writes: &[Write]) -> Vec<String> {
+        let mut ids = Vec::new();
+        for wr in writes {
+            if let Write::DeleteOffline { user, upto } = wr {
+                if let Ok(d) = self.nodes[node as usize].storage.load_user(user) {
+                    ids.extend(
+                        d.offline
+                            .iter()
+                            .filter(|m| m.seq <= *upto)
+                            .filter_map(|m| crate::oracle::xml_id(&m.xml)),
+                    );
+                }
+            }
+        }
+        ids
     }
 
     pub fn replicated_local_done(&mut self, node: u32, id: u64) {
@@ -998,6 +1022,7 @@ impl World {
             }
         }
         let w = c.writes.remove(&id).expect("present");
+        self.msgs.deletes_pending(&w.deleting, false);
         if enough {
             if self.shard_live(node, w.epoch, w.shard, w.shard_epoch) {
                 let users = &mut self.nodes[node as usize].shards[w.shard as usize].users;
@@ -1011,22 +1036,7 @@ impl World {
         self.stats.write_failures += 1;
         // Offline messages handed over whose deletion failed stay stored and come again:
         // at-least-once, as after a crash.
-        for wr in &w.writes {
-            if let Write::DeleteOffline { user, upto } = wr {
-                let ids: Vec<String> = self.nodes[node as usize]
-                    .storage
-                    .load_user(user)
-                    .map(|d| {
-                        d.offline
-                            .iter()
-                            .filter(|m| m.seq <= *upto)
-                            .filter_map(|m| crate::oracle::xml_id(&m.xml))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                self.msgs.allow_redelivery(&ids);
-            }
-        }
+        self.msgs.allow_redelivery(&w.deleting);
         if !self.shard_live(node, w.epoch, w.shard, w.shard_epoch) {
             return;
         }

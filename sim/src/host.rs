@@ -128,7 +128,7 @@ pub(crate) enum Origin {
 
 impl SessionHost {
     pub fn jid_bare(&self) -> Option<BareJid> {
-        self.s.jid().map(|j| j.to_bare())
+        self.s.binding_user().cloned()
     }
 
     /// conn.rs after a failed account lookup.
@@ -368,8 +368,9 @@ impl World {
         let out = h.s.take_output();
         h.actions.extend(out.actions);
         let conn = h.conn;
-        let newly_bound = match h.s.jid() {
-            Some(j) if h.bound_owner.is_none() => Some(j.to_bare()),
+        // From the bind request on, as conn.rs records it.
+        let newly_bound = match h.s.binding_user() {
+            Some(j) if h.bound_owner.is_none() => Some(j.clone()),
             _ => None,
         };
         self.server_send(conn, out.bytes);

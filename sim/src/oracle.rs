@@ -46,6 +46,9 @@ pub struct MsgRec {
     pub redelivery_allowed: u32,
     /// The nodes it passed through (bit per node): a crash of one of them may have lost it.
     pub touched: u64,
+    /// Replicated deletions of it from offline storage not yet acknowledged (cluster): until
+    /// one is, a node that takes the user over may hand it again from a copy that has it.
+    pub deletes_pending: u32,
 }
 
 #[derive(Default)]
@@ -90,7 +93,7 @@ impl Messages {
                 what: format!("message {id} for {} handed to {to_user}", r.to),
             });
         }
-        let excused = r.handed > 0 && r.redelivery_allowed > 0;
+        let excused = r.handed > 0 && (r.redelivery_allowed > 0 || r.deletes_pending > 0);
         if r.handed > 0 && !excused {
             return Err(Violation {
                 invariant: 1,
@@ -101,7 +104,7 @@ impl Messages {
                 ),
             });
         }
-        if excused {
+        if excused && r.deletes_pending == 0 {
             r.redelivery_allowed -= 1;
         }
         r.handed += 1;
@@ -158,6 +161,19 @@ impl Messages {
             }
         }
         lost
+    }
+
+    /// A replicated deletion of these from offline storage started (`+1`) or ended (`-1`).
+    pub fn deletes_pending(&mut self, ids: &[String], started: bool) {
+        for id in ids {
+            if let Some(r) = self.recs.get_mut(id) {
+                r.deletes_pending = if started {
+                    r.deletes_pending + 1
+                } else {
+                    r.deletes_pending.saturating_sub(1)
+                };
+            }
+        }
     }
 
     /// These were written by a session that ended before confirming them: they are still

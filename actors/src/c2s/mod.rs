@@ -162,6 +162,15 @@ impl C2sSession {
         self.jid.as_ref()
     }
 
+    /// The user this session is bound to, or asked its user actor to bind it to (a bind in
+    /// flight): from then on that actor may count it among its sessions.
+    pub fn binding_user(&self) -> Option<&BareJid> {
+        match self.state {
+            State::BindPending(..) => self.user.as_ref(),
+            _ => self.jid.as_ref().and(self.user.as_ref()),
+        }
+    }
+
     pub fn stats(&self) -> SessionStats {
         self.stats
     }
