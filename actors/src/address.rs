@@ -13,6 +13,11 @@ pub type ShardId = u16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionAddr {
     pub node: NodeId,
+    /// The incarnation of `node` that accepted the session: its membership generation (0 on a
+    /// single node). A node that restarts or rejoins under a new generation starts numbering
+    /// sessions again, so an address names one session ever only with it; `NodeDown` ends the
+    /// sessions of the generations gone, not those the node accepted since.
+    pub node_gen: u64,
     pub shard: ShardId,
     pub id: u64,
 }

@@ -25,9 +25,11 @@ pub enum UserMsg {
     /// The session wrote the offline messages up to `upto` to its client: now they may be
     /// deleted (answer to [`SessionMsg::OfflineSent`]).
     OfflineDelivered { session: SessionAddr, upto: u64 },
-    /// A cluster node died or restarted: the sessions it hosted are gone (their clients will
-    /// reconnect elsewhere). Each is unbound as if it had closed.
-    NodeDown { node: NodeId },
+    /// A cluster node's incarnations up to generation `gen` died, restarted or were declared
+    /// down: the sessions they hosted are gone (their clients will reconnect). Each is unbound
+    /// as if it had closed; a session the node accepted under a later generation (it rejoined
+    /// and a client bound again before this node heard of it) stays.
+    NodeDown { node: NodeId, gen: u64 },
     /// An inbound stanza whose write failed in an earlier incarnation of this actor
     /// (`Effect::Persist::failed`), handled like `Inbound`. `tries` counts those failures:
     /// the hosts wait `tries` seconds before sending it (a cluster's views agree again by

@@ -50,6 +50,7 @@ pub enum WireAddr {
 #[derive(Clone, Copy, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WireSession {
     pub node: u32,
+    pub node_gen: u64,
     pub shard: u16,
     pub id: u64,
 }
@@ -78,6 +79,7 @@ pub enum WireMsg {
     },
     NodeDown {
         node: u32,
+        gen: u64,
     },
     Again {
         stanza: WireElement,
@@ -221,6 +223,7 @@ pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
 fn session_out(a: SessionAddr) -> WireSession {
     WireSession {
         node: a.node,
+        node_gen: a.node_gen,
         shard: a.shard,
         id: a.id,
     }
@@ -229,6 +232,7 @@ fn session_out(a: SessionAddr) -> WireSession {
 fn session_in(s: WireSession) -> SessionAddr {
     SessionAddr {
         node: s.node,
+        node_gen: s.node_gen,
         shard: s.shard,
         id: s.id,
     }
@@ -382,7 +386,7 @@ pub fn envelope_out(env: &Envelope) -> WireEnvelope {
                 session: session_out(*session),
                 upto: *upto,
             },
-            UserMsg::NodeDown { node } => WireMsg::NodeDown { node: *node },
+            UserMsg::NodeDown { node, gen } => WireMsg::NodeDown { node: *node, gen: *gen },
             UserMsg::Again { stanza, tries } => WireMsg::Again {
                 stanza: element_out(stanza),
                 tries: *tries,
@@ -437,7 +441,7 @@ pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
             session: session_in(session),
             upto,
         }),
-        WireMsg::NodeDown { node } => Msg::User(UserMsg::NodeDown { node }),
+        WireMsg::NodeDown { node, gen } => Msg::User(UserMsg::NodeDown { node, gen }),
         WireMsg::Again { stanza, tries } => Msg::User(UserMsg::Again {
             stanza: element_in(stanza)?,
             tries,
@@ -530,6 +534,7 @@ mod tests {
         );
         let s = SessionAddr {
             node: 7,
+            node_gen: 1_700_000_000_001,
             shard: 3,
             id: 99,
         };
@@ -559,7 +564,13 @@ mod tests {
                 },
             ),
             Envelope::to_user(alice.clone(), UserMsg::OfflineDelivered { session: s, upto: 5 }),
-            Envelope::to_user(alice, UserMsg::NodeDown { node: 7 }),
+            Envelope::to_user(
+                alice,
+                UserMsg::NodeDown {
+                    node: 7,
+                    gen: 1_700_000_000_123,
+                },
+            ),
             Envelope::to_session(s, SessionMsg::Stanza(st.clone())),
             Envelope::to_session(s, SessionMsg::Offline(st)),
             Envelope::to_session(s, SessionMsg::OfflineSent { upto: 9 }),
@@ -590,6 +601,7 @@ mod tests {
             &Frame::Envelope(envelope_out(&Envelope::to_session(
                 SessionAddr {
                     node: 1,
+                    node_gen: 0,
                     shard: 0,
                     id: 1,
                 },
@@ -666,6 +678,7 @@ mod tests {
         let w = WireEnvelope {
             to: WireAddr::Session(WireSession {
                 node: 1,
+                node_gen: 0,
                 shard: 0,
                 id: 1,
             }),

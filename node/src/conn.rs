@@ -105,6 +105,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     let id = shard.next_session_id();
     let addr = SessionAddr {
         node: shard.node,
+        node_gen: shard.cluster.generation.get(),
         shard: shard.id,
         id,
     };

@@ -186,7 +186,12 @@ impl Shard {
                 }
             }
             (Address::Session(a), Msg::Session(m)) => {
-                let tx = self.sessions.borrow().get(&a.id).cloned();
+                // A session of an earlier process of this node (ids restart with it) is gone.
+                let tx = if a.node_gen < self.cluster.started {
+                    None
+                } else {
+                    self.sessions.borrow().get(&a.id).cloned()
+                };
                 match tx {
                     Some(tx) => {
                         if let Err(flume::SendError(t)) = tx.send_async(Timed::now(m)).await {
@@ -210,7 +215,12 @@ impl Shard {
         }
         match (env.to, env.msg) {
             (Address::Session(a), Msg::Session(m)) => {
-                let tx = self.sessions.borrow().get(&a.id).cloned();
+                // A session of an earlier process of this node (ids restart with it) is gone.
+                let tx = if a.node_gen < self.cluster.started {
+                    None
+                } else {
+                    self.sessions.borrow().get(&a.id).cloned()
+                };
                 match tx {
                     Some(tx) => {
                         if let Err(e) = tx.try_send(Timed { at, msg: m }) {

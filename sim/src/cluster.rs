@@ -266,6 +266,16 @@ impl World {
 
     // ---- membership -------------------------------------------------------------------
 
+    /// The node's membership generation now (`Links::generation`; 0 on a single node): new
+    /// sessions' addresses carry it.
+    pub fn node_gen(&self, n: u32) -> u64 {
+        self.nodes[n as usize]
+            .cluster
+            .member
+            .as_ref()
+            .map_or(0, |m| m.me().generation)
+    }
+
     /// A node's process starts (first start, late join or restart): a new generation joins
     /// through the other nodes as seeds.
     pub fn node_start(&mut self, n: u32) {
@@ -305,11 +315,17 @@ impl World {
     }
 
     fn datagram(&mut self, from: u32, to: u32, bytes: Vec<u8>) {
-        if self.separated(from, to) || self.rng.chance(self.faults.gossip_loss) {
+        // Loss and duplication are faults: they stop with the others at quiescence.
+        let (loss, dup) = if self.quiescing {
+            (0.0, 0.0)
+        } else {
+            (self.faults.gossip_loss, self.faults.gossip_dup)
+        };
+        if self.separated(from, to) || self.rng.chance(loss) {
             self.stats.datagrams_lost += 1;
             return;
         }
-        let copies = if self.rng.chance(self.faults.gossip_dup) { 2 } else { 1 };
+        let copies = if self.rng.chance(dup) { 2 } else { 1 };
         for _ in 0..copies {
             let d = self.rng.exp(self.faults.gossip_delay_us) + 1;
             self.after(
@@ -370,10 +386,10 @@ impl World {
         let c = &mut self.nodes[n as usize].cluster;
         let old_peers = std::mem::replace(&mut c.peers, peers);
         let old_ring = std::mem::replace(&mut c.ring, new_ring.clone());
-        let gone: Vec<u32> = old_peers
+        let gone: Vec<(u32, u64)> = old_peers
             .iter()
             .filter(|(i, g)| c.peers.get(i) != Some(g))
-            .map(|(i, _)| *i)
+            .map(|(i, g)| (*i, *g))
             .collect();
         // Links to nodes gone (or restarted) close: what they still held is lost.
         let closed: Vec<(u32, u16, u32)> = self
@@ -397,8 +413,8 @@ impl World {
                 .cloned()
                 .collect();
             for u in users {
-                for &g in &gone {
-                    let env = Envelope::to_user(u.clone(), UserMsg::NodeDown { node: g });
+                for &(g, gen) in &gone {
+                    let env = Envelope::to_user(u.clone(), UserMsg::NodeDown { node: g, gen });
                     let _ = self.deliver_local(n, s, env, Origin::Actor);
                 }
             }
@@ -419,14 +435,20 @@ impl World {
                 .filter_map(|(id, h)| {
                     let owner = h.bound_owner?;
                     let bare = h.jid_bare()?;
-                    let moved = self.place_user(n, &bare).0 != owner || gone.contains(&owner) || gained(&bare);
+                    let moved =
+                        self.place_user(n, &bare).0 != owner || gone.iter().any(|(g, _)| *g == owner) || gained(&bare);
                     moved.then_some(*id)
                 })
                 .collect();
             for id in moved {
                 self.stats.moved_kicks += 1;
                 let env = Envelope::to_session(
-                    SessionAddr { node: n, shard: s, id },
+                    SessionAddr {
+                        node: n,
+                        node_gen: self.node_gen(n),
+                        shard: s,
+                        id,
+                    },
                     SessionMsg::Kick {
                         condition: "undefined-condition",
                         text: "this account's cluster node changed; please reconnect".into(),
@@ -454,7 +476,12 @@ impl World {
                 .collect();
             for id in ids {
                 let env = Envelope::to_session(
-                    SessionAddr { node: n, shard: s, id },
+                    SessionAddr {
+                        node: n,
+                        node_gen: self.node_gen(n),
+                        shard: s,
+                        id,
+                    },
                     SessionMsg::Kick {
                         condition: "undefined-condition",
                         text: "this cluster node rejoined; please reconnect".into(),

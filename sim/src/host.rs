@@ -204,10 +204,16 @@ impl World {
     pub fn accept(&mut self, node: u32, shard: u16, conn: u64) -> u64 {
         let cfg = self.c2s_cfg.clone();
         let rng = self.rng.fork();
+        let node_gen = self.node_gen(node);
         let sh = &mut self.nodes[node as usize].shards[shard as usize];
         // Session ids are the connection ids: unique across crashes and restarts.
         let sid = conn;
-        let addr = SessionAddr { node, shard, id: sid };
+        let addr = SessionAddr {
+            node,
+            node_gen,
+            shard,
+            id: sid,
+        };
         let s = C2sSession::new(addr, cfg, 0x7f00_0001 + conn as u128, false, rng);
         sh.sessions.insert(
             sid,
@@ -1135,7 +1141,13 @@ impl World {
                 .map(|(id, _)| *id)
                 .collect();
             for id in ids {
-                let env = Envelope::to_session(SessionAddr { node, shard: s, id }, kick.clone());
+                let addr = SessionAddr {
+                    node,
+                    node_gen: self.node_gen(node),
+                    shard: s,
+                    id,
+                };
+                let env = Envelope::to_session(addr, kick.clone());
                 let _ = self.route(node, s, env, Origin::Actor);
             }
         }

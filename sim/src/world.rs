@@ -168,7 +168,7 @@ pub struct World {
     pub stats: Stats,
     pub trace: Trace,
     pub violation: Option<Violation>,
-    quiescing: bool,
+    pub(crate) quiescing: bool,
     pub c2s_cfg: Rc<C2sConfig>,
     pub user_cfg: Rc<UserConfig>,
     pub mesh_last: BTreeMap<(u32, u16, u16), u64>,

@@ -36,6 +36,7 @@ impl Harness {
     fn new(require_tls: bool, tls: bool) -> Self {
         let addr = SessionAddr {
             node: 0,
+            node_gen: 0,
             shard: 0,
             id: 7,
         };

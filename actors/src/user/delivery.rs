@@ -4,7 +4,8 @@
 use jid::Jid;
 
 use super::UserActor;
-use crate::msg::{Envelope, SessionMsg};
+use crate::msg::{Envelope, SessionMsg, UserMsg};
+use crate::ns;
 use crate::xml::Element;
 
 impl UserActor {
@@ -113,21 +114,39 @@ impl UserActor {
                     for e in self.current_presences(&from.to_string()) {
                         self.send(e);
                     }
+                    // A resync (`ns::RESYNC`): the resources the prober sees that are gone.
+                    if let Some(list) = st.child("resync", ns::RESYNC) {
+                        for r in list.elements().filter(|e| e.is("resource", ns::RESYNC)) {
+                            let r = r.text();
+                            if self.session(&r).is_none_or(|s| !s.available) {
+                                let p = Element::new("presence", ns::CLIENT)
+                                    .with_attr("type", "unavailable")
+                                    .with_attr("from", self.full_jid(&r))
+                                    .with_attr("to", prober.as_str());
+                                self.send(Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: p }));
+                            }
+                        }
+                    }
                 }
             }
-            None | Some("unavailable") | Some("error") => match resource {
-                Some(r) => {
-                    if let Some(s) = self.session(r) {
-                        let a = s.addr;
-                        self.send(Envelope::to_session(a, SessionMsg::Stanza(st)));
+            None | Some("unavailable") | Some("error") => {
+                if ty.as_deref() != Some("error") && self.sessions.iter().any(|s| s.available) {
+                    self.note_contact_presence(&from, ty.is_none());
+                }
+                match resource {
+                    Some(r) => {
+                        if let Some(s) = self.session(r) {
+                            let a = s.addr;
+                            self.send(Envelope::to_session(a, SessionMsg::Stanza(st)));
+                        }
+                    }
+                    None => {
+                        for e in self.to_available(&st) {
+                            self.send(e);
+                        }
                     }
                 }
-                None => {
-                    for e in self.to_available(&st) {
-                        self.send(e);
-                    }
-                }
-            },
+            }
             _ => {}
         }
     }

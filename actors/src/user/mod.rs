@@ -72,6 +72,10 @@ pub struct UserActor {
     offline_inflight: Option<(SessionAddr, u64)>,
     next_seq: u64,
     sessions: Vec<Session>,
+    /// Contacts' resources whose available presence this user's sessions were given, with no
+    /// unavailable since: what to check again when a cluster node goes (`NodeDown`). Empty
+    /// while no session is available.
+    contacts_seen: BTreeMap<String, BTreeSet<String>>,
     fx: Vec<Effect>,
     /// While handling `UserMsg::Again`: the failed writes the stanza met before.
     tries: u8,
@@ -91,6 +95,7 @@ impl UserActor {
             offline_inflight: None,
             next_seq,
             sessions: Vec::new(),
+            contacts_seen: BTreeMap::new(),
             fx: Vec::new(),
             tries: 0,
         }
@@ -131,15 +136,72 @@ impl UserActor {
                 self.tries = 0;
             }
             UserMsg::OfflineDelivered { session, upto } => self.offline_delivered(session, upto),
-            UserMsg::NodeDown { node } => {
+            UserMsg::NodeDown { node, gen } => {
                 for (session, resource) in self.sessions() {
-                    if session.node == node {
+                    if session.node == node && session.node_gen <= gen {
                         self.unbind(session, &resource);
                     }
                 }
+                self.resync_presence();
             }
         }
+        if !self.sessions.iter().any(|s| s.available) {
+            self.contacts_seen.clear();
+        }
         std::mem::take(&mut self.fx)
+    }
+
+    /// A node went: contacts whose actors lived there died with it, and so did what they
+    /// knew of their sessions; a session there that closed just before may have sent its
+    /// unavailable presence to an actor that never handled it. Ask every contact this user
+    /// sees available for its presence again, naming the resources seen: the answer says
+    /// which are gone (found by the simulator: a contact seen online forever after a crash).
+    fn resync_presence(&mut self) {
+        let probes: Vec<(String, Vec<String>)> = self
+            .contacts_seen
+            .iter()
+            .filter(|(c, _)| self.subscription_of(c).has_to())
+            .map(|(c, rs)| (c.clone(), rs.iter().cloned().collect()))
+            .collect();
+        for (c, resources) in probes {
+            let Ok(j) = Jid::new(&c) else { continue };
+            let mut list = Element::new("resync", ns::RESYNC);
+            for r in resources {
+                list.push_child(Element::new("resource", ns::RESYNC).with_text(r));
+            }
+            let probe = Element::new("presence", ns::CLIENT)
+                .with_attr("type", "probe")
+                .with_attr("from", self.jid.to_string())
+                .with_attr("to", c.as_str())
+                .with_child(list);
+            self.send(Envelope::to_user(j.to_bare(), UserMsg::Inbound { stanza: probe }));
+        }
+    }
+
+    /// Keeps `contacts_seen` as the user's sessions see contacts' presence.
+    fn note_contact_presence(&mut self, from: &Jid, available: bool) {
+        let bare = from.to_bare();
+        if bare == self.jid {
+            return;
+        }
+        let key = bare.to_string();
+        match (from.resource(), available) {
+            (Some(r), true) => {
+                self.contacts_seen.entry(key).or_default().insert(r.to_string());
+            }
+            (Some(r), false) => {
+                if let Some(rs) = self.contacts_seen.get_mut(&key) {
+                    rs.remove(r.as_str());
+                    if rs.is_empty() {
+                        self.contacts_seen.remove(&key);
+                    }
+                }
+            }
+            (None, true) => {}
+            (None, false) => {
+                self.contacts_seen.remove(&key);
+            }
+        }
     }
 
     fn send(&mut self, env: Envelope) {

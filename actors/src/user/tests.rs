@@ -24,6 +24,7 @@ fn cfg() -> Rc<UserConfig> {
 /// In a test's `Outbound`: the session bound to that resource (the world fills it in).
 const ANY: SessionAddr = SessionAddr {
     node: u32::MAX,
+    node_gen: 0,
     shard: 0,
     id: 0,
 };
@@ -106,7 +107,19 @@ impl World {
     }
 
     fn online(&mut self, user: &str, resource: &str, id: u64) {
-        let addr = SessionAddr { node: 0, shard: 0, id };
+        self.online_at(
+            user,
+            resource,
+            SessionAddr {
+                node: 0,
+                node_gen: 0,
+                shard: 0,
+                id,
+            },
+        );
+    }
+
+    fn online_at(&mut self, user: &str, resource: &str, addr: SessionAddr) {
         self.run(
             &format!("{user}@localhost"),
             UserMsg::Bind {
@@ -308,6 +321,7 @@ fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
         UserMsg::Bind {
             session: SessionAddr {
                 node: 0,
+                node_gen: 0,
                 shard: 1,
                 id: 9,
             },
@@ -360,6 +374,7 @@ fn offline_messages_are_deleted_only_once_the_session_wrote_them() {
     // The session ends without confirming: the next one gets the message again.
     let b = SessionAddr {
         node: 0,
+        node_gen: 0,
         shard: 0,
         id: 2,
     };
@@ -385,6 +400,7 @@ fn a_replaced_session_cannot_act_for_its_successor() {
     let mut w = World::new(&["alice", "bob"]);
     let old = SessionAddr {
         node: 0,
+        node_gen: 0,
         shard: 0,
         id: 1,
     };
@@ -411,6 +427,85 @@ fn a_replaced_session_cannot_act_for_its_successor() {
         w.take(2).iter().any(|s| s.attr("id") == Some("m1")),
         "the new session is still available"
     );
+}
+
+/// Alice subscribes to bob and bob approves: alice sees bob's resources.
+fn alice_sees_bob(w: &mut World) {
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            session: ANY,
+            resource: "a".into(),
+            stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
+        },
+    );
+    w.run(
+        "bob@localhost",
+        UserMsg::Outbound {
+            session: ANY,
+            resource: "b".into(),
+            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
+        },
+    );
+}
+
+fn presence_from(got: &[Element], from: &str, ty: Option<&str>) -> bool {
+    got.iter()
+        .any(|s| s.name == "presence" && s.attr("from") == Some(from) && s.attr("type") == ty)
+}
+
+#[test]
+fn a_node_going_ends_only_the_sessions_of_its_old_generation() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "a", 1);
+    let on_n2 = |node_gen| SessionAddr {
+        node: 2,
+        node_gen,
+        shard: 0,
+        id: 2,
+    };
+    w.online_at("bob", "b", on_n2(11));
+    alice_sees_bob(&mut w);
+    assert!(presence_from(&w.take(1), "bob@localhost/b", None));
+    // Node 2's generation 10 went (it rejoined as 11 and bob bound there since): bob stays.
+    w.run("bob@localhost", UserMsg::NodeDown { node: 2, gen: 10 });
+    assert!(!presence_from(&w.take(1), "bob@localhost/b", Some("unavailable")));
+    assert!(!w.users["bob@localhost"].is_idle());
+    // Generation 11 went too: bob's session is gone and alice is told.
+    w.run("bob@localhost", UserMsg::NodeDown { node: 2, gen: 11 });
+    assert!(presence_from(&w.take(1), "bob@localhost/b", Some("unavailable")));
+    assert!(w.users["bob@localhost"].is_idle());
+}
+
+#[test]
+fn a_node_going_makes_contacts_check_the_presence_they_see() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "a", 1);
+    w.online("bob", "b", 2);
+    alice_sees_bob(&mut w);
+    assert!(presence_from(&w.take(1), "bob@localhost/b", None));
+    // Bob's actor dies with its node, and with it bob's session's unavailable presence:
+    // the next incarnation knows the roster, not that bob/b was online.
+    let roster = w.users["bob@localhost"].roster.values().cloned().collect();
+    let data = UserData {
+        roster,
+        ..UserData::default()
+    };
+    let bob: BareJid = "bob@localhost".parse().unwrap();
+    w.users.insert(bob.to_string(), UserActor::new(bob, true, data, cfg()));
+    // Alice's actor hears a node went: it asks bob again, naming bob/b, and is told it is gone.
+    w.run("alice@localhost", UserMsg::NodeDown { node: 7, gen: 1 });
+    assert!(presence_from(&w.take(1), "bob@localhost/b", Some("unavailable")));
+    // Seen unavailable now: the next node going asks nothing.
+    w.run("alice@localhost", UserMsg::NodeDown { node: 8, gen: 1 });
+    assert!(w.take(1).is_empty());
+    // With bob back online, a resync answers his presence and no unavailable.
+    w.online("bob", "b", 3);
+    assert!(presence_from(&w.take(1), "bob@localhost/b", None));
+    w.run("alice@localhost", UserMsg::NodeDown { node: 9, gen: 1 });
+    let got = w.take(1);
+    assert!(presence_from(&got, "bob@localhost/b", None));
+    assert!(!presence_from(&got, "bob@localhost/b", Some("unavailable")));
 }
 
 /// The `failed` half of each `Persist`, for a message handled directly by one actor.
@@ -491,6 +586,7 @@ fn a_failed_write_says_what_to_send_instead() {
     // A roster set: an error result instead of the result.
     let addr = SessionAddr {
         node: 0,
+        node_gen: 0,
         shard: 0,
         id: 1,
     };

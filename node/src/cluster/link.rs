@@ -42,7 +42,12 @@ const ACCOUNT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A shard's cluster state: its view of the membership and its links.
 pub struct Links {
     pub name: String,
-    pub generation: u64,
+    /// This node's membership generation now: its start time, plus one for each time it
+    /// rejoined after being declared down. New sessions' addresses carry it.
+    pub generation: Cell<u64>,
+    /// The generation this process started under: a session address from before it names no
+    /// session here (ids restart with the process).
+    pub started: u64,
     pub replication: usize,
     pub view: RefCell<View>,
     /// Outgoing links by node, with the peer generation they were opened for.
@@ -55,7 +60,8 @@ impl Links {
     pub fn new(name: String, generation: u64, replication: usize, view: View) -> Self {
         Links {
             name,
-            generation,
+            generation: Cell::new(generation),
+            started: generation,
             replication,
             view: RefCell::new(view),
             out: RefCell::new(HashMap::new()),
@@ -65,8 +71,9 @@ impl Links {
     }
 
     /// Applies a membership: the ring changes, links to nodes gone (or restarted) close.
-    /// Returns the nodes that died or restarted: the sessions they hosted are gone.
-    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) -> (Vec<NodeId>, starling_gossip::Ring) {
+    /// Returns the nodes that died, restarted or were declared down, each with the
+    /// generation that went (the sessions it hosted are gone), and the ring before.
+    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) -> (Vec<(NodeId, u64)>, starling_gossip::Ring) {
         let mut view = self.view.borrow_mut();
         let before = view.peers.clone();
         let old_ring = view.ring.clone();
@@ -74,10 +81,10 @@ impl Links {
         self.out
             .borrow_mut()
             .retain(|n, (generation, _)| view.peers.get(n).is_some_and(|p| p.generation == *generation));
-        let mut gone: Vec<NodeId> = before
+        let mut gone: Vec<(NodeId, u64)> = before
             .iter()
             .filter(|(n, p)| view.peers.get(n).is_none_or(|q| q.generation != p.generation))
-            .map(|(n, _)| *n)
+            .map(|(n, p)| (*n, p.generation))
             .collect();
         gone.sort_unstable();
         (gone, old_ring)
@@ -606,7 +613,7 @@ async fn outgoing(
     let (r, mut w) = stream.split();
     let hello = Frame::Hello {
         name: shard.cluster.name.clone(),
-        generation: shard.cluster.generation,
+        generation: shard.cluster.generation.get(),
     };
     let mut buf = Vec::new();
     if wire::encode(&hello, &mut buf).is_err() || w.write_all(&buf).await.is_err() {
@@ -750,7 +757,7 @@ pub async fn follow_membership(
     latest: std::sync::Arc<std::sync::Mutex<super::Members>>,
     updates: flume::Receiver<()>,
 ) {
-    let mut my_generation = shard.cluster.generation;
+    let mut my_generation = shard.cluster.generation.get();
     loop {
         let members = latest.lock().expect("members lock").clone();
         let (gone, old_ring) = shard.cluster.update(&members);
@@ -762,6 +769,7 @@ pub async fn follow_membership(
             .map_or(my_generation, |m| m.generation);
         let rejoined = now != my_generation;
         my_generation = now;
+        shard.cluster.generation.set(now);
         after_change(&shard, &gone, &old_ring, rejoined);
         let new_ring = shard.cluster.view.borrow().ring.clone();
         // One shard per node walks the stored users (they are the node's, not the shard's).
@@ -782,14 +790,14 @@ pub async fn follow_membership(
 ///   restarted (the actor died with it), or when the user's replica set gained a node (after
 ///   a heal that node may have served the user: the actor must reload, with read repair), or
 ///   when this node itself rejoined. Re-registering live sessions in place is not built yet.
-fn after_change(shard: &Rc<Shard>, gone: &[NodeId], old_ring: &starling_gossip::Ring, rejoined: bool) {
+fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_gossip::Ring, rejoined: bool) {
     if !gone.is_empty() {
         let users: Vec<jid::BareJid> = shard.users.borrow().keys().cloned().collect();
         for u in users {
-            for &node in gone {
+            for &(node, gen) in gone {
                 shard.deliver_local(Envelope::to_user(
                     u.clone(),
-                    starling_actors::msg::UserMsg::NodeDown { node },
+                    starling_actors::msg::UserMsg::NodeDown { node, gen },
                 ));
             }
         }
@@ -807,7 +815,7 @@ fn after_change(shard: &Rc<Shard>, gone: &[NodeId], old_ring: &starling_gossip::
             .borrow()
             .iter()
             .filter(|(_, (user, node))| {
-                rejoined || view.place_user(user).0 != *node || gone.contains(node) || gained(user)
+                rejoined || view.place_user(user).0 != *node || gone.iter().any(|(g, _)| g == node) || gained(user)
             })
             .map(|(id, _)| *id)
             .collect()
@@ -819,6 +827,7 @@ fn after_change(shard: &Rc<Shard>, gone: &[NodeId], old_ring: &starling_gossip::
         );
         let addr = starling_actors::address::SessionAddr {
             node: shard.node,
+            node_gen: shard.cluster.generation.get(),
             shard: shard.id,
             id,
         };
