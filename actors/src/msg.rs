@@ -30,6 +30,10 @@ pub enum UserMsg {
     /// as if it had closed; a session the node accepted under a later generation (it rejoined
     /// and a client bound again before this node heard of it) stays.
     NodeDown { node: NodeId, gen: u64 },
+    /// A node went a moment ago (hosts send it [`RESYNC_AFTER_MS`] after `NodeDown`, once
+    /// the membership has settled): contacts whose actors died with that node, and what they
+    /// knew of their sessions, are asked for their presence again (`ns::RESYNC`).
+    Resync,
     /// An inbound stanza whose write failed in an earlier incarnation of this actor
     /// (`Effect::Persist::failed`), handled like `Inbound`. `tries` counts those failures:
     /// the hosts wait `tries` seconds before sending it (a cluster's views agree again by
@@ -37,6 +41,11 @@ pub enum UserMsg {
     /// cannot loop.
     Again { stanza: Element, tries: u8 },
 }
+
+/// How long after a node goes its survivors' user actors check the contacts' presence they
+/// see (`UserMsg::Resync`): long enough for the membership to settle (a restarted node
+/// answers for its users only once it sees the others), short next to a client's patience.
+pub const RESYNC_AFTER_MS: u64 = 2_000;
 
 /// Failed writes after which a stanza is no longer tried again (`UserMsg::Again`).
 pub const MAX_TRIES: u8 = 3;
@@ -78,6 +87,7 @@ impl Msg {
                     | UserMsg::Unbind { .. }
                     | UserMsg::OfflineDelivered { .. }
                     | UserMsg::NodeDown { .. }
+                    | UserMsg::Resync
                     | UserMsg::Again { .. }
             ) | Msg::Session(
                 SessionMsg::Kick { .. }

@@ -19,5 +19,5 @@ pub const VERSION: &str = "jabber:iq:version";
 pub const DELAY: &str = "urn:xmpp:delay";
 pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
 /// Starling's own, between user actors: a presence probe that lists the prober's resources
-/// believed available, so that the answer names those gone too (`UserMsg::NodeDown`).
+/// believed available, so that the answer names those gone too (`UserMsg::Resync`).
 pub const RESYNC: &str = "urn:starling:presence-resync:0";

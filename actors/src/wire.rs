@@ -81,6 +81,7 @@ pub enum WireMsg {
         node: u32,
         gen: u64,
     },
+    Resync,
     Again {
         stanza: WireElement,
         tries: u8,
@@ -387,6 +388,7 @@ pub fn envelope_out(env: &Envelope) -> WireEnvelope {
                 upto: *upto,
             },
             UserMsg::NodeDown { node, gen } => WireMsg::NodeDown { node: *node, gen: *gen },
+            UserMsg::Resync => WireMsg::Resync,
             UserMsg::Again { stanza, tries } => WireMsg::Again {
                 stanza: element_out(stanza),
                 tries: *tries,
@@ -442,6 +444,7 @@ pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
             upto,
         }),
         WireMsg::NodeDown { node, gen } => Msg::User(UserMsg::NodeDown { node, gen }),
+        WireMsg::Resync => Msg::User(UserMsg::Resync),
         WireMsg::Again { stanza, tries } => Msg::User(UserMsg::Again {
             stanza: element_in(stanza)?,
             tries,
@@ -565,12 +568,13 @@ mod tests {
             ),
             Envelope::to_user(alice.clone(), UserMsg::OfflineDelivered { session: s, upto: 5 }),
             Envelope::to_user(
-                alice,
+                alice.clone(),
                 UserMsg::NodeDown {
                     node: 7,
                     gen: 1_700_000_000_123,
                 },
             ),
+            Envelope::to_user(alice, UserMsg::Resync),
             Envelope::to_session(s, SessionMsg::Stanza(st.clone())),
             Envelope::to_session(s, SessionMsg::Offline(st)),
             Envelope::to_session(s, SessionMsg::OfflineSent { upto: 9 }),

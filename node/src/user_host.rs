@@ -189,6 +189,6 @@ fn fail(shard: &Rc<Shard>, m: UserMsg) {
             let env = Envelope::to_user(BareJid::new("x@x").expect("valid"), UserMsg::Inbound { stanza });
             shard.undeliverable(env, "internal-server-error");
         }
-        UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } | UserMsg::NodeDown { .. } => {}
+        UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } | UserMsg::NodeDown { .. } | UserMsg::Resync => {}
     }
 }

@@ -226,6 +226,22 @@ pub struct Link {
 }
 
 /// A test message's id inside an envelope, if it carries one.
+impl Frame {
+    /// The test message an envelope frame carries, if any.
+    pub fn msg_id(&self) -> Option<String> {
+        match self {
+            Frame::Env { msg, .. } => msg.clone(),
+            _ => None,
+        }
+    }
+}
+
+impl Link {
+    pub fn held_msg_ids(&self) -> impl Iterator<Item = String> + '_ {
+        self.held.iter().filter_map(Frame::msg_id)
+    }
+}
+
 pub fn env_msg_id(env: &Envelope) -> Option<String> {
     match &env.msg {
         Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. })
@@ -419,6 +435,14 @@ impl World {
                 }
             }
         }
+        // A moment later, `Resync` to the actors then here (link.rs `after_change`).
+        if !gone.is_empty() {
+            let epoch = self.nodes[n as usize].epoch;
+            self.after(
+                starling_actors::msg::RESYNC_AFTER_MS * 1000,
+                Ev::Resync { node: n, epoch },
+            );
+        }
         // Sessions whose user's actor now lives on another node than when they bound, or
         // lived on a node that died or restarted (the actor died with it), or whose replica
         // set gained a node (after a heal or a rejoin, that node may have
@@ -459,6 +483,23 @@ impl World {
         }
         if new_ring != old_ring && !old_ring.is_empty() {
             self.handoff(n, &old_ring, &new_ring);
+        }
+    }
+
+    /// `Resync` to every user actor on the node (`Ev::Resync`).
+    pub fn resync(&mut self, n: u32, epoch: u64) {
+        if !self.live(n, epoch) {
+            return;
+        }
+        for s in 0..self.cfg.shards {
+            let users: Vec<BareJid> = self.nodes[n as usize].shards[s as usize]
+                .users
+                .keys()
+                .cloned()
+                .collect();
+            for u in users {
+                let _ = self.deliver_local(n, s, Envelope::to_user(u, UserMsg::Resync), Origin::Actor);
+            }
         }
     }
 

@@ -554,7 +554,10 @@ impl World {
                     let env = Envelope::to_user(jid.clone(), UserMsg::Inbound { stanza });
                     self.undeliverable(node, shard, env, "internal-server-error");
                 }
-                UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } | UserMsg::NodeDown { .. } => {}
+                UserMsg::Unbind { .. }
+                | UserMsg::OfflineDelivered { .. }
+                | UserMsg::NodeDown { .. }
+                | UserMsg::Resync => {}
             }
         }
     }
@@ -1092,7 +1095,8 @@ impl World {
         // Storage survives a shard crash: offline messages handed over but not yet deleted
         // are still there and come again.
         let still = self.stored_offline_ids(node);
-        self.stats.messages_lost_in_crash += self.msgs.crashed(|_| true, &still);
+        let on_the_way = self.offline_in_mailboxes();
+        self.stats.messages_lost_in_crash += self.msgs.crashed(|_| true, &still, &on_the_way);
         self.mesh_depth.retain(|k, _| !(k.0 == node && k.2 == shard));
         // As the node does after an actor panic: the next incarnation of each lost user
         // actor learns that its sessions are gone (their unbinds may have been lost in its

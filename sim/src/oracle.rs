@@ -143,9 +143,15 @@ impl Messages {
     }
 
     /// A node crashed: what was in flight in it is gone (excused); messages already handed
-    /// over but still in durable offline storage (`still_stored`) may come once more.
-    /// Returns how many were lost.
-    pub fn crashed(&mut self, in_node: impl Fn(&MsgRec) -> bool, still_stored: &[String]) -> u64 {
+    /// over (or on their way to a session: their confirmation will not reach the actor) but
+    /// still in durable offline storage (`still_stored`) may come once more. Returns how
+    /// many were lost.
+    pub fn crashed(
+        &mut self,
+        in_node: impl Fn(&MsgRec) -> bool,
+        still_stored: &[String],
+        to_sessions: &[String],
+    ) -> u64 {
         let mut lost = 0;
         for r in self.recs.values_mut() {
             if r.handed == 0 && !r.stored_durable && !r.errored && !r.lost_in_crash && in_node(r) {
@@ -155,7 +161,7 @@ impl Messages {
         }
         for id in still_stored {
             if let Some(r) = self.recs.get_mut(id) {
-                if r.handed > 0 {
+                if r.handed > 0 || to_sessions.contains(id) {
                     r.redelivery_allowed += 1;
                 }
             }
@@ -238,9 +244,21 @@ mod tests {
         assert!(m.accepted("m1", "a", "b", 0).is_none());
         assert_eq!(m.handed("m1", "b", 1), Ok(false));
         assert_eq!(m.handed("m1", "b", 2).unwrap_err().invariant, 1);
-        m.crashed(|_| true, &["m1".to_string()]);
+        m.crashed(|_| true, &["m1".to_string()], &[]);
         assert_eq!(m.handed("m1", "b", 3), Ok(true));
         assert!(m.handed("m1", "b", 4).is_err());
+        // Stored and not yet handed at a crash: it may come once, not twice…
+        assert!(m.accepted("m2", "a", "b", 0).is_none());
+        m.crashed(|_| false, &["m2".to_string()], &[]);
+        assert_eq!(m.handed("m2", "b", 5), Ok(false));
+        assert!(m.handed("m2", "b", 6).is_err());
+        // …unless it was on its way to a session then: the session's confirmation goes to
+        // an actor that died, so the next one hands it again.
+        assert!(m.accepted("m3", "a", "b", 0).is_none());
+        m.crashed(|_| false, &["m3".to_string()], &["m3".to_string()]);
+        assert_eq!(m.handed("m3", "b", 7), Ok(false));
+        assert_eq!(m.handed("m3", "b", 8), Ok(true));
+        assert!(m.handed("m3", "b", 9).is_err());
     }
 
     #[test]
@@ -254,7 +272,7 @@ mod tests {
         let stored = |_: &str| vec!["m2".to_string()];
         let v = m.check_fates(stored, 9).expect("m3 and m4 have no fate");
         assert!(v.what.contains("m3"), "{v:?}");
-        assert_eq!(m.crashed(|_| true, &[]), 2);
+        assert_eq!(m.crashed(|_| true, &[], &[]), 2);
         assert!(m.check_fates(stored, 9).is_none());
         assert_eq!(xml_id("<message to='b' id='m7' type='chat'/>").as_deref(), Some("m7"));
     }

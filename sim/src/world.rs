@@ -61,6 +61,11 @@ pub enum Ev {
         shard: u16,
         target: MailboxKey,
     },
+    /// A moment after a node went: the user actors on `node` check their contacts' presence.
+    Resync {
+        node: u32,
+        epoch: u64,
+    },
     /// A stanza whose write failed goes again after a pause (`UserMsg::Again`).
     Again {
         node: u32,
@@ -426,6 +431,10 @@ impl World {
                 self.trace
                     .record(self.now_us, format!("held for {target:?} on n{node} s{shard}: retry"));
                 self.drain_held(node, epoch, shard, target);
+            }
+            Ev::Resync { node, epoch } => {
+                self.trace.record(self.now_us, format!("resync n{node}"));
+                self.resync(node, epoch);
             }
             Ev::Again {
                 node,
@@ -833,9 +842,12 @@ impl World {
         self.stats.node_crashes += 1;
         node.crash();
         // What is still durably in offline storage may be handed over again.
+        // So may the offline messages on their way to sessions on other nodes now: their
+        // sessions will confirm them to an actor that died with this node.
         let still = self.stored_offline_ids(n);
+        let on_the_way = self.offline_in_mailboxes();
         let bit = 1u64 << n.min(63);
-        self.stats.messages_lost_in_crash += self.msgs.crashed(|r| r.touched & bit != 0, &still);
+        self.stats.messages_lost_in_crash += self.msgs.crashed(|r| r.touched & bit != 0, &still, &on_the_way);
         // Its links die with it (frames already on the wire still arrive).
         self.links.retain(|k, _| k.0 != n);
         self.mesh_depth.retain(|k, _| k.0 != n);
@@ -850,6 +862,36 @@ impl World {
         }
         let d = self.rng.range(200_000, 3_000_000);
         self.after(d, Ev::NodeRestart(n));
+    }
+
+    /// Ids of the messages on their way to a session anywhere: in a session mailbox, between
+    /// shards, or in a link frame (held or on the wire).
+    pub(crate) fn offline_in_mailboxes(&self) -> Vec<String> {
+        let offline_id = |m: &starling_actors::msg::SessionMsg| match m {
+            starling_actors::msg::SessionMsg::Offline(st) | starling_actors::msg::SessionMsg::Stanza(st) => {
+                st.attr("id").map(str::to_string)
+            }
+            _ => None,
+        };
+        let mut ids: Vec<String> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.shards.iter())
+            .flat_map(|s| s.sessions.values())
+            .flat_map(|h| h.mailbox.iter())
+            .filter_map(offline_id)
+            .collect();
+        for ev in self.queue.values() {
+            match ev {
+                Ev::Mesh { env, .. } => ids.extend(crate::cluster::env_msg_id(env)),
+                Ev::Link { frame, .. } => ids.extend(frame.msg_id()),
+                _ => {}
+            }
+        }
+        for l in self.links.values() {
+            ids.extend(l.held_msg_ids());
+        }
+        ids
     }
 
     /// Ids of every message now in the node's offline storage (all users).

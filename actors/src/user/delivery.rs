@@ -129,6 +129,32 @@ impl UserActor {
                     }
                 }
             }
+            Some("error") if st.child("resync", ns::RESYNC).is_some() => {
+                // Our resync probe bounced: the contact's actor could not start (its copies
+                // unreachable). It cannot serve sessions either, so the resources asked about
+                // are taken as gone; if any is in fact online, it is closed and binds again
+                // once the cluster agrees, and its new presence comes then.
+                let list = st.child("resync", ns::RESYNC).expect("checked");
+                let gone: Vec<String> = list
+                    .elements()
+                    .filter(|e| e.is("resource", ns::RESYNC))
+                    .map(Element::text)
+                    .collect();
+                let bare = from.to_bare();
+                for r in gone {
+                    let Ok(full) = Jid::new(&format!("{bare}/{r}")) else {
+                        continue;
+                    };
+                    let p = Element::new("presence", ns::CLIENT)
+                        .with_attr("type", "unavailable")
+                        .with_attr("from", full.to_string())
+                        .with_attr("to", self.jid.to_string());
+                    self.note_contact_presence(&full, false);
+                    for e in self.to_available(&p) {
+                        self.send(e);
+                    }
+                }
+            }
             None | Some("unavailable") | Some("error") => {
                 if ty.as_deref() != Some("error") && self.sessions.iter().any(|s| s.available) {
                     self.note_contact_presence(&from, ty.is_none());

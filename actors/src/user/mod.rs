@@ -73,7 +73,7 @@ pub struct UserActor {
     next_seq: u64,
     sessions: Vec<Session>,
     /// Contacts' resources whose available presence this user's sessions were given, with no
-    /// unavailable since: what to check again when a cluster node goes (`NodeDown`). Empty
+    /// unavailable since: what to check again when a cluster node goes (`Resync`). Empty
     /// while no session is available.
     contacts_seen: BTreeMap<String, BTreeSet<String>>,
     fx: Vec<Effect>,
@@ -142,8 +142,8 @@ impl UserActor {
                         self.unbind(session, &resource);
                     }
                 }
-                self.resync_presence();
             }
+            UserMsg::Resync => self.resync_presence(),
         }
         if !self.sessions.iter().any(|s| s.available) {
             self.contacts_seen.clear();
@@ -151,11 +151,12 @@ impl UserActor {
         std::mem::take(&mut self.fx)
     }
 
-    /// A node went: contacts whose actors lived there died with it, and so did what they
-    /// knew of their sessions; a session there that closed just before may have sent its
-    /// unavailable presence to an actor that never handled it. Ask every contact this user
-    /// sees available for its presence again, naming the resources seen: the answer says
-    /// which are gone (found by the simulator: a contact seen online forever after a crash).
+    /// A node went (`UserMsg::Resync`, a moment after `NodeDown`): contacts whose actors
+    /// lived there died with it, and so did what they knew of their sessions; a session that
+    /// closed just before may have sent its unavailable presence to an actor that never
+    /// handled it. Ask every contact this user sees available for its presence again, naming
+    /// the resources seen: the answer says which are gone (found by the simulator: a contact
+    /// seen online forever after a crash).
     fn resync_presence(&mut self) {
         let probes: Vec<(String, Vec<String>)> = self
             .contacts_seen

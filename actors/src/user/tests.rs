@@ -493,19 +493,43 @@ fn a_node_going_makes_contacts_check_the_presence_they_see() {
     };
     let bob: BareJid = "bob@localhost".parse().unwrap();
     w.users.insert(bob.to_string(), UserActor::new(bob, true, data, cfg()));
-    // Alice's actor hears a node went: it asks bob again, naming bob/b, and is told it is gone.
-    w.run("alice@localhost", UserMsg::NodeDown { node: 7, gen: 1 });
+    // A moment after a node went, alice's actor asks bob again, naming bob/b, and is told
+    // it is gone.
+    w.run("alice@localhost", UserMsg::Resync);
     assert!(presence_from(&w.take(1), "bob@localhost/b", Some("unavailable")));
     // Seen unavailable now: the next node going asks nothing.
-    w.run("alice@localhost", UserMsg::NodeDown { node: 8, gen: 1 });
+    w.run("alice@localhost", UserMsg::Resync);
     assert!(w.take(1).is_empty());
     // With bob back online, a resync answers his presence and no unavailable.
     w.online("bob", "b", 3);
     assert!(presence_from(&w.take(1), "bob@localhost/b", None));
-    w.run("alice@localhost", UserMsg::NodeDown { node: 9, gen: 1 });
+    w.run("alice@localhost", UserMsg::Resync);
     let got = w.take(1);
     assert!(presence_from(&got, "bob@localhost/b", None));
     assert!(!presence_from(&got, "bob@localhost/b", Some("unavailable")));
+}
+
+#[test]
+fn a_resync_that_bounces_takes_the_resources_as_gone() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "a", 1);
+    w.online("bob", "b", 2);
+    alice_sees_bob(&mut w);
+    assert!(presence_from(&w.take(1), "bob@localhost/b", None));
+    // Bob's actor cannot start (its copies are unreachable): the host bounces the probe.
+    w.users.remove("bob@localhost");
+    w.run("alice@localhost", UserMsg::Resync);
+    assert!(w.take(1).is_empty());
+    let bounce = el("<presence type='error' from='bob@localhost' to='alice@localhost'>\
+        <resync xmlns='urn:starling:presence-resync:0'><resource>b</resource></resync>\
+        <error type='wait'><internal-server-error xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>");
+    w.run("alice@localhost", UserMsg::Inbound { stanza: bounce });
+    let got = w.take(1);
+    assert!(presence_from(&got, "bob@localhost/b", Some("unavailable")), "{got:?}");
+    assert!(
+        !got.iter().any(|s| s.attr("type") == Some("error")),
+        "the bounce is ours, not the client's"
+    );
 }
 
 /// The `failed` half of each `Persist`, for a message handled directly by one actor.

@@ -801,6 +801,17 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
                 ));
             }
         }
+        // Once the membership has settled, the actors then here check the contacts'
+        // presence they see (the contacts' actors that died with the node knew it).
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_millis(starling_actors::msg::RESYNC_AFTER_MS)).await;
+            let users: Vec<jid::BareJid> = s.users.borrow().keys().cloned().collect();
+            for u in users {
+                s.deliver_local(Envelope::to_user(u, starling_actors::msg::UserMsg::Resync));
+            }
+        })
+        .detach();
     }
     let moved: Vec<u64> = {
         let view = shard.cluster.view.borrow();
