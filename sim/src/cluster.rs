@@ -616,6 +616,10 @@ impl World {
         let c = &mut self.nodes[node as usize].cluster;
         let id = c.next_write;
         c.next_write += 1;
+        if let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid) {
+            h.pulling = Some(id);
+        }
+        let c = &mut self.nodes[node as usize].cluster;
         c.pulls.insert(
             id,
             PullState {
@@ -656,6 +660,15 @@ impl World {
         }
         let mut p = self.nodes[node as usize].cluster.pulls.remove(&id).expect("present");
         if !self.live(node, p.epoch) {
+            return;
+        }
+        // The incarnation that asked may have ended (its shard crashed, it failed otherwise)
+        // and another be waiting on its own read repair, or running.
+        let current = self.nodes[node as usize].shards[p.shard as usize]
+            .users
+            .get(&p.jid)
+            .is_some_and(|h| h.pulling == Some(id) && h.actor.is_none());
+        if !current {
             return;
         }
         if p.pushing {

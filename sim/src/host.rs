@@ -115,6 +115,10 @@ pub struct UserHost {
     /// What its failed writes asked to send instead (`Effect::Persist::failed`), sent when
     /// it ends.
     pub instead: Vec<Envelope>,
+    /// The read repair this incarnation waits for (`cluster.rs pull`). An answer to an older
+    /// one (an incarnation since ended) must not start or fail this one: in the node each
+    /// incarnation awaits its own `pull_newest`.
+    pub pulling: Option<u64>,
 }
 
 /// A route a connection must wait for gives its envelope back (boxed: it is large).
@@ -726,6 +730,7 @@ impl World {
                             doomed: false,
                             version: 0,
                             instead: Vec::new(),
+                            pulling: None,
                         },
                     );
                     let epoch = self.nodes[node as usize].epoch;
