@@ -895,6 +895,13 @@ impl World {
                         self.persist_replicated(node, shard, shard_epoch, jid, (writes, then, failed), base);
                         return;
                     }
+                    // One node: the batch still raises the version (`write_replicated`).
+                    let mut writes = writes;
+                    writes.push(Write::NextVersion {
+                        user: jid.to_string(),
+                        base: h.version,
+                    });
+                    h.version += 1;
                     let w = Waiter::User {
                         shard,
                         shard_epoch,

@@ -84,7 +84,17 @@ pub struct UserActor {
 impl UserActor {
     /// `exists`: the account exists (an anonymous user has no account but may bind).
     pub fn new(jid: BareJid, exists: bool, data: UserData, cfg: Rc<UserConfig>) -> Self {
-        let next_seq = data.offline.iter().map(|m| m.seq + 1).max().unwrap_or(1);
+        // Unique per user for ever, not only within this incarnation: every write batch
+        // raises the version (`Write::NextVersion`), so an earlier incarnation gave out at
+        // most `data.version` numbers. A confirmation from a session that incarnation served
+        // then names only messages it sent (`offline_delivered`).
+        let next_seq = data
+            .offline
+            .iter()
+            .map(|m| m.seq + 1)
+            .max()
+            .unwrap_or(1)
+            .max(data.version + 1);
         UserActor {
             jid,
             exists,

@@ -83,11 +83,22 @@ impl UserActor {
     }
 
     /// The session wrote the offline messages up to `upto`: delete them.
+    /// A session of an earlier incarnation (this one never served it: the user's actor moved
+    /// or died after sending) counts too: sequence numbers are never reused, so `upto` names
+    /// messages that incarnation sent it. Left stored, they would come again on the next
+    /// login (found by the simulator after a join moved a user mid-delivery).
     pub(super) fn offline_delivered(&mut self, addr: SessionAddr, upto: u64) {
-        if self.offline_inflight != Some((addr, upto)) {
+        let mine = self.offline_inflight == Some((addr, upto));
+        let earlier = !self.sessions.iter().any(|s| s.addr == addr) && upto < self.next_seq;
+        if !mine && !earlier {
             return;
         }
-        self.offline_inflight = None;
+        if mine {
+            self.offline_inflight = None;
+        }
+        if !self.offline.iter().any(|m| m.seq <= upto) {
+            return;
+        }
         if planted::active(Bug::KeepDeliveredOffline) {
             return;
         }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use starling_storage::Subscription;
+use starling_storage::{OfflineMessage, Subscription};
 
 use super::*;
 use crate::address::Address;
@@ -530,6 +530,57 @@ fn a_resync_that_bounces_takes_the_resources_as_gone() {
         !got.iter().any(|s| s.attr("type") == Some("error")),
         "the bounce is ours, not the client's"
     );
+}
+
+/// The writes of each `Persist`, for a message handled directly by one actor.
+fn writes_of(actor: &mut UserActor, msg: UserMsg) -> Vec<Write> {
+    actor
+        .handle(msg, 1_700_000_000_000)
+        .into_iter()
+        .flat_map(|fx| match fx {
+            Effect::Persist { writes, .. } => writes,
+            Effect::Send(_) => Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_confirmation_from_an_earlier_incarnations_session_deletes_what_it_was_sent() {
+    let bob: BareJid = "bob@localhost".parse().unwrap();
+    let stored = |seq| OfflineMessage {
+        seq,
+        stamp_unix_ms: 1,
+        xml: format!("<message to='bob@localhost' id='m{seq}'><body>x</body></message>"),
+    };
+    // An earlier incarnation sent seqs 5 and 6 to a session, then the actor moved: this one
+    // loads them with the state at version 9.
+    let data = UserData {
+        offline: vec![stored(5), stored(6)],
+        version: 9,
+        ..UserData::default()
+    };
+    let mut a = UserActor::new(bob.clone(), true, data, cfg());
+    let old = SessionAddr {
+        node: 1,
+        node_gen: 1,
+        shard: 0,
+        id: 77,
+    };
+    // A confirmation naming a number never given out is refused.
+    assert!(writes_of(&mut a, UserMsg::OfflineDelivered { session: old, upto: 10 }).is_empty());
+    let w = writes_of(&mut a, UserMsg::OfflineDelivered { session: old, upto: 6 });
+    assert!(matches!(w.as_slice(), [Write::DeleteOffline { upto: 6, .. }]), "{w:?}");
+    assert_eq!(a.offline_len(), 0);
+    // Numbers are not reused once the queue is empty: the next message is 10, not 7, so a
+    // late confirmation of 5..6 can never delete it.
+    let msg = el("<message from='alice@localhost/a' to='bob@localhost' id='n1' type='chat'><body>y</body></message>");
+    let w = writes_of(&mut a, UserMsg::Inbound { stanza: msg });
+    assert!(
+        matches!(w.as_slice(), [Write::PushOffline { msg, .. }] if msg.seq == 10),
+        "{w:?}"
+    );
+    assert!(writes_of(&mut a, UserMsg::OfflineDelivered { session: old, upto: 6 }).is_empty());
+    assert_eq!(a.offline_len(), 1);
 }
 
 /// The `failed` half of each `Persist`, for a message handled directly by one actor.

@@ -314,15 +314,16 @@ impl Shard {
         mut writes: Vec<Write>,
         base: Option<u64>,
     ) -> Result<(), String> {
-        if !self.in_cluster() {
-            // A single node: no copy of the batch, nothing encoded.
-            return self.storage.write(writes).await.map_err(|e| e.to_string());
-        }
         if let Some(base) = base {
             writes.push(Write::NextVersion {
                 user: user.to_string(),
                 base,
             });
+        }
+        if !self.in_cluster() {
+            // A single node: no copy of the batch, nothing encoded. The version still counts
+            // the batches: offline sequence numbers are never reused (`UserActor::new`).
+            return self.storage.write(writes).await.map_err(|e| e.to_string());
         }
         let others = self.replica_nodes(user);
         if !others.is_empty() {
