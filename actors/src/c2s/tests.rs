@@ -132,6 +132,23 @@ fn scram_login_bind_and_routing() {
     // A stanza pipelined before the bind answer waits for it.
     let (_, acts) = h.send("<message to='bob@localhost'><body>early</body></message>");
     assert!(acts.is_empty());
+    // A message routed here before the bind answer arrived (that answer lost on a link)
+    // goes back to the bare JID rather than vanishing.
+    let msg = crate::parser::parse_element(
+        b"<message to='alice@localhost/phone' from='bob@localhost/x' id='m1'><body>hi</body></message>",
+        &[("".into(), ns::CLIENT.into())],
+        crate::parser::Limits::default(),
+    )
+    .unwrap();
+    let (out, acts) = h.input(Input::Router(SessionMsg::Stanza(msg)));
+    assert!(out.is_empty(), "{out}");
+    let [Action::Route(env)] = acts.as_slice() else {
+        panic!("{acts:?}")
+    };
+    assert_eq!(env.to, Address::User("alice@localhost".parse().unwrap()));
+    assert!(
+        matches!(&env.msg, crate::msg::Msg::User(UserMsg::Inbound { stanza }) if stanza.attr("to") == Some("alice@localhost"))
+    );
     let (out, acts) = h.input(Input::Router(SessionMsg::Bound {
         resource: "phone".into(),
     }));
