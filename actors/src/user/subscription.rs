@@ -118,6 +118,17 @@ impl UserActor {
                     item.ask_out = false;
                     item.subscription = if item.subscription.has_from() { S::Both } else { S::To };
                     deliver = true;
+                    // The contact sends its presence with its approval, but that presence may
+                    // have come before the approval (it was handled again after a failed
+                    // write, sim partitions 12) or been lost: ask for it once the
+                    // subscription is stored.
+                    if self.sessions.iter().any(|s| s.available) {
+                        let probe = Element::new("presence", crate::ns::CLIENT)
+                            .with_attr("type", "probe")
+                            .with_attr("from", self.jid.to_string())
+                            .with_attr("to", c.as_str());
+                        then.push(Envelope::to_user(contact.clone(), UserMsg::Inbound { stanza: probe }));
+                    }
                 }
             }
             "unsubscribe" => {
