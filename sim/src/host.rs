@@ -850,6 +850,12 @@ impl World {
         if h.waiting || h.actor.is_none() {
             return;
         }
+        if h.doomed && h.effects.is_empty() {
+            // Its last write failed with nothing queued behind it: it ends now, as the node's
+            // actor does right after the failed write (found by the simulator: it lived on,
+            // its memory ahead of its storage, and never sent what the write failed instead).
+            return self.end_actor(node, shard, &jid);
+        }
         if h.effects.is_empty() {
             let Some(m) = h.mailbox.pop_front() else { return };
             if self.cfg.keep_events > 0 {
