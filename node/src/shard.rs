@@ -15,7 +15,7 @@ use glommio::{GlommioError, ResourceType};
 use jid::{BareJid, Jid};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use starling_actors::address::{Address, MailboxKey, NodeId, ShardId};
+use starling_actors::address::{Address, MailboxKey, NodeId, SessionAddr, ShardId};
 use starling_actors::c2s::C2sConfig;
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::stanza;
@@ -186,19 +186,14 @@ impl Shard {
                 }
             }
             (Address::Session(a), Msg::Session(m)) => {
-                // A session of an earlier process of this node (ids restart with it) is gone.
-                let tx = if a.node_gen < self.cluster.started {
-                    None
-                } else {
-                    self.sessions.borrow().get(&a.id).cloned()
-                };
+                let tx = self.session_tx(a);
                 match tx {
                     Some(tx) => {
                         if let Err(flume::SendError(t)) = tx.send_async(Timed::now(m)).await {
-                            self.session_gone(t.msg);
+                            self.session_gone(a, t.msg);
                         }
                     }
-                    None => self.session_gone(m),
+                    None => self.session_gone(a, m),
                 }
             }
             (to, msg) => tracing::error!(?to, ?msg, "envelope kind does not match its address"),
@@ -215,12 +210,7 @@ impl Shard {
         }
         match (env.to, env.msg) {
             (Address::Session(a), Msg::Session(m)) => {
-                // A session of an earlier process of this node (ids restart with it) is gone.
-                let tx = if a.node_gen < self.cluster.started {
-                    None
-                } else {
-                    self.sessions.borrow().get(&a.id).cloned()
-                };
+                let tx = self.session_tx(a);
                 match tx {
                     Some(tx) => {
                         if let Err(e) = tx.try_send(Timed { at, msg: m }) {
@@ -228,7 +218,7 @@ impl Shard {
                             self.overflow(Envelope::to_session(a, t.msg), t.at, "session mailbox full");
                         }
                     }
-                    None => self.session_gone(m),
+                    None => self.session_gone(a, m),
                 }
             }
             (Address::User(j), Msg::User(m)) => {
@@ -309,18 +299,18 @@ impl Shard {
             let Timed { at, msg: env } = t;
             let back = match (env.to, env.msg) {
                 (Address::Session(a), Msg::Session(m)) => {
-                    let tx = self.sessions.borrow().get(&a.id).cloned();
+                    let tx = self.session_tx(a);
                     match tx {
                         Some(tx) => match tx.try_send(Timed { at, msg: m }) {
                             Ok(()) => None,
                             Err(flume::TrySendError::Full(t)) => Some(Envelope::to_session(a, t.msg)),
                             Err(flume::TrySendError::Disconnected(t)) => {
-                                self.session_gone(t.msg);
+                                self.session_gone(a, t.msg);
                                 None
                             }
                         },
                         None => {
-                            self.session_gone(m);
+                            self.session_gone(a, m);
                             None
                         }
                     }
@@ -356,19 +346,46 @@ impl Shard {
         !self.held.borrow().is_empty() && self.held.borrow().contains_key(&MailboxKey::of(to))
     }
 
-    /// A session ended before a stanza for it arrived: messages go back to the user actor,
-    /// which by now knows the session is gone and treats them as for the bare JID.
-    fn session_gone(self: &Rc<Self>, m: SessionMsg) {
-        if let SessionMsg::Stanza(st) = m {
-            if st.name == "message" {
-                if let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) {
-                    // To the bare JID: the user actor must not pick the vanished session
-                    // again (a stale session record would loop the message forever).
-                    let mut st = st;
-                    st.set_attr("to", to.to_bare().to_string());
-                    self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }));
-                }
+    /// The mailbox of the session at `a`, if it is still here. A session of an earlier
+    /// process of this node (ids restart with it) is gone.
+    fn session_tx(&self, a: SessionAddr) -> Option<Mailbox<SessionMsg>> {
+        if a.node_gen < self.cluster.started {
+            return None;
+        }
+        self.sessions.borrow().get(&a.id).cloned()
+    }
+
+    /// A session ended before a stanza for it arrived: a message for its full JID goes back
+    /// to the user actor as for the bare JID, and the actor is told the session is gone (its
+    /// own unbind may have been lost with a link: a stale record would keep taking messages).
+    /// One already for the bare JID is answered with an error, never routed again — the
+    /// two hops would loop for ever while the record lasts (found by the simulator).
+    fn session_gone(self: &Rc<Self>, addr: SessionAddr, m: SessionMsg) {
+        let SessionMsg::Stanza(st) = m else { return };
+        if st.name != "message" {
+            return;
+        }
+        let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) else {
+            return;
+        };
+        match to.resource() {
+            Some(r) => {
+                let resource = r.to_string();
+                let mut st = st;
+                st.set_attr("to", to.to_bare().to_string());
+                self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }));
+                self.route(Envelope::to_user(
+                    to.to_bare(),
+                    UserMsg::Unbind {
+                        session: addr,
+                        resource,
+                    },
+                ));
             }
+            None => self.undeliverable(
+                Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }),
+                "recipient-unavailable",
+            ),
         }
     }
 

@@ -202,6 +202,9 @@ pub enum Frame {
     Env {
         bytes: Vec<u8>,
         msg: Option<String>,
+        /// For a session's `OfflineDelivered`: the messages it confirms. Lost with the link,
+        /// they stay stored and come again (at-least-once).
+        confirms: Vec<String>,
     },
     Req {
         id: u64,
@@ -724,7 +727,23 @@ impl World {
         if let Err(e) = wire::encode(&wire::Frame::Envelope(wire::envelope_out(&env)), &mut bytes) {
             return self.fail(0, format!("an envelope could not be encoded: {e} {env:?}"));
         }
-        if !self.link_send(node, shard, to, Frame::Env { bytes, msg }) {
+        let confirms = match &env.msg {
+            Msg::User(UserMsg::OfflineDelivered { session, upto }) => {
+                self.confirming.get(&(session.id, *upto)).cloned().unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        if !self.link_send(
+            node,
+            shard,
+            to,
+            Frame::Env {
+                bytes,
+                msg,
+                confirms: confirms.clone(),
+            },
+        ) {
+            self.msgs.allow_redelivery(&confirms);
             self.undeliverable(node, shard, env, "remote-server-not-found");
         }
     }
@@ -816,8 +835,11 @@ impl World {
     /// and counts it: `starling_cluster_envelopes_lost_total`).
     fn frame_lost(&mut self, f: Frame) {
         self.stats.frames_lost += 1;
-        if let Frame::Env { msg: Some(id), .. } = f {
-            self.stats.messages_lost_with_link += self.msgs.lost(&id) as u64;
+        if let Frame::Env { msg, confirms, .. } = f {
+            if let Some(id) = msg {
+                self.stats.messages_lost_with_link += self.msgs.lost(&id) as u64;
+            }
+            self.msgs.allow_redelivery(&confirms);
         }
     }
 

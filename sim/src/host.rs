@@ -413,8 +413,9 @@ impl World {
             let Some(a) = h.actions.pop_front() else { break };
             match a {
                 Action::Route(env) => {
-                    if let Msg::User(UserMsg::OfflineDelivered { .. }) = &env.msg {
-                        h.unconfirmed.clear();
+                    if let Msg::User(UserMsg::OfflineDelivered { session, upto }) = &env.msg {
+                        let confirmed = std::mem::take(&mut h.unconfirmed);
+                        self.confirming.insert((session.id, *upto), confirmed);
                     }
                     if let (Address::User(to), Msg::User(UserMsg::Inbound { stanza: st })) = (&env.to, &env.msg) {
                         if let Some(id) = msg_id(st) {
@@ -510,8 +511,9 @@ impl World {
                 let _ = self.route(node, shard, env, Origin::Actor);
             }
         }
+        let addr = h.s.addr;
         for m in h.mailbox {
-            self.session_gone(node, shard, m);
+            self.session_gone(node, shard, addr, m);
         }
     }
 
@@ -702,7 +704,7 @@ impl World {
         match (env.to, env.msg) {
             (Address::Session(a), Msg::Session(m)) => {
                 let Some(h) = self.session_mut(node, shard, a.id) else {
-                    self.session_gone(node, shard, m);
+                    self.session_gone(node, shard, a, m);
                     return Ok(());
                 };
                 if h.mailbox.len() >= cap {
@@ -804,17 +806,36 @@ impl World {
         self.undeliverable(node, shard, env, "resource-constraint");
     }
 
-    fn session_gone(&mut self, node: u32, shard: u16, m: SessionMsg) {
-        if let SessionMsg::Stanza(st) = m {
-            if st.name == "message" {
-                if let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) {
-                    // To the bare JID: the user actor must not pick the vanished session
-                    // again (a stale session record would loop the message forever).
-                    let mut st = st;
-                    st.set_attr("to", to.to_bare().to_string());
-                    let env = Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st });
-                    let _ = self.route(node, shard, env, Origin::Actor);
-                }
+    /// `Shard::session_gone`: a message for the full JID of a session that ended goes back to
+    /// the bare JID and the actor is told the session is gone; one already for the bare JID
+    /// is answered with an error.
+    fn session_gone(&mut self, node: u32, shard: u16, addr: SessionAddr, m: SessionMsg) {
+        let SessionMsg::Stanza(st) = m else { return };
+        if st.name != "message" {
+            return;
+        }
+        let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) else {
+            return;
+        };
+        match to.resource() {
+            Some(r) => {
+                let resource = r.to_string();
+                let mut st = st;
+                st.set_attr("to", to.to_bare().to_string());
+                let env = Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st });
+                let _ = self.route(node, shard, env, Origin::Actor);
+                let env = Envelope::to_user(
+                    to.to_bare(),
+                    UserMsg::Unbind {
+                        session: addr,
+                        resource,
+                    },
+                );
+                let _ = self.route(node, shard, env, Origin::Actor);
+            }
+            None => {
+                let env = Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st });
+                self.undeliverable(node, shard, env, "recipient-unavailable");
             }
         }
     }

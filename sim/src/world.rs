@@ -182,6 +182,9 @@ pub struct World {
     pub presence_lost: BTreeSet<(String, String)>,
     /// Users whose roster pushes were bounced by a full mailbox.
     pub roster_stale: BTreeSet<String>,
+    /// What each session's `OfflineDelivered` (session id, upto) confirmed: if the link
+    /// carrying it is lost, those messages may come again.
+    pub confirming: BTreeMap<(u64, u64), Vec<String>>,
     /// Node-to-node links by (from node, from shard, to node) (cluster.rs).
     pub links: BTreeMap<(u32, u16, u32), crate::cluster::Link>,
     /// Node pairs (lower id first) a partition separates.
@@ -244,6 +247,7 @@ impl World {
             mesh_depth: BTreeMap::new(),
             presence_lost: BTreeSet::new(),
             roster_stale: BTreeSet::new(),
+            confirming: BTreeMap::new(),
             links: BTreeMap::new(),
             cut_pairs: BTreeSet::new(),
             work: 0,

@@ -427,12 +427,26 @@ impl C2sSession {
                 // the bare JID, where an available session or offline storage takes it; the
                 // actor never picks this session for the bare JID (it is not available).
                 // Found by the simulator: such a message was dropped here, unaccounted for.
+                // Once only: one already sent to the bare JID that comes back here (the actor
+                // still counts this session available) is answered with an error, never
+                // routed again — two such hops would loop for ever (the simulator found it).
                 if el.name == "message" {
-                    if let Some(to) = el.attr("to").and_then(|t| Jid::new(t).ok()) {
-                        tracing::info!(session = ?self.addr, "message for a session not bound; routed to the bare JID");
-                        let mut el = el;
-                        el.set_attr("to", to.to_bare().to_string());
-                        self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: el }));
+                    match el.attr("to").and_then(|t| Jid::new(t).ok()) {
+                        Some(to) if to.resource().is_some() => {
+                            tracing::info!(session = ?self.addr, "message for a session not bound; routed to the bare JID");
+                            let mut el = el;
+                            el.set_attr("to", to.to_bare().to_string());
+                            self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: el }));
+                        }
+                        _ => {
+                            tracing::warn!(session = ?self.addr, "message for a session not bound; answered with an error");
+                            if stanza::may_bounce(&el) {
+                                if let Some(from) = el.attr("from").and_then(|f| Jid::new(f).ok()) {
+                                    let err = stanza::error_reply(&el, "recipient-unavailable", None);
+                                    self.route(Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err }));
+                                }
+                            }
+                        }
                     }
                 }
             }
