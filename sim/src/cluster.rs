@@ -426,12 +426,7 @@ impl World {
         }
         // NodeDown to every user actor here.
         for s in 0..self.cfg.shards {
-            let users: Vec<BareJid> = self.nodes[n as usize].shards[s as usize]
-                .users
-                .keys()
-                .cloned()
-                .collect();
-            for u in users {
+            for u in self.users_on(n, s) {
                 for &(g, gen) in &gone {
                     let env = Envelope::to_user(u.clone(), UserMsg::NodeDown { node: g, gen });
                     let _ = self.deliver_local(n, s, env, Origin::Actor);
@@ -495,15 +490,19 @@ impl World {
             return;
         }
         for s in 0..self.cfg.shards {
-            let users: Vec<BareJid> = self.nodes[n as usize].shards[s as usize]
-                .users
-                .keys()
-                .cloned()
-                .collect();
-            for u in users {
+            for u in self.users_on(n, s) {
                 let _ = self.deliver_local(n, s, Envelope::to_user(u, UserMsg::Resync), Origin::Actor);
             }
         }
+    }
+
+    /// The user actors on a node's shard now.
+    fn users_on(&self, n: u32, s: u16) -> Vec<BareJid> {
+        self.nodes[n as usize].shards[s as usize]
+            .users
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Declared down by the others, this node rejoined: they unbound its sessions and may

@@ -532,16 +532,24 @@ fn a_resync_that_bounces_takes_the_resources_as_gone() {
     );
 }
 
-/// The writes of each `Persist`, for a message handled directly by one actor.
+/// What the `Persist` effects of one message say, handled directly by one actor: their
+/// writes, and what each would send instead if it failed.
+fn persists_of(actor: &mut UserActor, msg: UserMsg) -> (Vec<Write>, Vec<Envelope>) {
+    let (mut writes, mut failed) = (Vec::new(), Vec::new());
+    for fx in actor.handle(msg, 1_700_000_000_000) {
+        if let Effect::Persist {
+            writes: w, failed: f, ..
+        } = fx
+        {
+            writes.extend(w);
+            failed.extend(f);
+        }
+    }
+    (writes, failed)
+}
+
 fn writes_of(actor: &mut UserActor, msg: UserMsg) -> Vec<Write> {
-    actor
-        .handle(msg, 1_700_000_000_000)
-        .into_iter()
-        .flat_map(|fx| match fx {
-            Effect::Persist { writes, .. } => writes,
-            Effect::Send(_) => Vec::new(),
-        })
-        .collect()
+    persists_of(actor, msg).0
 }
 
 #[test]
@@ -583,16 +591,8 @@ fn a_confirmation_from_an_earlier_incarnations_session_deletes_what_it_was_sent(
     assert_eq!(a.offline_len(), 1);
 }
 
-/// The `failed` half of each `Persist`, for a message handled directly by one actor.
 fn failed_of(actor: &mut UserActor, msg: UserMsg) -> Vec<Envelope> {
-    actor
-        .handle(msg, 1_700_000_000_000)
-        .into_iter()
-        .flat_map(|fx| match fx {
-            Effect::Persist { failed, .. } => failed,
-            Effect::Send(_) => Vec::new(),
-        })
-        .collect()
+    persists_of(actor, msg).1
 }
 
 #[test]
