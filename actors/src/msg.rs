@@ -120,3 +120,121 @@ impl Envelope {
         }
     }
 }
+
+/// What a host does with a message that reached a session after it ended: route these
+/// envelopes on (as sent by an actor), and answer `bounce`'s sender with its condition.
+#[derive(Debug, Default, PartialEq)]
+pub struct SessionGone {
+    pub route: Vec<Envelope>,
+    pub bounce: Option<(Envelope, &'static str)>,
+}
+
+/// The rule for a message that reached a session after it ended — written once, for both
+/// hosts. A message for its full JID goes back to the user actor as for the bare JID
+/// (RFC 6121 §8.5.3.2.1), and the actor is told the session is gone (its own unbind may have
+/// been lost with a link: a stale record would keep taking messages). One already for the
+/// bare JID is answered with an error, never routed again — the two hops would loop for
+/// ever while the record lasts (found by the simulator). An IQ request for a full JID with
+/// no session is answered `service-unavailable` (RFC 6121 §8.5.3.2.3). Presence for a
+/// session that is gone is dropped (§8.5.3.2.3 too), and so is anything else.
+pub fn session_gone(addr: SessionAddr, m: SessionMsg) -> SessionGone {
+    let mut out = SessionGone::default();
+    let SessionMsg::Stanza(st) = m else { return out };
+    if st.name != "message" && st.name != "iq" {
+        return out;
+    }
+    let Some(to) = st.attr("to").and_then(|t| jid::Jid::new(t).ok()) else {
+        return out;
+    };
+    let bare = to.to_bare();
+    match (st.name.as_str(), to.resource()) {
+        ("message", Some(_)) => {
+            let mut st = st;
+            st.set_attr("to", bare.to_string());
+            out.route
+                .push(Envelope::to_user(bare.clone(), UserMsg::Inbound { stanza: st }));
+        }
+        ("message", None) => {
+            let env = Envelope::to_user(bare, UserMsg::Inbound { stanza: st });
+            out.bounce = Some((env, "recipient-unavailable"));
+            return out;
+        }
+        (_, None) => return out,
+        (_, Some(_)) => {
+            if crate::stanza::may_bounce(&st) {
+                let env = Envelope::to_user(bare.clone(), UserMsg::Inbound { stanza: st });
+                out.bounce = Some((env, "service-unavailable"));
+            }
+        }
+    }
+    if let Some(r) = to.resource() {
+        out.route.push(Envelope::to_user(
+            bare,
+            UserMsg::Unbind {
+                session: addr,
+                resource: r.to_string(),
+            },
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stanza(xml: &str) -> Element {
+        crate::parser::parse_element(
+            xml.as_bytes(),
+            &[(String::new(), crate::ns::CLIENT.into())],
+            Default::default(),
+        )
+        .unwrap()
+    }
+
+    const GONE: SessionAddr = SessionAddr {
+        node: 0,
+        node_gen: 0,
+        shard: 1,
+        id: 9,
+    };
+
+    fn gone(xml: &str) -> SessionGone {
+        session_gone(GONE, SessionMsg::Stanza(stanza(xml)))
+    }
+
+    #[test]
+    fn an_iq_for_a_session_that_is_gone_is_answered_service_unavailable() {
+        let g = gone("<iq from='a@x/1' to='b@x/r' type='get' id='q'><ping xmlns='urn:xmpp:ping'/></iq>");
+        let (env, condition) = g.bounce.expect("answered");
+        assert_eq!(condition, "service-unavailable");
+        assert!(matches!(&env.msg, Msg::User(UserMsg::Inbound { stanza }) if stanza.attr("id") == Some("q")));
+        // The actor learns the session is gone.
+        assert!(g.route.iter().any(|e| matches!(
+            &e.msg,
+            Msg::User(UserMsg::Unbind { session, resource }) if *session == GONE && resource == "r"
+        )));
+        // Results and errors are never answered.
+        assert!(gone("<iq from='a@x/1' to='b@x/r' type='result' id='q'/>")
+            .bounce
+            .is_none());
+        assert!(gone("<iq from='a@x/1' to='b@x/r' type='error' id='q'/>")
+            .bounce
+            .is_none());
+    }
+
+    #[test]
+    fn a_message_goes_back_to_the_bare_jid_and_presence_is_dropped() {
+        let g = gone("<message from='a@x/1' to='b@x/r'><body>hi</body></message>");
+        assert!(g.bounce.is_none());
+        assert!(matches!(
+            &g.route[0].msg,
+            Msg::User(UserMsg::Inbound { stanza }) if stanza.attr("to") == Some("b@x")
+        ));
+        assert!(matches!(&g.route[1].msg, Msg::User(UserMsg::Unbind { .. })));
+        let g = gone("<message from='a@x/1' to='b@x'><body>hi</body></message>");
+        assert_eq!(g.bounce.map(|(_, c)| c), Some("recipient-unavailable"));
+        assert!(g.route.is_empty());
+        assert_eq!(gone("<presence from='a@x/1' to='b@x/r'/>"), SessionGone::default());
+    }
+}

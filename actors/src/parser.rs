@@ -407,7 +407,12 @@ fn split_qname(q: &str) -> (&str, &str) {
     }
 }
 
+/// The namespace bound to `prefix` in `scope`. `xml` is bound by definition (Namespaces in XML
+/// §3), declared or not: a stored stanza parsed without its stream's header still knows it.
 fn lookup<'a>(scope: &'a [(String, String)], prefix: &str) -> Option<&'a str> {
+    if prefix == "xml" {
+        return Some(ns::XML);
+    }
     scope.iter().rev().find(|(p, _)| p == prefix).map(|(_, u)| u.as_str())
 }
 
@@ -510,27 +515,59 @@ fn close(stack: &mut [Element], el: Element) -> Option<Element> {
     }
 }
 
+/// Opens an element: its namespace declarations go on `scope`, its name is resolved. A
+/// prefixed attribute whose prefix was declared outside this element (on an ancestor or on the
+/// stream header) gets the declaration copied onto the element, so that the element is
+/// self-contained: written out alone (offline storage, the wire, a forwarded payload) it
+/// still parses to the same thing. Redundant declarations are legal XML.
 fn open_element(e: &BytesStart<'_>, scope: &mut Vec<(String, String)>) -> Result<Element, ParseError> {
     let raw = raw_attrs(e)?;
+    let own = scope.len();
     let mut attrs = Vec::with_capacity(raw.len());
-    for (k, v) in raw {
+    // Declarations first: they apply to the whole element, whatever the attribute order.
+    for (k, v) in &raw {
         if k == "xmlns" {
-            scope.push((String::new(), v));
+            scope.push((String::new(), v.clone()));
         } else if let Some(p) = k.strip_prefix("xmlns:") {
-            scope.push((p.to_string(), v.clone()));
-            attrs.push((k, v));
-        } else {
-            let (p, _) = split_qname(&k);
-            if !p.is_empty() && lookup(scope, p).is_none() {
-                return Err(ParseError::NotWellFormed(format!("undeclared prefix {p:?}")));
+            if p == "xmlns" || (p == "xml") != (v == ns::XML) || (v.is_empty()) {
+                return Err(ParseError::NotWellFormed(format!(
+                    "invalid namespace declaration {k:?}"
+                )));
             }
-            attrs.push((k, v));
+            scope.push((p.to_string(), v.clone()));
         }
+    }
+    let mut inherited: Vec<(String, String)> = Vec::new();
+    for (k, v) in raw {
+        if k == "xmlns" || k == "xmlns:xml" {
+            continue;
+        }
+        let (p, _) = split_qname(&k);
+        if p == "xmlns" {
+            attrs.push((k, v));
+            continue;
+        }
+        if !p.is_empty() && p != "xml" {
+            let Some(uri) = lookup(scope, p) else {
+                return Err(ParseError::NotWellFormed(format!("undeclared prefix {p:?}")));
+            };
+            let declared_here = scope[own..].iter().any(|(q, _)| q == p);
+            if !declared_here && !inherited.iter().any(|(q, _)| q == p) {
+                inherited.push((p.to_string(), uri.to_string()));
+            }
+        }
+        attrs.push((k, v));
+    }
+    for (p, uri) in inherited {
+        attrs.push((format!("xmlns:{p}"), uri));
     }
     let qname = std::str::from_utf8(e.name().as_ref())
         .map_err(|_| ParseError::NotWellFormed("element name is not UTF-8".into()))?
         .to_string();
     let (prefix, local) = split_qname(&qname);
+    if prefix == "xmlns" {
+        return Err(ParseError::NotWellFormed("the xmlns prefix names no element".into()));
+    }
     let ns = lookup(scope, prefix)
         .ok_or_else(|| ParseError::NotWellFormed(format!("undeclared prefix {prefix:?}")))?
         .to_string();

@@ -4,6 +4,10 @@
 //! away. With it, the switch is per thread (the simulator runs one seed per thread) and off
 //! unless [`set`] turns it on.
 
+/// Whether this build has the planted bugs compiled in (switched off unless a simulator run
+/// turns one on): `starling --version` says so, and the end-to-end tests refuse such a binary.
+pub const COMPILED_IN: bool = cfg!(feature = "planted-bugs");
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Bug {
     /// `store_offline` forgets the message: neither stored nor bounced.

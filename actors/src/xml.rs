@@ -162,11 +162,16 @@ pub fn escape_text(out: &mut String, s: &str) {
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
+            // A parser turns a literal CR (and CR LF) into LF (XML 1.0 §2.11).
+            '\r' => out.push_str("&#xD;"),
             c => out.push(c),
         }
     }
 }
 
+/// Escapes an attribute value so that it parses back unchanged: besides the markup
+/// characters, whitespace other than the space is a character reference, since a parser
+/// normalises literal tabs and line ends in attribute values to spaces (XML 1.0 §3.3.3).
 pub fn escape_attr(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
@@ -175,6 +180,9 @@ pub fn escape_attr(out: &mut String, s: &str) {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
+            '\t' => out.push_str("&#x9;"),
+            '\n' => out.push_str("&#xA;"),
+            '\r' => out.push_str("&#xD;"),
             c => out.push(c),
         }
     }

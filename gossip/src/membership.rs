@@ -280,8 +280,36 @@ impl Membership {
                         continue;
                     }
                     if node_id(&id.name) == node_id(&self.me.name) {
-                        tracing::error!(?id, "gossip: node name hashes to this node's id; ignored");
+                        tracing::error!(
+                            member = %id.name, me = %self.me.name, node_id = node_id(&id.name),
+                            "gossip: a member's name hashes to this node's id; it is refused \
+                             (rename one of them: cluster.node_name)"
+                        );
                         continue;
+                    }
+                    // Two other members whose names hash to one id: every node keeps the
+                    // one whose name sorts first, whichever it saw first, so all agree.
+                    let rival = self
+                        .up
+                        .values()
+                        .find(|m| m.name != id.name && node_id(&m.name) == node_id(&id.name))
+                        .cloned();
+                    if let Some(rival) = rival {
+                        let (kept, refused) = if rival.name < id.name {
+                            (&rival.name, &id.name)
+                        } else {
+                            (&id.name, &rival.name)
+                        };
+                        tracing::error!(
+                            %kept, %refused, node_id = node_id(&id.name),
+                            "gossip: two members' names hash to one node id; the second is refused \
+                             (rename it: cluster.node_name)"
+                        );
+                        if rival.name < id.name {
+                            continue;
+                        }
+                        self.up.remove(&rival.name);
+                        out.changes.push(Change::Down(rival));
                     }
                     // A restart with a higher generation replaces the old process.
                     if let Some(old) = self.up.insert(id.name.clone(), id.clone()) {

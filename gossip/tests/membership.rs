@@ -256,3 +256,43 @@ fn garbage_and_truncated_packets_are_ignored() {
     let out = m.handle_data(pkt);
     assert!(!out.send.is_empty(), "an announce gets an answer");
 }
+
+/// Two names whose node ids (32 bits of xxh3) collide, found by search.
+fn colliding_names() -> (String, String) {
+    let mut seen = std::collections::HashMap::new();
+    for i in 0u32.. {
+        let name = format!("node-{i}");
+        if let Some(other) = seen.insert(starling_gossip::node_id(&name), name.clone()) {
+            return if other < name { (other, name) } else { (name, other) };
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn members_whose_names_collide_are_refused_the_same_way_everywhere() {
+    let (low, high) = colliding_names();
+    assert_eq!(starling_gossip::node_id(&low), starling_gossip::node_id(&high));
+    for order in [[&high, &low], [&low, &high]] {
+        let mut net = Net::new();
+        net.start("n1", 1, "n1");
+        net.start("n2", 1, "n1");
+        net.run_for(Duration::from_secs(3));
+        // The colliding pair joins one after the other, in both orders.
+        net.start(order[0], 1, "n1");
+        net.run_for(Duration::from_secs(3));
+        net.start(order[1], 1, "n1");
+        net.run_for(Duration::from_secs(10));
+        let want = {
+            let mut v = names(&["n1", "n2", &low]);
+            v.sort();
+            v
+        };
+        for n in ["n1", "n2"] {
+            assert_eq!(net.up_names(n), want, "{n}'s view (joined {order:?})");
+            assert_eq!(net.nodes[n].ring(), net.nodes["n1"].ring());
+        }
+        assert!(!net.up_names(&low).contains(&high), "{low} refuses {high}");
+        assert!(!net.up_names(&high).contains(&low), "{high} refuses {low}");
+    }
+}

@@ -20,7 +20,7 @@ use crate::shard::ShardParams;
 use crate::storage_thread::{self, StorageHandle};
 
 #[derive(Parser)]
-#[command(name = "starling", version, about = "Starling, a horizontally scalable XMPP server")]
+#[command(name = "starling", version = VERSION, about = "Starling, a horizontally scalable XMPP server")]
 struct Cli {
     /// Configuration file (TOML). Without one, the embedded defaults apply.
     #[arg(long, short, global = true)]
@@ -110,10 +110,25 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum UserCmd {
-    Add { jid: String, password: String },
-    Del { jid: String },
-    Passwd { jid: String, password: String },
+    Add {
+        jid: String,
+        password: String,
+    },
+    Del {
+        jid: String,
+    },
+    Passwd {
+        jid: String,
+        password: String,
+    },
     List,
+    /// Stored offline messages that could not be parsed back for delivery: set aside,
+    /// never deleted (the `starling_offline_unreadable` gauge counts them). One line each:
+    /// user, sequence number, arrival time (Unix ms), the stored XML.
+    Unreadable {
+        /// Only this user's.
+        jid: Option<String>,
+    },
 }
 
 pub fn main() -> i32 {
@@ -242,8 +257,22 @@ fn check_memlock() -> Result<(), String> {
     Ok(())
 }
 
+/// The version `--version` prints; a build with the simulator's planted bugs compiled in
+/// (the `planted-bugs` feature, never for production) says so.
+const VERSION: &str = if starling_actors::planted::COMPILED_IN {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (planted bugs compiled in: a simulator build, not for production)"
+    )
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 fn serve(cfg: Config) -> Result<(), String> {
     check_memlock()?;
+    if starling_actors::planted::COMPILED_IN {
+        tracing::error!("this binary has the simulator's planted bugs compiled in (switched off); build starling-node alone for production");
+    }
     let store = open_store(&cfg)?;
     let (cert, key) = crate::tls::cert_paths(&cfg)?;
     let tls = crate::tls::server_config(&cert, &key)?;
@@ -426,6 +455,14 @@ fn user(cfg: Config, cmd: UserCmd) -> Result<(), String> {
         UserCmd::List => {
             for u in store.list_accounts().map_err(e)? {
                 println!("{u}");
+            }
+        }
+        UserCmd::Unreadable { jid } => {
+            let only = jid.as_deref().map(bare).transpose()?;
+            for (u, m) in store.unreadable().map_err(e)? {
+                if only.as_ref().is_none_or(|o| *o == u) {
+                    println!("{u}\t{}\t{}\t{}", m.seq, m.stamp_unix_ms, m.xml);
+                }
             }
         }
     }

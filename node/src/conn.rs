@@ -68,17 +68,41 @@ fn ip_key(ip: Option<IpAddr>) -> u128 {
     }
 }
 
-/// Decrements the connection gauge however the connection task ends.
-struct ConnGauge(Rc<Shard>);
+/// The connection's part of the `starling_connections` and `starling_sessions` gauges,
+/// given back however the connection task ends (a clean close, a cut socket, a write error
+/// or timeout, a panic): every gauge returns to its idle value once the clients are gone.
+struct Gauges {
+    shard: Rc<Shard>,
+    /// Counted in `starling_sessions` (bound).
+    session: std::cell::Cell<bool>,
+}
 
-impl Drop for ConnGauge {
-    fn drop(&mut self) {
-        self.0.metrics.connections.decrement(1.0);
+impl Gauges {
+    fn new(shard: &Rc<Shard>) -> Self {
+        shard.metrics.connections.increment(1.0);
+        Gauges {
+            shard: shard.clone(),
+            session: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Follows the session's bound state.
+    fn bound(&self, bound: bool) {
+        if bound != self.session.replace(bound) {
+            if bound {
+                self.shard.metrics.sessions.increment(1.0);
+            } else {
+                self.shard.metrics.sessions.decrement(1.0);
+            }
+        }
     }
 }
 
-fn scopeguard(shard: &Rc<Shard>) -> ConnGauge {
-    ConnGauge(shard.clone())
+impl Drop for Gauges {
+    fn drop(&mut self) {
+        self.bound(false);
+        self.shard.metrics.connections.decrement(1.0);
+    }
 }
 
 /// Owned inputs queued while carrying out actions.
@@ -111,8 +135,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     };
     let (tx, rx) = flume::bounded(shard.mailbox);
     shard.sessions.borrow_mut().insert(id, tx);
-    shard.metrics.connections.increment(1.0);
-    let _gauge = scopeguard(&shard);
+    let gauges = Gauges::new(&shard);
     tracing::debug!(?addr, ?peer, direct_tls, "connection accepted");
     let conn = if direct_tls {
         match within(
@@ -183,21 +206,21 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
             }
         };
         let Some(event) = event else {
-            handle(&shard, &mut session, Input::TimedOut);
-            carry_out(&shard, &mut session, &mut conn).await;
+            handle(&shard, &gauges, &mut session, Input::TimedOut);
+            carry_out(&shard, &gauges, &mut session, &mut conn).await;
             break;
         };
         let open = match event {
             Either::Left(Ok(0)) | Either::Left(Err(_)) => {
-                handle(&shard, &mut session, Input::Closed);
-                carry_out(&shard, &mut session, &mut conn).await;
+                handle(&shard, &gauges, &mut session, Input::Closed);
+                carry_out(&shard, &gauges, &mut session, &mut conn).await;
                 false
             }
             Either::Left(Ok(n)) => {
                 shard.metrics.bytes_in.increment(n as u64);
                 tracing::trace!(session = ?session.addr, input = %String::from_utf8_lossy(&buf[..n]), "read");
-                handle(&shard, &mut session, Input::Bytes(&buf[..n]));
-                carry_out(&shard, &mut session, &mut conn).await
+                handle(&shard, &gauges, &mut session, Input::Bytes(&buf[..n]));
+                carry_out(&shard, &gauges, &mut session, &mut conn).await
             }
             Either::Right(Ok(t)) => {
                 shard.metrics.route.record(t.at.elapsed().as_secs_f64());
@@ -208,8 +231,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                         shard.metrics.stanzas_out[k].increment(1);
                     }
                 }
-                handle(&shard, &mut session, Input::Router(m));
-                carry_out(&shard, &mut session, &mut conn).await
+                handle(&shard, &gauges, &mut session, Input::Router(m));
+                carry_out(&shard, &gauges, &mut session, &mut conn).await
             }
             Either::Right(Err(_)) => false,
         };
@@ -230,10 +253,11 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
 }
 
 /// Feeds one input; a panic in the session ends this session with a stream error.
-fn handle(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
+fn handle(shard: &Rc<Shard>, gauges: &Gauges, session: &mut C2sSession, input: Input<'_>) {
     let before = session.stats();
     let was_bound = session.jid().is_some();
     handle_inner(shard, session, input);
+    gauges.bound(session.jid().is_some());
     let after = session.stats();
     let m = &shard.metrics;
     // Only touch the (atomic) counters that moved.
@@ -247,13 +271,8 @@ fn handle(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
     }
     bump(&m.auth_failures, after.auth_failures - before.auth_failures);
     bump(&m.stream_errors, after.stream_errors - before.stream_errors);
-    match (was_bound, session.jid().is_some()) {
-        (false, true) => {
-            m.logins.increment(1);
-            m.sessions.increment(1.0);
-        }
-        (true, false) => m.sessions.decrement(1.0),
-        _ => {}
+    if !was_bound && session.jid().is_some() {
+        m.logins.increment(1);
     }
 }
 
@@ -272,7 +291,7 @@ fn handle_inner(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
 
 /// Writes the session's output and carries out its actions until it has nothing left.
 /// Returns false once the connection is to be closed.
-async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn) -> bool {
+async fn carry_out(shard: &Rc<Shard>, gauges: &Gauges, session: &mut C2sSession, conn: &mut Conn) -> bool {
     let mut open = true;
     let mut queue: VecDeque<Next> = VecDeque::new();
     loop {
@@ -348,13 +367,7 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
             }
         }
         if !open {
-            session.handle(
-                Input::Closed,
-                now_ms(),
-                &mut Ctx {
-                    throttle: &mut shard.throttle.borrow_mut(),
-                },
-            );
+            handle(shard, gauges, session, Input::Closed);
             let rest = session.take_output();
             for a in rest.actions {
                 if let Action::Route(env) = a {
@@ -370,7 +383,7 @@ async fn carry_out(shard: &Rc<Shard>, session: &mut C2sSession, conn: &mut Conn)
                 Next::Created(c) => Input::AccountCreated(c),
                 Next::PasswordSet(ok) => Input::PasswordSet(ok),
             };
-            handle(shard, session, input);
+            handle(shard, gauges, session, input);
         }
     }
 }

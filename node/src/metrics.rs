@@ -92,6 +92,10 @@ fn describe() {
     );
     describe_histogram!("starling_storage_batch_size", "Write requests per group commit");
     describe_gauge!("starling_offline_messages", "Offline messages stored, all users");
+    describe_gauge!(
+        "starling_offline_unreadable",
+        "Stored offline messages that could not be parsed back, set aside (starling user unreadable)"
+    );
     describe_histogram!(
         "starling_offline_queue_length",
         "Offline messages waiting for a user when its actor loads (users with any)"

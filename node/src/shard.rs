@@ -355,37 +355,14 @@ impl Shard {
         self.sessions.borrow().get(&a.id).cloned()
     }
 
-    /// A session ended before a stanza for it arrived: a message for its full JID goes back
-    /// to the user actor as for the bare JID, and the actor is told the session is gone (its
-    /// own unbind may have been lost with a link: a stale record would keep taking messages).
-    /// One already for the bare JID is answered with an error, never routed again — the
-    /// two hops would loop for ever while the record lasts (found by the simulator).
+    /// A stanza for a session that ended: `msg::session_gone` says what becomes of it.
     fn session_gone(self: &Rc<Self>, addr: SessionAddr, m: SessionMsg) {
-        let SessionMsg::Stanza(st) = m else { return };
-        if st.name != "message" {
-            return;
+        let gone = starling_actors::msg::session_gone(addr, m);
+        for env in gone.route {
+            self.route(env);
         }
-        let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) else {
-            return;
-        };
-        match to.resource() {
-            Some(r) => {
-                let resource = r.to_string();
-                let mut st = st;
-                st.set_attr("to", to.to_bare().to_string());
-                self.route(Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }));
-                self.route(Envelope::to_user(
-                    to.to_bare(),
-                    UserMsg::Unbind {
-                        session: addr,
-                        resource,
-                    },
-                ));
-            }
-            None => self.undeliverable(
-                Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st }),
-                "recipient-unavailable",
-            ),
+        if let Some((env, condition)) = gone.bounce {
+            self.undeliverable(env, condition);
         }
     }
 

@@ -83,6 +83,8 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
     let mut stop = false;
     let offline = metrics::gauge!("starling_offline_messages");
     offline.set(store.offline_total() as f64);
+    let unreadable = metrics::gauge!("starling_offline_unreadable");
+    unreadable.set(store.unreadable_total() as f64);
     while !stop {
         let Ok(first) = rx.recv() else { break };
         let mut next = Some(first);
@@ -131,6 +133,7 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
             tracing::error!(error = %e, "storage flush failed; writes not acknowledged");
         }
         offline.set(store.offline_total() as f64);
+        unreadable.set(store.unreadable_total() as f64);
         for r in acks.drain(..) {
             let _ = r.send(
                 flushed

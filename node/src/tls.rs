@@ -17,17 +17,45 @@ pub fn cert_paths(cfg: &Config) -> Result<(PathBuf, PathBuf), String> {
     let dir = cfg.server.data_dir.join("tls");
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
-    if cert.exists() && key.exists() {
+    // The names a generated certificate was made for: when `server.domains` changes (or the
+    // pair came from a version that named no domain), a new one is made.
+    let names_file = dir.join("generated-for");
+    let names = cert_names(&cfg.server.domains);
+    let wanted = names.join("\n");
+    let made_for = std::fs::read_to_string(&names_file).ok();
+    if cert.exists() && key.exists() && made_for.as_deref() == Some(wanted.as_str()) {
         return Ok((cert, key));
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let generated = rcgen::generate_simple_self_signed(cfg.server.domains.clone())
-        .map_err(|e| format!("cannot generate a self-signed certificate: {e}"))?;
-    std::fs::write(&cert, generated.cert.pem()).map_err(|e| format!("cannot write {}: {e}", cert.display()))?;
-    std::fs::write(&key, generated.key_pair.serialize_pem())
-        .map_err(|e| format!("cannot write {}: {e}", key.display()))?;
-    tracing::warn!(cert = %cert.display(), "no tls.cert configured: generated a self-signed certificate");
+    let (cert_pem, key_pem) = self_signed(&cfg.server.domains)?;
+    std::fs::write(&cert, cert_pem).map_err(|e| format!("cannot write {}: {e}", cert.display()))?;
+    std::fs::write(&key, key_pem).map_err(|e| format!("cannot write {}: {e}", key.display()))?;
+    std::fs::write(&names_file, wanted).map_err(|e| format!("cannot write {}: {e}", names_file.display()))?;
+    tracing::warn!(cert = %cert.display(), ?names, "no tls.cert configured: generated a self-signed certificate");
     Ok((cert, key))
+}
+
+/// Every name a served domain's certificate covers: the domain, and `*.DOMAIN` for its
+/// services (conference., pubsub., upload.).
+fn cert_names(domains: &[String]) -> Vec<String> {
+    domains.iter().flat_map(|d| [d.clone(), format!("*.{d}")]).collect()
+}
+
+/// A self-signed certificate (PEM) and its key, named after the first domain (CN) and
+/// valid for every served domain and its subdomains (subjectAltName).
+fn self_signed(domains: &[String]) -> Result<(String, String), String> {
+    let err = |e: rcgen::Error| format!("cannot generate a self-signed certificate: {e}");
+    let mut params = rcgen::CertificateParams::new(cert_names(domains)).map_err(err)?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(
+        rcgen::DnType::CommonName,
+        domains.first().cloned().unwrap_or_else(|| "localhost".into()),
+    );
+    dn.push(rcgen::DnType::OrganizationName, "Starling XMPP server (self-signed)");
+    params.distinguished_name = dn;
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {

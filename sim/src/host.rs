@@ -806,37 +806,15 @@ impl World {
         self.undeliverable(node, shard, env, "resource-constraint");
     }
 
-    /// `Shard::session_gone`: a message for the full JID of a session that ended goes back to
-    /// the bare JID and the actor is told the session is gone; one already for the bare JID
-    /// is answered with an error.
+    /// `Shard::session_gone`: the shared rule (`msg::session_gone`) for a stanza that reached
+    /// a session after it ended.
     fn session_gone(&mut self, node: u32, shard: u16, addr: SessionAddr, m: SessionMsg) {
-        let SessionMsg::Stanza(st) = m else { return };
-        if st.name != "message" {
-            return;
+        let gone = starling_actors::msg::session_gone(addr, m);
+        for env in gone.route {
+            let _ = self.route(node, shard, env, Origin::Actor);
         }
-        let Some(to) = st.attr("to").and_then(|t| Jid::new(t).ok()) else {
-            return;
-        };
-        match to.resource() {
-            Some(r) => {
-                let resource = r.to_string();
-                let mut st = st;
-                st.set_attr("to", to.to_bare().to_string());
-                let env = Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st });
-                let _ = self.route(node, shard, env, Origin::Actor);
-                let env = Envelope::to_user(
-                    to.to_bare(),
-                    UserMsg::Unbind {
-                        session: addr,
-                        resource,
-                    },
-                );
-                let _ = self.route(node, shard, env, Origin::Actor);
-            }
-            None => {
-                let env = Envelope::to_user(to.to_bare(), UserMsg::Inbound { stanza: st });
-                self.undeliverable(node, shard, env, "recipient-unavailable");
-            }
+        if let Some((env, condition)) = gone.bounce {
+            self.undeliverable(node, shard, env, condition);
         }
     }
 

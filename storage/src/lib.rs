@@ -47,4 +47,8 @@ pub trait Storage {
     fn list_accounts(&self) -> Result<Vec<String>>;
     /// Offline messages stored for all users (applied writes included), for the metrics.
     fn offline_total(&self) -> u64;
+    /// Offline messages set aside as unreadable (`Write::SetAsideOffline`), for the metrics.
+    fn unreadable_total(&self) -> u64;
+    /// Every unreadable record with its user, for the operator.
+    fn unreadable(&self) -> Result<Vec<(String, OfflineMessage)>>;
 }

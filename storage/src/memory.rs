@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use crate::{Account, Result, Storage, UserData, Write};
+use crate::{Account, OfflineMessage, Result, Storage, UserData, Write};
 
 #[derive(Clone, Debug, Default)]
 struct State {
@@ -59,6 +59,14 @@ fn apply_one(state: &mut State, w: &Write) {
                 u.offline.retain(|m| m.seq > *upto);
             }
         }
+        Write::SetAsideOffline { user, seq } => {
+            if let Some(u) = state.users.get_mut(user) {
+                if let Some(i) = u.offline.iter().position(|m| m.seq == *seq) {
+                    let m = u.offline.remove(i);
+                    u.unreadable.push(m);
+                }
+            }
+        }
         Write::NextVersion { user, base } => {
             state.users.entry(user.clone()).or_default().version = base + 1;
         }
@@ -109,5 +117,16 @@ impl Storage for MemoryStorage {
     }
     fn offline_total(&self) -> u64 {
         self.current.users.values().map(|u| u.offline.len() as u64).sum()
+    }
+    fn unreadable_total(&self) -> u64 {
+        self.current.users.values().map(|u| u.unreadable.len() as u64).sum()
+    }
+    fn unreadable(&self) -> Result<Vec<(String, OfflineMessage)>> {
+        Ok(self
+            .current
+            .users
+            .iter()
+            .flat_map(|(u, d)| d.unreadable.iter().map(move |m| (u.clone(), m.clone())))
+            .collect())
     }
 }

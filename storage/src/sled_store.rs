@@ -4,6 +4,14 @@
 //! - `meta`:     `rver \0 user` → u64 big-endian (roster version); `wver \0 user` → u64
 //!   big-endian (write version, see `UserData::version`)
 //! - `offline`:  `user \0 seq(u64 BE)` → postcard(OfflineMessage); BE keeps them in order
+//! - `unreadable`: same keys and values as `offline`: stored stanzas that could not be parsed
+//!   back when they were to be delivered, set aside (`Write::SetAsideOffline`) for the
+//!   operator (`starling user unreadable`) rather than deleted
+//!
+//! A batch is atomic: `apply` works out every tree's changes first (reading through what the
+//! batch itself changed), then commits them in one sled transaction over all the trees, so
+//! a crash leaves either the whole batch or none of it.
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -16,8 +24,117 @@ pub struct SledStorage {
     roster: sled::Tree,
     meta: sled::Tree,
     offline: sled::Tree,
-    /// Entries in `offline`, kept up to date by `apply` (counted once at open).
+    unreadable: sled::Tree,
+    /// Entries in `offline` and `unreadable`, kept up to date by `apply` (counted at open).
     offline_count: u64,
+    unreadable_count: u64,
+}
+
+/// The trees in the order of [`Overlay`]'s slots and of the commit's transaction.
+const ACCOUNTS: usize = 0;
+const ROSTER: usize = 1;
+const META: usize = 2;
+const OFFLINE: usize = 3;
+const UNREADABLE: usize = 4;
+const TREES: usize = 5;
+
+/// A batch's changes before they are committed: per tree, key → new value (`None`: removed).
+/// Reads go through it, so a write sees what earlier writes of its batch did.
+struct Overlay<'a> {
+    trees: [&'a sled::Tree; TREES],
+    changes: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; TREES],
+}
+
+impl<'a> Overlay<'a> {
+    fn new(trees: [&'a sled::Tree; TREES]) -> Self {
+        Overlay {
+            trees,
+            changes: Default::default(),
+        }
+    }
+
+    fn get(&self, t: usize, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.changes[t].get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.trees[t].get(key).map_err(backend)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn put(&mut self, t: usize, key: Vec<u8>, value: Vec<u8>) {
+        self.changes[t].insert(key, Some(value));
+    }
+
+    fn remove(&mut self, t: usize, key: Vec<u8>) {
+        self.changes[t].insert(key, None);
+    }
+
+    /// Keys present in `lo..=hi` of tree `t`, the batch's changes included.
+    fn keys_in(&self, t: usize, lo: &[u8], hi: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut keys: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
+        for kv in self.trees[t].range(lo..=hi) {
+            keys.insert(kv.map_err(backend)?.0.to_vec());
+        }
+        for (k, v) in self.changes[t].range(lo.to_vec()..=hi.to_vec()) {
+            if v.is_some() {
+                keys.insert(k.clone());
+            } else {
+                keys.remove(k);
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
+
+    /// Keys of tree `t` under `user`'s prefix.
+    fn user_keys(&self, t: usize, user: &str) -> Result<Vec<Vec<u8>>> {
+        let lo = prefix(user);
+        let mut hi = user.as_bytes().to_vec();
+        hi.push(1);
+        let mut keys = self.keys_in(t, &lo, &hi)?;
+        keys.retain(|k| k.as_slice() != hi.as_slice());
+        Ok(keys)
+    }
+
+    /// How many entries tree `t` gains (or loses) with this batch.
+    fn count_delta(&self, t: usize) -> Result<i64> {
+        let mut d = 0i64;
+        for (k, v) in &self.changes[t] {
+            let before = self.trees[t].contains_key(k).map_err(backend)?;
+            d += i64::from(v.is_some()) - i64::from(before);
+        }
+        Ok(d)
+    }
+
+    /// Commits every change in one transaction.
+    fn commit(self) -> Result<()> {
+        use sled::Transactional;
+        let batches: Vec<sled::Batch> = self
+            .changes
+            .into_iter()
+            .map(|c| {
+                let mut b = sled::Batch::default();
+                for (k, v) in c {
+                    match v {
+                        Some(v) => b.insert(k, v),
+                        None => b.remove(k),
+                    }
+                }
+                b
+            })
+            .collect();
+        self.trees
+            .as_slice()
+            .transaction(|trees| {
+                for (t, b) in trees.iter().zip(&batches) {
+                    t.apply_batch(b)?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| StorageError::Backend(format!("transaction: {e:?}")))
+    }
+}
+
+fn apply_count(count: &mut u64, delta: i64) {
+    *count = count.saturating_add_signed(delta);
 }
 
 fn backend(e: sled::Error) -> StorageError {
@@ -101,24 +218,27 @@ impl SledStorage {
             })?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         let offline = tree("offline")?;
+        let unreadable = tree("unreadable")?;
         Ok(Self {
             accounts: tree("accounts")?,
             roster: tree("roster")?,
             meta: tree("meta")?,
             offline_count: offline.len() as u64,
             offline,
+            unreadable_count: unreadable.len() as u64,
+            unreadable,
             db,
         })
     }
 
-    /// Removes every key under `p`; returns how many there were.
-    fn delete_prefix(tree: &sled::Tree, p: &[u8]) -> Result<u64> {
-        let mut n = 0;
-        for kv in tree.scan_prefix(p) {
-            let (k, _) = kv.map_err(backend)?;
-            n += u64::from(tree.remove(k).map_err(backend)?.is_some());
-        }
-        Ok(n)
+    fn overlay(&self) -> Overlay<'_> {
+        Overlay::new([
+            &self.accounts,
+            &self.roster,
+            &self.meta,
+            &self.offline,
+            &self.unreadable,
+        ])
     }
 }
 
@@ -143,11 +263,19 @@ impl Storage for SledStorage {
         let mut data = UserData::default();
         for kv in self.roster.scan_prefix(&p) {
             let (k, v) = kv.map_err(backend)?;
-            data.roster.push(decode::<RosterItem>(&k, &v)?);
+            let item = match decode::<RosterItem>(&k, &v) {
+                Ok(item) => item,
+                Err(e) => RosterItem::decode_legacy(&v).ok_or(e)?,
+            };
+            data.roster.push(item);
         }
         for kv in self.offline.scan_prefix(&p) {
             let (k, v) = kv.map_err(backend)?;
             data.offline.push(decode::<OfflineMessage>(&k, &v)?);
+        }
+        for kv in self.unreadable.scan_prefix(&p) {
+            let (k, v) = kv.map_err(backend)?;
+            data.unreadable.push(decode::<OfflineMessage>(&k, &v)?);
         }
         if let Some(v) = self.meta.get(ver_key(user)).map_err(backend)? {
             let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StorageError::Corrupt {
@@ -162,7 +290,7 @@ impl Storage for SledStorage {
 
     fn apply(&mut self, writes: &[Write]) -> Result<()> {
         // Checked before anything is written: a refused batch leaves no trace. The storage
-        // thread is the only writer, so nothing changes between the check and the writes.
+        // thread is the only writer, so nothing changes between the check and the commit.
         for (user, base) in crate::version_conditions(writes) {
             let have = read_u64(&self.meta, &wver_key(user), "write version")?;
             if have != base {
@@ -173,60 +301,44 @@ impl Storage for SledStorage {
                 });
             }
         }
+        let mut o = self.overlay();
         for w in writes {
             match w {
-                Write::PutAccount { user, account } => {
-                    self.accounts
-                        .insert(user.as_bytes(), encode(account))
-                        .map_err(backend)?;
-                }
+                Write::PutAccount { user, account } => o.put(ACCOUNTS, user.as_bytes().to_vec(), encode(account)),
                 Write::DeleteUser { user } => {
-                    self.accounts.remove(user.as_bytes()).map_err(backend)?;
-                    Self::delete_prefix(&self.roster, &prefix(user))?;
-                    self.offline_count -= Self::delete_prefix(&self.offline, &prefix(user))?.min(self.offline_count);
-                    self.meta.remove(ver_key(user)).map_err(backend)?;
-                    self.meta.remove(wver_key(user)).map_err(backend)?;
-                }
-                Write::NextVersion { user, base } => {
-                    self.meta
-                        .insert(wver_key(user), &(base + 1).to_be_bytes())
-                        .map_err(backend)?;
-                }
-                Write::SetVersion { user, version } => {
-                    self.meta
-                        .insert(wver_key(user), &version.to_be_bytes())
-                        .map_err(backend)?;
-                }
-                Write::PutRosterItem { user, item } => {
-                    self.roster
-                        .insert(roster_key(user, &item.jid), encode(item))
-                        .map_err(backend)?;
-                }
-                Write::DeleteRosterItem { user, contact } => {
-                    self.roster.remove(roster_key(user, contact)).map_err(backend)?;
-                }
-                Write::SetRosterVer { user, ver } => {
-                    self.meta.insert(ver_key(user), &ver.to_be_bytes()).map_err(backend)?;
-                }
-                Write::PushOffline { user, msg } => {
-                    let old = self
-                        .offline
-                        .insert(offline_key(user, msg.seq), encode(msg))
-                        .map_err(backend)?;
-                    self.offline_count += u64::from(old.is_none());
-                }
-                Write::DeleteOffline { user, upto } => {
-                    let start = offline_key(user, 0);
-                    let end = offline_key(user, *upto);
-                    for kv in self.offline.range(start..=end) {
-                        let (k, _) = kv.map_err(backend)?;
-                        if self.offline.remove(k).map_err(backend)?.is_some() {
-                            self.offline_count = self.offline_count.saturating_sub(1);
+                    o.remove(ACCOUNTS, user.as_bytes().to_vec());
+                    for t in [ROSTER, OFFLINE, UNREADABLE] {
+                        for k in o.user_keys(t, user)? {
+                            o.remove(t, k);
                         }
+                    }
+                    o.remove(META, ver_key(user));
+                    o.remove(META, wver_key(user));
+                }
+                Write::NextVersion { user, base } => o.put(META, wver_key(user), (base + 1).to_be_bytes().to_vec()),
+                Write::SetVersion { user, version } => o.put(META, wver_key(user), version.to_be_bytes().to_vec()),
+                Write::PutRosterItem { user, item } => o.put(ROSTER, roster_key(user, &item.jid), encode(item)),
+                Write::DeleteRosterItem { user, contact } => o.remove(ROSTER, roster_key(user, contact)),
+                Write::SetRosterVer { user, ver } => o.put(META, ver_key(user), ver.to_be_bytes().to_vec()),
+                Write::PushOffline { user, msg } => o.put(OFFLINE, offline_key(user, msg.seq), encode(msg)),
+                Write::DeleteOffline { user, upto } => {
+                    for k in o.keys_in(OFFLINE, &offline_key(user, 0), &offline_key(user, *upto))? {
+                        o.remove(OFFLINE, k);
+                    }
+                }
+                Write::SetAsideOffline { user, seq } => {
+                    let k = offline_key(user, *seq);
+                    if let Some(v) = o.get(OFFLINE, &k)? {
+                        o.remove(OFFLINE, k.clone());
+                        o.put(UNREADABLE, k, v);
                     }
                 }
             }
         }
+        let (offline, unreadable) = (o.count_delta(OFFLINE)?, o.count_delta(UNREADABLE)?);
+        o.commit()?;
+        apply_count(&mut self.offline_count, offline);
+        apply_count(&mut self.unreadable_count, unreadable);
         Ok(())
     }
 
@@ -237,6 +349,20 @@ impl Storage for SledStorage {
 
     fn offline_total(&self) -> u64 {
         self.offline_count
+    }
+
+    fn unreadable_total(&self) -> u64 {
+        self.unreadable_count
+    }
+
+    fn unreadable(&self) -> Result<Vec<(String, OfflineMessage)>> {
+        let mut out = Vec::new();
+        for kv in self.unreadable.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let user = k.split(|b| *b == 0).next().unwrap_or(&[]);
+            out.push((String::from_utf8_lossy(user).into_owned(), decode(&k, &v)?));
+        }
+        Ok(out)
     }
 
     fn list_accounts(&self) -> Result<Vec<String>> {

@@ -60,6 +60,44 @@ pub struct RosterItem {
     /// False for an entry that only records an inbound request from someone not on the roster:
     /// such entries are never shown to the client as roster items.
     pub in_roster: bool,
+    /// The contact's subscription request while it is pending in, as it came (RFC 6121
+    /// §3.1.3: the complete stanza, extended content such as a pre-authentication token
+    /// included), serialised in the jabber:client namespace; delivered when the user next
+    /// comes online. Last, so that records written before it existed still decode
+    /// ([`RosterItem::decode_legacy`]).
+    pub pending_stanza: Option<String>,
+}
+
+/// The layout of [`RosterItem`] before `pending_stanza`.
+#[derive(Deserialize)]
+struct RosterItemV0 {
+    jid: String,
+    name: Option<String>,
+    groups: Vec<String>,
+    subscription: Subscription,
+    ask_out: bool,
+    pending_in: bool,
+    approved: bool,
+    in_roster: bool,
+}
+
+impl RosterItem {
+    /// Decodes a record of the layout before `pending_stanza` (postcard has no field names:
+    /// the old layout is one field short).
+    pub fn decode_legacy(bytes: &[u8]) -> Option<RosterItem> {
+        let o: RosterItemV0 = postcard::from_bytes(bytes).ok()?;
+        Some(RosterItem {
+            jid: o.jid,
+            name: o.name,
+            groups: o.groups,
+            subscription: o.subscription,
+            ask_out: o.ask_out,
+            pending_in: o.pending_in,
+            approved: o.approved,
+            in_roster: o.in_roster,
+            pending_stanza: None,
+        })
+    }
 }
 
 /// A message kept for an offline user (XEP-0160), with its arrival time for XEP-0203.
@@ -76,6 +114,9 @@ pub struct UserData {
     pub roster: Vec<RosterItem>,
     pub roster_ver: u64,
     pub offline: Vec<OfflineMessage>,
+    /// Offline messages set aside because they could not be read back
+    /// (`Write::SetAsideOffline`): kept for the operator, never delivered.
+    pub unreadable: Vec<OfflineMessage>,
     /// How many write batches the user's state has had (`Write::NextVersion`): in a cluster,
     /// a copy with a lower version is stale and a handoff may replace it.
     pub version: u64,
@@ -104,6 +145,11 @@ impl UserData {
                 .into_iter()
                 .map(|msg| Write::PushOffline { user: u.clone(), msg }),
         );
+        for msg in self.unreadable {
+            let seq = msg.seq;
+            w.push(Write::PushOffline { user: u.clone(), msg });
+            w.push(Write::SetAsideOffline { user: u.clone(), seq });
+        }
         w
     }
 }
@@ -140,6 +186,13 @@ pub enum Write {
         user: String,
         upto: u64,
     },
+    /// Moves the offline message `seq` out of the queue into the unreadable records: it
+    /// could not be parsed back, so it is kept for the operator instead of being deleted
+    /// with the messages delivered around it.
+    SetAsideOffline {
+        user: String,
+        seq: u64,
+    },
     /// One more batch for this user, on condition: the whole batch applies only if the
     /// user's version is `base` (it then becomes `base + 1`), else nothing of it does and
     /// `apply` fails with [`crate::StorageError::Conflict`]. The cluster appends it to every
@@ -175,6 +228,7 @@ impl Write {
             | Write::SetRosterVer { user, .. }
             | Write::PushOffline { user, .. }
             | Write::DeleteOffline { user, .. }
+            | Write::SetAsideOffline { user, .. }
             | Write::NextVersion { user, .. }
             | Write::SetVersion { user, .. } => user,
         }

@@ -31,15 +31,28 @@ pub fn binary() -> PathBuf {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        // `--workspace` resolves features as `cargo test --workspace` does, so the build reuses
-        // the test build's artifacts instead of compiling the dependencies a second time.
-        cmd.current_dir(root).args(["build", "-q", "--workspace", "--bins"]);
+        // The package alone, as an operator builds it: `--workspace` would resolve features
+        // as `cargo test --workspace` does and compile the simulator's planted bugs into the
+        // binary under test. The dependencies' features are the same either way, so only
+        // the starling crates build a second time.
+        cmd.current_dir(root)
+            .args(["build", "-q", "-p", "starling-node", "--bin", "starling"]);
         if release {
             cmd.arg("--release");
         }
         let st = cmd.status().expect("run cargo build");
         assert!(st.success(), "building the starling binary failed");
-        profile_dir.join("starling")
+        let bin = profile_dir.join("starling");
+        let out = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .expect("starling --version");
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !version.contains("planted"),
+            "the binary under test is not the one an operator gets: {version}"
+        );
+        bin
     })
     .clone()
 }

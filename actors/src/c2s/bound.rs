@@ -86,14 +86,23 @@ impl C2sSession {
                 ));
             }
             "iq" => match (&to, to_server, local_user) {
-                (None, _, _) if el.first_child().is_some_and(|p| p.ns == ns::ROSTER) => self.route(Envelope::to_user(
-                    user,
-                    UserMsg::Outbound {
-                        session: self.addr,
-                        resource,
-                        stanza: el,
-                    },
-                )),
+                // RFC 6120 §10.3.3: no `to` is the account itself; the roster and service
+                // discovery of the account are the user actor's (server_iq answers the rest,
+                // ping and version, as the account's server would).
+                (None, _, _)
+                    if el
+                        .first_child()
+                        .is_some_and(|p| matches!(p.ns.as_str(), ns::ROSTER | ns::DISCO_INFO | ns::DISCO_ITEMS)) =>
+                {
+                    self.route(Envelope::to_user(
+                        user,
+                        UserMsg::Outbound {
+                            session: self.addr,
+                            resource,
+                            stanza: el,
+                        },
+                    ))
+                }
                 (None, _, _) | (_, true, _) => self.server_iq(el),
                 (_, _, Some(bare)) if bare == user && to.as_ref().is_some_and(|t| t.resource().is_none()) => self
                     .route(Envelope::to_user(

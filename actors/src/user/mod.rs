@@ -25,6 +25,10 @@ use crate::ns;
 use crate::stanza;
 use crate::xml::Element;
 
+/// What an account (its bare JID, or an IQ without `to` from its own session) advertises in
+/// disco#info besides its `account/registered` identity.
+pub const ACCOUNT_FEATURES: &[&str] = &[ns::DISCO_INFO, ns::DISCO_ITEMS, ns::PING];
+
 #[derive(Clone, Debug)]
 pub struct UserConfig {
     pub max_offline: usize,
@@ -91,6 +95,7 @@ impl UserActor {
         let next_seq = data
             .offline
             .iter()
+            .chain(&data.unreadable)
             .map(|m| m.seq + 1)
             .max()
             .unwrap_or(1)
@@ -211,6 +216,18 @@ impl UserActor {
             (None, true) => {}
             (None, false) => {
                 self.contacts_seen.remove(&key);
+            }
+        }
+    }
+
+    /// A stanza the actor stored (`to_client_xml`) parsed back; `None`, with a log line,
+    /// when it does not parse.
+    fn parse_stored(&self, xml: &str, what: &str) -> Option<Element> {
+        match stored_stanza(xml) {
+            Ok(el) => Some(el),
+            Err(e) => {
+                tracing::error!(user = %self.jid, what, error = ?e, "stored stanza does not parse");
+                None
             }
         }
     }
@@ -338,7 +355,9 @@ impl UserActor {
                         .with_attr("category", "account")
                         .with_attr("type", "registered"),
                 );
-                q.push_child(Element::new("feature", ns::DISCO_INFO).with_attr("var", ns::DISCO_INFO));
+                for f in ACCOUNT_FEATURES {
+                    q.push_child(Element::new("feature", ns::DISCO_INFO).with_attr("var", *f));
+                }
                 stanza::iq_result(&iq).with_child(q)
             }
             ("get", "query", ns::DISCO_ITEMS) => {
@@ -386,6 +405,20 @@ impl UserActor {
         }
         self.route_to_from(st, stanza::error_reply(st, condition, text))
     }
+}
+
+/// Parses a stanza stored as `Element::to_client_xml` wrote it. Stored stanzas were accepted
+/// within the client limits once; these limits only keep a corrupt record from costing much.
+pub(crate) fn stored_stanza(xml: &str) -> Result<Element, crate::parser::ParseError> {
+    crate::parser::parse_element(
+        xml.as_bytes(),
+        &[(String::new(), ns::CLIENT.to_string())],
+        crate::parser::Limits {
+            max_stanza_bytes: usize::MAX,
+            max_depth: 64,
+            max_attrs: 256,
+        },
+    )
 }
 
 /// RFC 3339 UTC timestamp (XEP-0082) from Unix milliseconds.

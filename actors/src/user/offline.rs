@@ -2,11 +2,10 @@
 
 use starling_storage::{OfflineMessage, Write};
 
-use super::{xmpp_timestamp, UserActor};
+use super::{stored_stanza, xmpp_timestamp, UserActor};
 use crate::address::SessionAddr;
 use crate::msg::{Envelope, SessionMsg};
 use crate::ns;
-use crate::parser::{parse_element, Limits};
 use crate::planted::{self, Bug};
 use crate::xml::Element;
 
@@ -50,21 +49,13 @@ impl UserActor {
             return;
         }
         let domain = self.jid.domain().to_string();
-        let base = vec![("".to_string(), ns::CLIENT.to_string())];
         let mut upto = 0;
+        let mut unreadable = Vec::new();
         let msgs: Vec<OfflineMessage> = self.offline.iter().cloned().collect();
         for m in msgs {
-            upto = m.seq;
-            match parse_element(
-                m.xml.as_bytes(),
-                &base,
-                Limits {
-                    max_stanza_bytes: usize::MAX,
-                    max_depth: 64,
-                    max_attrs: 256,
-                },
-            ) {
+            match stored_stanza(&m.xml) {
                 Ok(mut el) => {
+                    upto = m.seq;
                     el.set_attr("to", full);
                     el.push_child(
                         Element::new("delay", ns::DELAY)
@@ -74,9 +65,29 @@ impl UserActor {
                     self.send(Envelope::to_session(addr, SessionMsg::Offline(el)));
                 }
                 Err(e) => {
-                    tracing::error!(user = %self.jid, seq = m.seq, error = ?e, "stored offline message does not parse; skipped")
+                    // Never deleted with the messages around it: set aside for the operator
+                    // (`starling user unreadable`, the `starling_offline_unreadable` gauge).
+                    // Once set aside it is not tried again, so this is logged once.
+                    tracing::error!(user = %self.jid, seq = m.seq, error = ?e, "stored offline message does not parse; set aside as unreadable");
+                    unreadable.push(m.seq);
                 }
             }
+        }
+        if !unreadable.is_empty() {
+            self.offline.retain(|m| !unreadable.contains(&m.seq));
+            let user = self.jid.to_string();
+            let writes = unreadable
+                .into_iter()
+                .map(|seq| Write::SetAsideOffline {
+                    user: user.clone(),
+                    seq,
+                })
+                .collect();
+            // Its failure ends the actor like any failed write; the records stay queued.
+            self.persist(writes, Vec::new(), Vec::new());
+        }
+        if upto == 0 {
+            return;
         }
         self.offline_inflight = Some((addr, upto));
         self.send(Envelope::to_session(addr, SessionMsg::OfflineSent { upto }));

@@ -90,17 +90,19 @@ impl UserActor {
             self.send(Envelope::to_session(addr, SessionMsg::Stanza(p)));
         }
         // …subscription requests that waited for the user (§3.1.3)…
-        let pending: Vec<String> = self
+        let pending: Vec<(String, Option<String>)> = self
             .roster
             .values()
             .filter(|i| i.pending_in)
-            .map(|i| i.jid.clone())
+            .map(|i| (i.jid.clone(), i.pending_stanza.clone()))
             .collect();
-        for c in pending {
-            let req = Element::new("presence", ns::CLIENT)
-                .with_attr("type", "subscribe")
-                .with_attr("from", c.as_str())
-                .with_attr("to", self.jid.to_string());
+        for (c, stored) in pending {
+            let req = stored.and_then(|xml| self.parse_stored(&xml, "pending subscription request"));
+            let mut req = req.unwrap_or_else(|| Element::new("presence", ns::CLIENT));
+            // The addressing is the server's, whatever was stored.
+            req.set_attr("type", "subscribe");
+            req.set_attr("from", c.as_str());
+            req.set_attr("to", self.jid.to_string());
             self.send(Envelope::to_session(addr, SessionMsg::Stanza(req)));
         }
         // …and the offline queue (XEP-0160), to a resource with non-negative priority.

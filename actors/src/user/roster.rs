@@ -176,6 +176,10 @@ impl UserActor {
         then: Vec<Envelope>,
         failed: Vec<Envelope>,
     ) {
+        let mut item = item;
+        if !item.pending_in {
+            item.pending_stanza = None;
+        }
         let user = self.jid.to_string();
         let visible = removed || item.in_roster || self.roster.get(&item.jid).is_some_and(|o| o.in_roster);
         let forget = removed

@@ -109,6 +109,9 @@ impl UserActor {
                     then.push(reply("subscribed", &self.jid));
                     then.extend(self.current_presences(&c));
                 } else {
+                    if !item.pending_in {
+                        item.pending_stanza = Some(pending_request(&self.jid, &st));
+                    }
                     item.pending_in = true;
                     deliver = true;
                 }
@@ -159,4 +162,20 @@ impl UserActor {
             }
         }
     }
+}
+
+/// Largest subscription request kept whole while pending (RFC 6121 §3.1.3); a larger one is
+/// kept without its extended content (a roster holds up to `roster.max_items` of them).
+pub(super) const MAX_PENDING_STANZA: usize = 16 * 1024;
+
+/// The request as it is stored for delivery when the user comes online.
+fn pending_request(user: &BareJid, st: &Element) -> String {
+    let xml = st.to_client_xml();
+    if xml.len() <= MAX_PENDING_STANZA {
+        return xml;
+    }
+    tracing::warn!(%user, from = st.attr("from"), bytes = xml.len(), "subscription request too large to keep whole; its extended content is not kept");
+    let mut bare = Element::new("presence", crate::ns::CLIENT);
+    bare.attrs = st.attrs.clone();
+    bare.to_client_xml()
 }

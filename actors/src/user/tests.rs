@@ -693,3 +693,165 @@ fn a_failed_write_says_what_to_send_instead() {
         (addr, Some("error"), Some("s1"))
     );
 }
+
+#[test]
+fn an_offline_message_with_xml_lang_is_delivered() {
+    // slixmpp (and many clients) put xml:lang on every stanza; stored offline, it must parse
+    // back without the stream header that declared nothing for it.
+    let mut w = World::new(&["alice", "bob"]);
+    w.run(
+        "bob@localhost",
+        UserMsg::Inbound {
+            stanza: el("<message from='alice@localhost/a' to='bob@localhost' xml:lang='en' type='chat'><body xml:lang='de'>hallo</body></message>"),
+        },
+    );
+    w.online("bob", "b", 2);
+    let got = w.take(2);
+    let m = got.iter().find(|s| s.name == "message").expect("the offline message");
+    assert_eq!(m.attr("xml:lang"), Some("en"));
+    assert_eq!(m.child("body", ns::CLIENT).unwrap().attr("xml:lang"), Some("de"));
+    assert!(w
+        .writes
+        .iter()
+        .any(|x| matches!(x, Write::DeleteOffline { upto: 1, .. })));
+}
+
+#[test]
+fn an_unreadable_offline_message_is_set_aside_not_deleted() {
+    let j: BareJid = "bob@localhost".parse().unwrap();
+    let msg = |seq: u64, xml: &str| OfflineMessage {
+        seq,
+        stamp_unix_ms: 5,
+        xml: xml.into(),
+    };
+    let data = UserData {
+        offline: vec![
+            msg(
+                1,
+                "<message from='alice@localhost/a' to='bob@localhost'><body>one</body></message>",
+            ),
+            msg(2, "<message><body>cut off"),
+            msg(
+                3,
+                "<message from='alice@localhost/a' to='bob@localhost'><body>three</body></message>",
+            ),
+        ],
+        version: 3,
+        ..Default::default()
+    };
+    let mut w = World::new(&["alice"]);
+    w.users.insert(j.to_string(), UserActor::new(j, true, data, cfg()));
+    w.online("bob", "b", 2);
+    let bodies: Vec<String> = w
+        .take(2)
+        .iter()
+        .filter_map(|s| s.child("body", ns::CLIENT).map(|b| b.text()))
+        .collect();
+    assert_eq!(bodies, ["one", "three"]);
+    let aside = w
+        .writes
+        .iter()
+        .position(|x| matches!(x, Write::SetAsideOffline { seq: 2, .. }))
+        .expect("set aside");
+    let deleted = w
+        .writes
+        .iter()
+        .position(|x| matches!(x, Write::DeleteOffline { upto: 3, .. }))
+        .expect("the readable ones deleted once written");
+    assert!(
+        aside < deleted,
+        "set aside before the deletion that would take it along"
+    );
+    assert_eq!(w.users["bob@localhost"].offline_len(), 0);
+    // Applied to a store, the record is kept (and counted) while the others go.
+    let mut s = starling_storage::MemoryStorage::new();
+    let pushes: Vec<Write> = ["1", "2", "3"]
+        .iter()
+        .zip([1u64, 2, 3])
+        .map(|(_, seq)| Write::PushOffline {
+            user: "bob@localhost".into(),
+            msg: msg(seq, "x"),
+        })
+        .collect();
+    use starling_storage::Storage;
+    s.apply(&pushes).unwrap();
+    s.apply(&w.writes).unwrap();
+    assert_eq!(s.offline_total(), 0);
+    assert_eq!(s.unreadable_total(), 1);
+    assert_eq!(s.unreadable().unwrap()[0].1.seq, 2);
+}
+
+#[test]
+fn a_stored_subscription_request_keeps_its_extended_content() {
+    // RFC 6121 §3.1.3: the complete stanza, e.g. a pre-authenticated subscription token.
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "a", 1);
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            session: ANY,
+            resource: "a".into(),
+            stanza: el(
+                "<presence from='alice@localhost/a' to='bob@localhost' type='subscribe' xml:lang='en'>\
+                 <status>it's me</status><preauth xmlns='urn:xmpp:pars:0' token='tok3n'/></presence>",
+            ),
+        },
+    );
+    let stored = w.users["bob@localhost"].roster["alice@localhost"].clone();
+    assert!(stored.pending_in && stored.pending_stanza.is_some());
+    // Bob's actor goes (idle) and comes back from storage: the stanza comes with the roster.
+    let j: BareJid = "bob@localhost".parse().unwrap();
+    let data = UserData {
+        roster: vec![stored],
+        ..Default::default()
+    };
+    w.users.insert(j.to_string(), UserActor::new(j, true, data, cfg()));
+    w.online("bob", "b", 2);
+    let got = w.take(2);
+    let req = got
+        .iter()
+        .find(|s| s.attr("type") == Some("subscribe"))
+        .expect("the pending request");
+    assert_eq!(req.attr("from"), Some("alice@localhost"));
+    assert_eq!(req.attr("to"), Some("bob@localhost"));
+    assert_eq!(req.attr("xml:lang"), Some("en"));
+    assert_eq!(req.child("status", ns::CLIENT).unwrap().text(), "it's me");
+    assert_eq!(
+        req.child("preauth", "urn:xmpp:pars:0").unwrap().attr("token"),
+        Some("tok3n")
+    );
+    // Approved, the request is no longer kept.
+    w.run(
+        "bob@localhost",
+        UserMsg::Outbound {
+            session: ANY,
+            resource: "b".into(),
+            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
+        },
+    );
+    let item = &w.users["bob@localhost"].roster["alice@localhost"];
+    assert!(!item.pending_in && item.pending_stanza.is_none());
+}
+
+#[test]
+fn disco_info_without_to_answers_as_the_account() {
+    let mut w = World::new(&["alice"]);
+    w.online("alice", "a", 1);
+    w.take(1);
+    w.run(
+        "alice@localhost",
+        UserMsg::Outbound {
+            session: ANY,
+            resource: "a".into(),
+            stanza: el("<iq from='alice@localhost/a' type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"),
+        },
+    );
+    let got = w.take(1);
+    let q = got[0].child("query", ns::DISCO_INFO).expect("disco#info result");
+    let id = q.child("identity", ns::DISCO_INFO).unwrap();
+    assert_eq!(
+        (id.attr("category"), id.attr("type")),
+        (Some("account"), Some("registered"))
+    );
+    assert!(q.elements().any(|f| f.attr("var") == Some(ns::DISCO_INFO)));
+}

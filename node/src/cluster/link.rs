@@ -242,6 +242,11 @@ impl Shard {
 
     /// Creates an account owned by this node, on this node and its replicas.
     async fn create_account_here(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
+        if self.in_cluster() {
+            // Refused before anything is written when too few copies can be reached: an
+            // account is acknowledged like every other write, on a majority of copies.
+            self.reachable_copies(&self.replica_nodes(&user))?;
+        }
         let created = self
             .storage
             .create_account(user.clone(), account.clone())
@@ -294,6 +299,21 @@ impl Shard {
         self.cluster.replication / 2 + 1
     }
 
+    /// `Err` when this node and the replicas it can reach (`others`) are fewer than a write
+    /// needs: alone in the cluster, nothing is acknowledged.
+    fn reachable_copies(&self, others: &[NodeId]) -> Result<(), String> {
+        if others.len() + 1 >= self.copies_needed() {
+            return Ok(());
+        }
+        self.metrics.cluster_replication_failures.increment(1);
+        Err(format!(
+            "{} of the {} copies needed are reachable (cluster.replication = {})",
+            others.len() + 1,
+            self.copies_needed(),
+            self.cluster.replication
+        ))
+    }
+
     /// Writes `user`'s batch on its replicas, then here; `Ok` once it is durable on a
     /// majority of `cluster.replication` copies, this node's included — it serves the reads.
     /// What a client is told is durable survives the loss of any one node. The replicas go
@@ -326,16 +346,10 @@ impl Shard {
             return self.storage.write(writes).await.map_err(|e| e.to_string());
         }
         let others = self.replica_nodes(user);
+        self.reachable_copies(&others)?;
         if !others.is_empty() {
             let bytes = postcard::to_stdvec(&writes).map_err(|e| e.to_string())?;
             self.replicate_to(user, &others, bytes).await?;
-        } else if self.copies_needed() > 1 {
-            self.metrics.cluster_replication_failures.increment(1);
-            return Err(format!(
-                "alone in the cluster: {} copies needed (cluster.replication = {})",
-                self.copies_needed(),
-                self.cluster.replication
-            ));
         }
         self.storage.write(writes).await.map_err(|e| e.to_string())
     }
@@ -344,6 +358,7 @@ impl Shard {
     /// `write_replicated`; this node's own copy counts as one).
     async fn replicate(self: &Rc<Self>, user: &str, writes: &[Write]) -> Result<(), String> {
         let others = self.replica_nodes(user);
+        self.reachable_copies(&others)?;
         if others.is_empty() {
             return Ok(());
         }
