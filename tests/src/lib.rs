@@ -31,12 +31,23 @@ pub fn binary() -> PathBuf {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        // The package alone, as an operator builds it: `--workspace` would resolve features
-        // as `cargo test --workspace` does and compile the simulator's planted bugs into the
-        // binary under test. The dependencies' features are the same either way, so only
-        // the starling crates build a second time.
+        // The binary an operator gets: the whole workspace would compile the simulator's
+        // planted bugs into it (sim enables the feature, and features unify). Without sim,
+        // every dependency resolves with the features of `cargo test --workspace`, so only
+        // starling-actors and starling-node build a second time (`-p starling-node` alone
+        // would rebuild some fifty dependencies with other features); `--version` proves it.
         cmd.current_dir(root)
-            .args(["build", "-q", "-p", "starling-node", "--bin", "starling"]);
+            .args(["build", "-q", "--workspace", "--exclude", "sim", "--bins"]);
+        // What cargo set for this test process (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, …) must
+        // not reach the build: build scripts such as ring's rerun when those differ from the
+        // test build's, and ring and everything above it would compile again.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&k.as_ref()) || k.starts_with("CARGO_BUILD_");
+            if (k.starts_with("CARGO_") && !keep) || k == "OUT_DIR" {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         if release {
             cmd.arg("--release");
         }

@@ -13,6 +13,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 pub struct Raw {
     io: Box<dyn Io>,
+    /// The socket, for plain TCP connections: `cut` resets it.
+    fd: Option<std::os::fd::RawFd>,
     /// Everything received and not yet consumed by `until`.
     pub buf: String,
     pub closed: bool,
@@ -23,8 +25,10 @@ impl Raw {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
         Raw {
             io: Box::new(s),
+            fd: Some(fd),
             buf: String::new(),
             closed: false,
         }
@@ -33,9 +37,32 @@ impl Raw {
     pub fn from_io(io: Box<dyn Io>) -> Raw {
         Raw {
             io,
+            fd: None,
             buf: String::new(),
             closed: false,
         }
+    }
+
+    /// Cuts the connection as a network failure would: no stream close, and a TCP reset
+    /// (zero linger) instead of a FIN. Plain TCP connections only.
+    pub fn cut(self) {
+        let fd = self.fd.expect("cut needs a plain TCP connection");
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on our own open socket with a correctly sized struct.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER");
+        drop(self);
     }
 
     pub async fn send(&mut self, s: &str) {

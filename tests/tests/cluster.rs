@@ -388,3 +388,31 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// An account is a write like any other: a cluster member alone (replication 2) cannot have
+/// it stored on a majority of copies, so registration is refused and nothing is created;
+/// once a second member is up, it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_is_not_acknowledged_without_a_replica() {
+    let g1 = free_port();
+    let n1 = Server::start_node("n1", g1, free_port(), &[g1], &[]);
+    wait_alive(&n1, &["n1"], Duration::from_secs(30));
+    let mut r = Raw::connect(n1.port).await;
+    r.send(HEADER).await;
+    r.until("</stream:features>").await;
+    r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>lonely</username><password>pw</password></query></iq>")
+        .await;
+    let got = r.until_closed().await;
+    assert!(!got.contains("type=\"result\""), "acknowledged with no replica: {got}");
+    assert!(
+        n1.log_text().contains("copies needed are reachable"),
+        "{}",
+        n1.log_text()
+    );
+    let n2 = Server::start_node("n2", free_port(), free_port(), &[g1], &[]);
+    for n in [&n1, &n2] {
+        wait_alive(n, &["n1", "n2"], Duration::from_secs(30));
+    }
+    register(&n1, "lonely", "pw").await;
+    Raw::login_plain(n2.port, "lonely", "pw", "r").await;
+}

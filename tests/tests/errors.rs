@@ -306,6 +306,68 @@ async fn tls_is_required_by_default_and_direct_tls_uses_the_generated_certificat
     r.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAGE=</auth>")
         .await;
     assert!(r.until("/>").await.contains("<success"));
+
+    // The certificate names the served domain (CN) and it and its services (SAN), so
+    // clients that show or pin it show the right name.
+    let der = rustls_pemfile_certs(&pem).remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("X.509");
+    let cn: Vec<&str> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|c| c.as_str().ok())
+        .collect();
+    assert_eq!(cn, ["localhost"], "subject {}", cert.subject());
+    let san = cert.subject_alternative_name().expect("SAN").expect("a SAN extension");
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(names, ["localhost", "*.localhost"]);
+}
+
+#[tokio::test]
+async fn the_generated_certificate_follows_the_served_domains() {
+    let mut server = Server::start_with(&["server.domains=[\"example.org\", \"chat.example\"]"], &[], false);
+    let cert_path = server.dir.path().join("data/tls/cert.pem");
+    let names = |path: &std::path::Path| {
+        let der = rustls_pemfile_certs(&std::fs::read(path).unwrap()).remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let dns: Vec<String> = san.value.general_names.iter().map(|n| format!("{n:?}")).collect();
+        (cn, dns)
+    };
+    let (cn, dns) = names(&cert_path);
+    assert_eq!(cn, "example.org");
+    assert_eq!(
+        dns,
+        [
+            "DNSName(\"example.org\")",
+            "DNSName(\"*.example.org\")",
+            "DNSName(\"chat.example\")",
+            "DNSName(\"*.chat.example\")",
+        ]
+    );
+    // Kept across a restart…
+    let before = std::fs::read(&cert_path).unwrap();
+    server.restart();
+    assert_eq!(
+        std::fs::read(&cert_path).unwrap(),
+        before,
+        "regenerated for the same domains"
+    );
 }
 
 fn rustls_pemfile_certs(pem: &[u8]) -> Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
@@ -484,4 +546,199 @@ fn scrape_until(server: &Server, ok: impl Fn(&str) -> bool) -> String {
         assert!(std::time::Instant::now() < deadline, "metrics never got there:\n{text}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+#[tokio::test]
+async fn disco_info_without_to_is_answered_by_the_account() {
+    // RFC 6120 §10.3.3: an IQ without `to` is for the sender's own account.
+    let server = Server::start(&[CLEAR], &[("alice@localhost", "a")]);
+    let mut r = Raw::login_plain(server.port, "alice", "a", "r").await;
+    r.send("<iq type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        .await;
+    let got = r.until("</iq>").await;
+    assert!(
+        got.contains("type='result'") || got.contains("type=\"result\""),
+        "{got}"
+    );
+    assert!(
+        got.contains("category=\"account\"") && got.contains("type=\"registered\""),
+        "{got}"
+    );
+    assert!(!got.contains("category=\"server\""), "answered as the server: {got}");
+    // Addressed to the domain, it is still the server's.
+    r.send("<iq type='get' id='d2' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        .await;
+    let got = r.until("</iq>").await;
+    assert!(
+        got.contains("category=\"server\"") && got.contains("type=\"im\""),
+        "{got}"
+    );
+}
+
+#[tokio::test]
+async fn a_subscription_request_for_an_offline_user_is_kept_whole() {
+    // RFC 6121 §3.1.3: the complete stanza is delivered when the contact comes online —
+    // here a pre-authenticated subscription token (XEP-0379), across a restart.
+    let mut server = Server::start(&[CLEAR], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
+    {
+        let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
+        alice
+            .send(
+                "<presence to='bob@localhost' type='subscribe' xml:lang='en'><status>alice here</status>\
+                   <preauth xmlns='urn:xmpp:pars:0' token='t0k3n'/></presence>",
+            )
+            .await;
+        alice
+            .send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+            .await;
+        alice.until("id=\"p\"").await;
+        alice.send("</stream:stream>").await;
+        alice.until_closed().await;
+    }
+    server.restart();
+    let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
+    bob.send("<presence/>").await;
+    let got = bob.until("</presence>").await;
+    let got = if got.contains("subscribe") {
+        got
+    } else {
+        bob.until("</presence>").await
+    };
+    assert!(got.contains("type=\"subscribe\""), "{got}");
+    assert!(got.contains("from=\"alice@localhost\""), "{got}");
+    assert!(
+        got.contains("<preauth xmlns=\"urn:xmpp:pars:0\" token=\"t0k3n\"/>"),
+        "{got}"
+    );
+    assert!(got.contains("alice here") && got.contains("xml:lang=\"en\""), "{got}");
+}
+
+#[tokio::test]
+async fn gauges_return_to_idle_after_logouts_cuts_and_write_timeouts() {
+    let server = Server::start(
+        &[CLEAR, "c2s.write_timeout_secs=1", "offline.max_per_user=1000"],
+        &[
+            ("alice@localhost", "a"),
+            ("bob@localhost", "b"),
+            ("carol@localhost", "c"),
+            ("dave@localhost", "d"),
+        ],
+    );
+    // A clean logout.
+    let mut dave = Raw::login_plain(server.port, "dave", "d", "r").await;
+    dave.send("<presence/>").await;
+    dave.until("<presence").await;
+    dave.send("</stream:stream>").await;
+    dave.until_closed().await;
+    // A cut socket (TCP reset, no stream close), and one cut before it authenticated.
+    let mut carol = Raw::login_plain(server.port, "carol", "c", "r").await;
+    carol.send("<presence/>").await;
+    carol.until("<presence").await;
+    carol.cut();
+    let mut early = Raw::connect(server.port).await;
+    early.send(HEADER).await;
+    early.until("</stream:features>").await;
+    early.cut();
+    // A client that stops reading: its server-side writes time out.
+    let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
+    bob.send("<presence/>").await;
+    bob.until("<presence").await;
+    let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
+    let big = "x".repeat(200_000);
+    for i in 0..80 {
+        alice
+            .send(&format!(
+                "<message to='bob@localhost/r' id='m{i}'><body>{big}</body></message>"
+            ))
+            .await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !server.log_text().contains("write timed out") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no write timeout\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(bob);
+    alice.send("</stream:stream>").await;
+    drop(alice);
+    let text = scrape_until(&server, |t| {
+        metric_sum(t, "starling_connections") == 0.0
+            && metric_sum(t, "starling_sessions") == 0.0
+            && metric_sum(t, "starling_user_actors") == 0.0
+            && metric_sum(t, "starling_mailbox_depth") == 0.0
+            && metric_sum(t, "starling_mailbox_depth_max") == 0.0
+    });
+    assert_eq!(metric_sum(&text, "starling_logins_total"), 4.0, "{text}");
+}
+
+#[tokio::test]
+async fn an_unreadable_stored_message_is_set_aside_counted_and_listed() {
+    let mut server = Server::start(&[CLEAR], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
+    let send = |body: &'static str, port: u16| async move {
+        let mut alice = Raw::login_plain(port, "alice", "a", "r").await;
+        alice
+            .send(&format!(
+                "<message to='bob@localhost' type='chat'><body>{body}</body></message>"
+            ))
+            .await;
+        alice
+            .send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+            .await;
+        alice.until("id=\"p\"").await;
+    };
+    send("before", server.port).await;
+    scrape_until(&server, |t| metric_sum(t, "starling_offline_messages") == 1.0);
+    assert!(server.stop().success());
+    // A record that cannot be parsed back, after the first (as a bug or a disk could leave).
+    {
+        use starling_storage::{OfflineMessage, SledStorage, Storage, Write};
+        let mut s = SledStorage::open(&server.dir.path().join("data/db")).unwrap();
+        let last = s
+            .load_user("bob@localhost")
+            .unwrap()
+            .offline
+            .iter()
+            .map(|m| m.seq)
+            .max()
+            .unwrap();
+        s.apply(&[Write::PushOffline {
+            user: "bob@localhost".into(),
+            msg: OfflineMessage {
+                seq: last + 1,
+                stamp_unix_ms: 1,
+                xml: "<message><body>cut in half".into(),
+            },
+        }])
+        .unwrap();
+        s.flush().unwrap();
+    }
+    server.start_again();
+    send("after", server.port).await;
+    let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
+    bob.send("<presence/>").await;
+    bob.until("before").await;
+    bob.until("after").await;
+    // Counted as unreadable; the two delivered are deleted (once bob's session confirms).
+    scrape_until(&server, |t| {
+        metric_sum(t, "starling_offline_unreadable") == 1.0 && metric_sum(t, "starling_offline_messages") == 0.0
+    });
+    assert!(
+        server.log_text().contains("set aside as unreadable") && server.log_text().contains("bob@localhost"),
+        "{}",
+        server.log_text()
+    );
+    drop(bob);
+    assert!(server.stop().success());
+    // Kept for the operator, not deleted with the two delivered around it.
+    let out = server.cli(&["user", "unreadable", "bob@localhost"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        listed.starts_with("bob@localhost\t") && listed.contains("cut in half"),
+        "{listed}"
+    );
+    assert_eq!(listed.lines().count(), 1, "{listed}");
 }
