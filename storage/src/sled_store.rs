@@ -8,9 +8,13 @@
 //!   back when they were to be delivered, set aside (`Write::SetAsideOffline`) for the
 //!   operator (`starling user unreadable`) rather than deleted
 //!
-//! A batch is atomic: `apply` works out every tree's changes first (reading through what the
-//! batch itself changed), then commits them in one sled transaction over all the trees, so
-//! a crash leaves either the whole batch or none of it.
+//! Batches are atomic: `apply` works out a batch's changes to every tree (reading through
+//! what is pending and what the batch itself changed) and adds them to the pending changes;
+//! `flush` — and any read, so reads see every applied write — commits everything pending in
+//! one sled transaction, then fsyncs. A crash leaves each batch whole or absent, and one
+//! transaction per group commit, not per batch, keeps the cost of atomicity small (a sled
+//! transaction costs about 150 µs; measured in BENCHMARKS.md, "Storage").
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -25,10 +29,16 @@ pub struct SledStorage {
     meta: sled::Tree,
     offline: sled::Tree,
     unreadable: sled::Tree,
-    /// Entries in `offline` and `unreadable`, kept up to date by `apply` (counted at open).
+    /// Applied and not yet committed (see the module's doc). A `RefCell`: reads (`&self`)
+    /// commit it first. Only the storage thread uses a store.
+    pending: RefCell<Changes>,
+    /// Entries in `offline` and `unreadable`, pending ones included (counted at open).
     offline_count: u64,
     unreadable_count: u64,
 }
+
+/// Per tree: key → new value (`None`: removed).
+type Changes = [BTreeMap<Vec<u8>, Option<Vec<u8>>>; TREES];
 
 /// The trees in the order of [`Overlay`]'s slots and of the commit's transaction.
 const ACCOUNTS: usize = 0;
@@ -38,25 +48,35 @@ const OFFLINE: usize = 3;
 const UNREADABLE: usize = 4;
 const TREES: usize = 5;
 
-/// A batch's changes before they are committed: per tree, key → new value (`None`: removed).
-/// Reads go through it, so a write sees what earlier writes of its batch did.
+/// One batch's changes, over what is pending, over the trees. Reads go through all three,
+/// so a write sees what earlier writes of its batch and earlier batches did.
 struct Overlay<'a> {
     trees: [&'a sled::Tree; TREES],
-    changes: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; TREES],
+    pending: &'a Changes,
+    changes: Changes,
 }
 
 impl<'a> Overlay<'a> {
-    fn new(trees: [&'a sled::Tree; TREES]) -> Self {
+    fn new(trees: [&'a sled::Tree; TREES], pending: &'a Changes) -> Self {
         Overlay {
             trees,
+            pending,
             changes: Default::default(),
+        }
+    }
+
+    /// The value before this batch.
+    fn before(&self, t: usize, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.pending[t].get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.trees[t].get(key).map_err(backend)?.map(|v| v.to_vec())),
         }
     }
 
     fn get(&self, t: usize, key: &[u8]) -> Result<Option<Vec<u8>>> {
         match self.changes[t].get(key) {
             Some(v) => Ok(v.clone()),
-            None => Ok(self.trees[t].get(key).map_err(backend)?.map(|v| v.to_vec())),
+            None => self.before(t, key),
         }
     }
 
@@ -74,11 +94,13 @@ impl<'a> Overlay<'a> {
         for kv in self.trees[t].range(lo..=hi) {
             keys.insert(kv.map_err(backend)?.0.to_vec());
         }
-        for (k, v) in self.changes[t].range(lo.to_vec()..=hi.to_vec()) {
-            if v.is_some() {
-                keys.insert(k.clone());
-            } else {
-                keys.remove(k);
+        for layer in [self.pending, &self.changes] {
+            for (k, v) in layer[t].range(lo.to_vec()..=hi.to_vec()) {
+                if v.is_some() {
+                    keys.insert(k.clone());
+                } else {
+                    keys.remove(k);
+                }
             }
         }
         Ok(keys.into_iter().collect())
@@ -98,38 +120,47 @@ impl<'a> Overlay<'a> {
     fn count_delta(&self, t: usize) -> Result<i64> {
         let mut d = 0i64;
         for (k, v) in &self.changes[t] {
-            let before = self.trees[t].contains_key(k).map_err(backend)?;
+            let before = self.before(t, k)?.is_some();
             d += i64::from(v.is_some()) - i64::from(before);
         }
         Ok(d)
     }
+}
 
-    /// Commits every change in one transaction.
-    fn commit(self) -> Result<()> {
+/// Commits `changes` in one transaction over the trees they touch (one tree: sled's own
+/// atomic batch, which is cheaper).
+fn commit(trees_all: [&sled::Tree; TREES], changes: Changes) -> Result<()> {
+    {
         use sled::Transactional;
-        let batches: Vec<sled::Batch> = self
-            .changes
-            .into_iter()
-            .map(|c| {
-                let mut b = sled::Batch::default();
-                for (k, v) in c {
-                    match v {
-                        Some(v) => b.insert(k, v),
-                        None => b.remove(k),
+        let mut trees: Vec<&sled::Tree> = Vec::with_capacity(TREES);
+        let mut batches: Vec<sled::Batch> = Vec::with_capacity(TREES);
+        for (t, c) in changes.into_iter().enumerate() {
+            if c.is_empty() {
+                continue;
+            }
+            let mut b = sled::Batch::default();
+            for (k, v) in c {
+                match v {
+                    Some(v) => b.insert(k, v),
+                    None => b.remove(k),
+                }
+            }
+            trees.push(trees_all[t]);
+            batches.push(b);
+        }
+        match trees.len() {
+            0 => Ok(()),
+            1 => trees[0].apply_batch(batches.pop().expect("one batch")).map_err(backend),
+            _ => trees
+                .as_slice()
+                .transaction(|trees| {
+                    for (t, b) in trees.iter().zip(&batches) {
+                        t.apply_batch(b)?;
                     }
-                }
-                b
-            })
-            .collect();
-        self.trees
-            .as_slice()
-            .transaction(|trees| {
-                for (t, b) in trees.iter().zip(&batches) {
-                    t.apply_batch(b)?;
-                }
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| StorageError::Backend(format!("transaction: {e:?}")))
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| StorageError::Backend(format!("transaction: {e:?}"))),
+        }
     }
 }
 
@@ -227,72 +258,24 @@ impl SledStorage {
             offline,
             unreadable_count: unreadable.len() as u64,
             unreadable,
+            pending: RefCell::new(Default::default()),
             db,
         })
     }
 
-    fn overlay(&self) -> Overlay<'_> {
-        Overlay::new([
-            &self.accounts,
-            &self.roster,
-            &self.meta,
-            &self.offline,
-            &self.unreadable,
-        ])
-    }
-}
-
-impl Storage for SledStorage {
-    fn account(&self, user: &str) -> Result<Option<Account>> {
-        match self.accounts.get(user.as_bytes()).map_err(backend)? {
-            Some(v) => Ok(Some(decode(user.as_bytes(), &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    fn create_account(&mut self, user: &str, account: &Account) -> Result<bool> {
-        let swapped = self
-            .accounts
-            .compare_and_swap(user.as_bytes(), None::<&[u8]>, Some(encode(account)))
-            .map_err(backend)?;
-        Ok(swapped.is_ok())
-    }
-
-    fn load_user(&self, user: &str) -> Result<UserData> {
-        let p = prefix(user);
-        let mut data = UserData::default();
-        for kv in self.roster.scan_prefix(&p) {
-            let (k, v) = kv.map_err(backend)?;
-            let item = match decode::<RosterItem>(&k, &v) {
-                Ok(item) => item,
-                Err(e) => RosterItem::decode_legacy(&v).ok_or(e)?,
-            };
-            data.roster.push(item);
-        }
-        for kv in self.offline.scan_prefix(&p) {
-            let (k, v) = kv.map_err(backend)?;
-            data.offline.push(decode::<OfflineMessage>(&k, &v)?);
-        }
-        for kv in self.unreadable.scan_prefix(&p) {
-            let (k, v) = kv.map_err(backend)?;
-            data.unreadable.push(decode::<OfflineMessage>(&k, &v)?);
-        }
-        if let Some(v) = self.meta.get(ver_key(user)).map_err(backend)? {
-            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StorageError::Corrupt {
-                key: format!("rver/{user}"),
-                reason: "roster version is not 8 bytes".into(),
-            })?;
-            data.roster_ver = u64::from_be_bytes(bytes);
-        }
-        data.version = read_u64(&self.meta, &wver_key(user), "write version")?;
-        Ok(data)
-    }
-
-    fn apply(&mut self, writes: &[Write]) -> Result<()> {
-        // Checked before anything is written: a refused batch leaves no trace. The storage
-        // thread is the only writer, so nothing changes between the check and the commit.
+    /// One batch's changes over `pending`, and how many offline and unreadable records it
+    /// adds; nothing when a condition does not hold. Checked before anything is staged: a
+    /// refused batch leaves no trace. The storage thread is the only writer.
+    fn stage(&self, writes: &[Write], pending: &Changes) -> Result<(Changes, i64, i64)> {
         for (user, base) in crate::version_conditions(writes) {
-            let have = read_u64(&self.meta, &wver_key(user), "write version")?;
+            let o = Overlay::new(self.trees(), pending);
+            let have = match o.get(META, &wver_key(user))? {
+                None => 0,
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StorageError::Corrupt {
+                    key: format!("wver/{user}"),
+                    reason: "write version is not 8 bytes".into(),
+                })?),
+            };
             if have != base {
                 return Err(StorageError::Conflict {
                     user: user.to_string(),
@@ -301,7 +284,7 @@ impl Storage for SledStorage {
                 });
             }
         }
-        let mut o = self.overlay();
+        let mut o = Overlay::new(self.trees(), pending);
         for w in writes {
             match w {
                 Write::PutAccount { user, account } => o.put(ACCOUNTS, user.as_bytes().to_vec(), encode(account)),
@@ -336,13 +319,102 @@ impl Storage for SledStorage {
             }
         }
         let (offline, unreadable) = (o.count_delta(OFFLINE)?, o.count_delta(UNREADABLE)?);
-        o.commit()?;
+        Ok((o.changes, offline, unreadable))
+    }
+
+    fn trees(&self) -> [&sled::Tree; TREES] {
+        [
+            &self.accounts,
+            &self.roster,
+            &self.meta,
+            &self.offline,
+            &self.unreadable,
+        ]
+    }
+
+    /// Commits what is pending (before a read, and at `flush`).
+    fn commit_pending(&self) -> Result<()> {
+        let changes = std::mem::take(&mut *self.pending.borrow_mut());
+        if changes.iter().all(BTreeMap::is_empty) {
+            return Ok(());
+        }
+        commit(self.trees(), changes)
+    }
+}
+
+impl Drop for SledStorage {
+    fn drop(&mut self) {
+        if let Err(e) = self.commit_pending() {
+            eprintln!("storage: applied writes could not be committed at close: {e}");
+        }
+    }
+}
+
+impl Storage for SledStorage {
+    fn account(&self, user: &str) -> Result<Option<Account>> {
+        self.commit_pending()?;
+        match self.accounts.get(user.as_bytes()).map_err(backend)? {
+            Some(v) => Ok(Some(decode(user.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn create_account(&mut self, user: &str, account: &Account) -> Result<bool> {
+        self.commit_pending()?;
+        let swapped = self
+            .accounts
+            .compare_and_swap(user.as_bytes(), None::<&[u8]>, Some(encode(account)))
+            .map_err(backend)?;
+        Ok(swapped.is_ok())
+    }
+
+    fn load_user(&self, user: &str) -> Result<UserData> {
+        self.commit_pending()?;
+        let p = prefix(user);
+        let mut data = UserData::default();
+        for kv in self.roster.scan_prefix(&p) {
+            let (k, v) = kv.map_err(backend)?;
+            let item = match decode::<RosterItem>(&k, &v) {
+                Ok(item) => item,
+                Err(e) => RosterItem::decode_legacy(&v).ok_or(e)?,
+            };
+            data.roster.push(item);
+        }
+        for kv in self.offline.scan_prefix(&p) {
+            let (k, v) = kv.map_err(backend)?;
+            data.offline.push(decode::<OfflineMessage>(&k, &v)?);
+        }
+        for kv in self.unreadable.scan_prefix(&p) {
+            let (k, v) = kv.map_err(backend)?;
+            data.unreadable.push(decode::<OfflineMessage>(&k, &v)?);
+        }
+        if let Some(v) = self.meta.get(ver_key(user)).map_err(backend)? {
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| StorageError::Corrupt {
+                key: format!("rver/{user}"),
+                reason: "roster version is not 8 bytes".into(),
+            })?;
+            data.roster_ver = u64::from_be_bytes(bytes);
+        }
+        data.version = read_u64(&self.meta, &wver_key(user), "write version")?;
+        Ok(data)
+    }
+
+    fn apply(&mut self, writes: &[Write]) -> Result<()> {
+        let pending = std::mem::take(self.pending.get_mut());
+        let staged = self.stage(writes, &pending);
+        *self.pending.get_mut() = pending;
+        let (changes, offline, unreadable) = staged?;
+        let pending = self.pending.get_mut();
+        for (t, c) in changes.into_iter().enumerate() {
+            pending[t].extend(c);
+        }
         apply_count(&mut self.offline_count, offline);
         apply_count(&mut self.unreadable_count, unreadable);
         Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.commit_pending()?;
         self.db.flush().map_err(backend)?;
         Ok(())
     }
@@ -356,6 +428,7 @@ impl Storage for SledStorage {
     }
 
     fn unreadable(&self) -> Result<Vec<(String, OfflineMessage)>> {
+        self.commit_pending()?;
         let mut out = Vec::new();
         for kv in self.unreadable.iter() {
             let (k, v) = kv.map_err(backend)?;
@@ -366,6 +439,7 @@ impl Storage for SledStorage {
     }
 
     fn list_accounts(&self) -> Result<Vec<String>> {
+        self.commit_pending()?;
         let mut out = Vec::new();
         for kv in self.accounts.iter() {
             let (k, _) = kv.map_err(backend)?;
