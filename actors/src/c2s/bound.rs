@@ -76,14 +76,7 @@ impl C2sSession {
                 }
                 // The user's own server processes all presence (broadcast, subscriptions,
                 // directed presence bookkeeping).
-                self.route(Envelope::to_user(
-                    user,
-                    UserMsg::Outbound {
-                        session: self.addr,
-                        resource,
-                        stanza: el,
-                    },
-                ));
+                self.route_own(user, resource, el);
             }
             "iq" => match (&to, to_server, local_user) {
                 // RFC 6120 §10.3.3: no `to` is the account itself; the roster and service
@@ -94,25 +87,12 @@ impl C2sSession {
                         .first_child()
                         .is_some_and(|p| matches!(p.ns.as_str(), ns::ROSTER | ns::DISCO_INFO | ns::DISCO_ITEMS)) =>
                 {
-                    self.route(Envelope::to_user(
-                        user,
-                        UserMsg::Outbound {
-                            session: self.addr,
-                            resource,
-                            stanza: el,
-                        },
-                    ))
+                    self.route_own(user, resource, el)
                 }
                 (None, _, _) | (_, true, _) => self.server_iq(el),
-                (_, _, Some(bare)) if bare == user && to.as_ref().is_some_and(|t| t.resource().is_none()) => self
-                    .route(Envelope::to_user(
-                        user,
-                        UserMsg::Outbound {
-                            session: self.addr,
-                            resource,
-                            stanza: el,
-                        },
-                    )),
+                (_, _, Some(bare)) if bare == user && to.as_ref().is_some_and(|t| t.resource().is_none()) => {
+                    self.route_own(user, resource, el)
+                }
                 (_, _, Some(bare)) => self.route(Envelope::to_user(bare, UserMsg::Inbound { stanza: el })),
                 _ if remote => self.bounce(&el, "remote-server-not-found"),
                 _ => self.bounce(&el, "service-unavailable"),
@@ -132,6 +112,18 @@ impl C2sSession {
                 }
             },
         }
+    }
+
+    /// A stanza the user's own actor processes for the user (`UserMsg::Outbound`).
+    fn route_own(&mut self, user: jid::BareJid, resource: String, stanza: Element) {
+        self.route(Envelope::to_user(
+            user,
+            UserMsg::Outbound {
+                session: self.addr,
+                resource,
+                stanza,
+            },
+        ));
     }
 
     fn serves(&self, domain: &str) -> bool {

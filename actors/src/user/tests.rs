@@ -137,6 +137,18 @@ impl World {
         );
     }
 
+    /// The user's client on `resource` sends `xml` (through the user's own actor).
+    fn client_sends(&mut self, user: &str, resource: &str, xml: &str) {
+        self.run(
+            &format!("{user}@localhost"),
+            UserMsg::Outbound {
+                session: ANY,
+                resource: resource.into(),
+                stanza: el(xml),
+            },
+        );
+    }
+
     fn take(&mut self, id: u64) -> Vec<Element> {
         let (mine, rest) = std::mem::take(&mut self.delivered)
             .into_iter()
@@ -153,26 +165,20 @@ fn subscription_handshake_converges_and_presence_flows() {
     w.online("bob", "b", 2);
     w.take(1);
     w.take(2);
-    w.run(
-        "alice@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "a".into(),
-            stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
-        },
+    w.client_sends(
+        "alice",
+        "a",
+        "<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>",
     );
     assert!(w
         .take(2)
         .iter()
         .any(|s| s.attr("type") == Some("subscribe") && s.attr("from") == Some("alice@localhost")));
     assert!(w.users["alice@localhost"].roster["bob@localhost"].ask_out);
-    w.run(
-        "bob@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "b".into(),
-            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
-        },
+    w.client_sends(
+        "bob",
+        "b",
+        "<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>",
     );
     assert_eq!(
         w.users["alice@localhost"].roster["bob@localhost"].subscription,
@@ -188,33 +194,24 @@ fn subscription_handshake_converges_and_presence_flows() {
         .iter()
         .any(|s| s.name == "presence" && s.attr("from") == Some("bob@localhost/b") && s.attr("type").is_none()));
     // Bob's next presence reaches alice; alice's does not reach bob (he has no "to").
-    w.run(
-        "bob@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "b".into(),
-            stanza: el("<presence from='bob@localhost/b'><show>away</show></presence>"),
-        },
+    w.client_sends(
+        "bob",
+        "b",
+        "<presence from='bob@localhost/b'><show>away</show></presence>",
     );
     assert!(w.take(1).iter().any(|s| s.child("show", ns::CLIENT).is_some()));
     w.take(2);
-    w.run(
-        "alice@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "a".into(),
-            stanza: el("<presence from='alice@localhost/a'><show>dnd</show></presence>"),
-        },
+    w.client_sends(
+        "alice",
+        "a",
+        "<presence from='alice@localhost/a'><show>dnd</show></presence>",
     );
     assert!(w.take(2).is_empty());
     // Unsubscribe by bob (unsubscribed): both sides drop the relation.
-    w.run(
-        "bob@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "b".into(),
-            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='unsubscribed'/>"),
-        },
+    w.client_sends(
+        "bob",
+        "b",
+        "<presence from='bob@localhost/b' to='alice@localhost' type='unsubscribed'/>",
     );
     assert_eq!(
         w.users["alice@localhost"].roster["bob@localhost"].subscription,
@@ -235,24 +232,18 @@ fn subscription_handshake_converges_and_presence_flows() {
 fn pre_approval_auto_accepts() {
     let mut w = World::new(&["alice", "bob"]);
     w.online("bob", "b", 2);
-    w.run(
-        "bob@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "b".into(),
-            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
-        },
+    w.client_sends(
+        "bob",
+        "b",
+        "<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>",
     );
     assert!(w.users["bob@localhost"].roster["alice@localhost"].approved);
     w.take(2);
     w.online("alice", "a", 1);
-    w.run(
-        "alice@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "a".into(),
-            stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
-        },
+    w.client_sends(
+        "alice",
+        "a",
+        "<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>",
     );
     assert_eq!(
         w.users["alice@localhost"].roster["bob@localhost"].subscription,
@@ -300,13 +291,10 @@ fn offline_queue_caps_with_an_error_and_delivers_with_delay() {
 fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
     let mut w = World::new(&["alice"]);
     w.online("alice", "a", 1);
-    w.run(
-        "alice@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "a".into(),
-            stanza: el("<iq from='alice@localhost/a' type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>"),
-        },
+    w.client_sends(
+        "alice",
+        "a",
+        "<iq from='alice@localhost/a' type='get' id='g'><query xmlns='jabber:iq:roster'/></iq>",
     );
     w.take(1);
     w.run("alice@localhost", UserMsg::Outbound {
@@ -330,13 +318,10 @@ fn roster_set_persists_then_answers_and_pushes_and_conflict_kicks() {
     );
     assert_eq!(w.kicked, vec![1]);
     // A message to a bare JID with only negative-priority sessions is stored.
-    w.run(
-        "alice@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "a".into(),
-            stanza: el("<presence from='alice@localhost/a'><priority>-1</priority></presence>"),
-        },
+    w.client_sends(
+        "alice",
+        "a",
+        "<presence from='alice@localhost/a'><priority>-1</priority></presence>",
     );
     w.run(
         "alice@localhost",
@@ -431,21 +416,15 @@ fn a_replaced_session_cannot_act_for_its_successor() {
 
 /// Alice subscribes to bob and bob approves: alice sees bob's resources.
 fn alice_sees_bob(w: &mut World) {
-    w.run(
-        "alice@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "a".into(),
-            stanza: el("<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>"),
-        },
+    w.client_sends(
+        "alice",
+        "a",
+        "<presence from='alice@localhost/a' to='bob@localhost' type='subscribe'/>",
     );
-    w.run(
-        "bob@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "b".into(),
-            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
-        },
+    w.client_sends(
+        "bob",
+        "b",
+        "<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>",
     );
 }
 
@@ -821,13 +800,10 @@ fn a_stored_subscription_request_keeps_its_extended_content() {
         Some("tok3n")
     );
     // Approved, the request is no longer kept.
-    w.run(
-        "bob@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "b".into(),
-            stanza: el("<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>"),
-        },
+    w.client_sends(
+        "bob",
+        "b",
+        "<presence from='bob@localhost/b' to='alice@localhost' type='subscribed'/>",
     );
     let item = &w.users["bob@localhost"].roster["alice@localhost"];
     assert!(!item.pending_in && item.pending_stanza.is_none());
@@ -838,13 +814,10 @@ fn disco_info_without_to_answers_as_the_account() {
     let mut w = World::new(&["alice"]);
     w.online("alice", "a", 1);
     w.take(1);
-    w.run(
-        "alice@localhost",
-        UserMsg::Outbound {
-            session: ANY,
-            resource: "a".into(),
-            stanza: el("<iq from='alice@localhost/a' type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"),
-        },
+    w.client_sends(
+        "alice",
+        "a",
+        "<iq from='alice@localhost/a' type='get' id='d1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
     );
     let got = w.take(1);
     let q = got[0].child("query", ns::DISCO_INFO).expect("disco#info result");
