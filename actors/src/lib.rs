@@ -9,6 +9,7 @@ pub mod parser;
 pub mod planted;
 pub mod scram;
 pub mod stanza;
+pub mod system;
 pub mod throttle;
 pub mod user;
 pub mod wire;

@@ -183,6 +183,23 @@ pub fn session_gone(addr: SessionAddr, m: SessionMsg) -> SessionGone {
     out
 }
 
+/// The error reply to an envelope that cannot be delivered (`condition`), addressed to its
+/// stanza's sender's user actor; `None` for control messages and for stanzas that are never
+/// answered with an error (errors, IQ results: RFC 6120 §8.3.1). Both hosts route it on.
+pub fn undeliverable(env: Envelope, condition: &str) -> Option<Envelope> {
+    let st = match env.msg {
+        Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. }) => stanza,
+        Msg::Session(SessionMsg::Stanza(s)) => s,
+        _ => return None,
+    };
+    if !crate::stanza::may_bounce(&st) {
+        return None;
+    }
+    let from = st.attr("from").and_then(|f| jid::Jid::new(f).ok())?;
+    let err = crate::stanza::error_reply(&st, condition, None);
+    Some(Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,7 +148,7 @@ impl Actor for Supervisor {
 
 /// Starts one pinned glommio executor per shard and waits until each listens.
 fn start_shards(params: ShardParams, n: usize, alive: Arc<AtomicUsize>) -> Result<Vec<ShardHandle>, String> {
-    let mesh = (n > 1).then(|| MeshBuilder::full(n, 1024));
+    let mesh = (n > 1).then(|| MeshBuilder::full(n, starling_actors::system::limits::MESH_CAPACITY));
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let (ready_tx, ready_rx) = flume::unbounded();
     let mut shards = Vec::with_capacity(n);

@@ -12,16 +12,14 @@ use std::time::{Duration, Instant};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::TcpListener;
 use glommio::{GlommioError, ResourceType};
-use jid::{BareJid, Jid};
+use jid::BareJid;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use starling_actors::address::{Address, MailboxKey, NodeId, SessionAddr, ShardId};
 use starling_actors::c2s::C2sConfig;
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
-use starling_actors::stanza;
 use starling_actors::throttle::AuthThrottle;
 use starling_actors::user::UserConfig;
-use starling_actors::xml::Element;
 
 use crate::storage_thread::StorageHandle;
 
@@ -258,7 +256,7 @@ impl Shard {
         }
         let me = self.clone();
         glommio::spawn_local(async move {
-            glommio::timer::sleep(Duration::from_millis(5)).await;
+            glommio::timer::sleep(Duration::from_millis(starling_actors::system::limits::RETRY_MS)).await;
             me.route(env);
         })
         .detach();
@@ -279,7 +277,7 @@ impl Shard {
         let me = self.clone();
         glommio::spawn_local(async move {
             loop {
-                glommio::timer::sleep(Duration::from_millis(5)).await;
+                glommio::timer::sleep(Duration::from_millis(starling_actors::system::limits::RETRY_MS)).await;
                 if me.drain_held(&target) {
                     return;
                 }
@@ -366,21 +364,11 @@ impl Shard {
         }
     }
 
-    /// Answers the sender of an undeliverable stanza with an error.
+    /// Answers the sender of an undeliverable stanza with an error (`msg::undeliverable`).
     pub fn undeliverable(self: &Rc<Self>, env: Envelope, condition: &str) {
-        let st: Option<Element> = match env.msg {
-            Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. }) => Some(stanza),
-            Msg::Session(SessionMsg::Stanza(s)) => Some(s),
-            _ => None,
-        };
-        let Some(st) = st.filter(stanza::may_bounce) else {
-            return;
-        };
-        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else {
-            return;
-        };
-        let err = stanza::error_reply(&st, condition, None);
-        self.route(Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err }));
+        if let Some(err) = starling_actors::msg::undeliverable(env, condition) {
+            self.route(err);
+        }
     }
 }
 

@@ -39,7 +39,7 @@ pub struct StorageHandle {
 }
 
 /// Requests queued toward the storage thread before senders wait (backpressure).
-pub const QUEUE: usize = 8192;
+pub const QUEUE: usize = starling_actors::system::limits::STORAGE_QUEUE;
 
 impl StorageHandle {
     pub fn new(tx: flume::Sender<StorageReq>) -> Self {
@@ -118,7 +118,7 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
                 }
                 StorageReq::Shutdown => stop = true,
             }
-            if acks.len() + created.len() >= 1024 {
+            if acks.len() + created.len() >= starling_actors::system::limits::GROUP_COMMIT_MAX {
                 break;
             }
         }

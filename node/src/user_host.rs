@@ -13,7 +13,8 @@ use starling_actors::user::{Effect, UserActor};
 use crate::shard::{Mailbox, Origin, Shard, Timed};
 
 /// The pause before a stanza whose write failed goes again, per failure (`UserMsg::Again`).
-pub const AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+pub const AGAIN_AFTER: std::time::Duration =
+    std::time::Duration::from_millis(starling_actors::system::limits::AGAIN_AFTER_MS);
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

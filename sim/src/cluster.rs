@@ -29,9 +29,9 @@ use crate::world::{Ev, World};
 /// `cluster.replication` in the simulated deployment (the node's default).
 pub const REPLICATION: usize = 2;
 /// How long a node waits for another node's answer (link.rs `ACCOUNT_TIMEOUT`).
-pub const ACCOUNT_TIMEOUT_US: u64 = 5_000_000;
+pub const ACCOUNT_TIMEOUT_US: u64 = starling_actors::system::limits::ACCOUNT_TIMEOUT_MS * 1000;
 /// Frames a link holds while its peer is unreachable (link.rs `LINK_QUEUE`).
-pub const LINK_QUEUE: usize = 4096;
+pub const LINK_QUEUE: usize = starling_actors::system::limits::LINK_QUEUE;
 /// The driver's membership tick.
 const TICK_US: u64 = 1_000_000;
 

@@ -6,12 +6,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use jid::{BareJid, Jid};
+use jid::BareJid;
 use starling_actors::address::{Address, MailboxKey, SessionAddr, SingleNode};
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
-use starling_actors::stanza;
 use starling_actors::throttle::AuthThrottle;
 use starling_actors::user::{Effect, UserActor};
 use starling_actors::xml::Element;
@@ -21,7 +20,7 @@ use crate::oracle::xml_id;
 use crate::world::{Ev, World, MAX_OFFLINE};
 
 /// `user_host::AGAIN_AFTER`: the pause before a stanza whose write failed goes again.
-const AGAIN_AFTER_US: u64 = 1_000_000;
+const AGAIN_AFTER_US: u64 = starling_actors::system::limits::AGAIN_AFTER_MS * 1000;
 
 #[derive(Debug)]
 pub enum Read {
@@ -641,7 +640,7 @@ impl World {
 
     fn retry_held(&mut self, node: u32, epoch: u64, shard: u16, target: MailboxKey) {
         self.after(
-            5000,
+            starling_actors::system::limits::RETRY_MS * 1000,
             Ev::Retry {
                 node,
                 epoch,
@@ -819,20 +818,9 @@ impl World {
     }
 
     pub(crate) fn undeliverable(&mut self, node: u32, shard: u16, env: Envelope, condition: &str) {
-        let st = match env.msg {
-            Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. }) => stanza,
-            Msg::Session(SessionMsg::Stanza(s)) => s,
-            _ => return,
-        };
-        if !stanza::may_bounce(&st) {
-            return;
+        if let Some(err) = starling_actors::msg::undeliverable(env, condition) {
+            let _ = self.route(node, shard, err, Origin::Actor);
         }
-        let Some(from) = st.attr("from").and_then(|f| Jid::new(f).ok()) else {
-            return;
-        };
-        let err = stanza::error_reply(&st, condition, None);
-        let env = Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: err });
-        let _ = self.route(node, shard, env, Origin::Actor);
     }
 
     /// One step of a user actor's task: carry on with its effects, or handle its next

@@ -30,7 +30,7 @@ const ACT_MEAN_US: u64 = 400_000;
 /// Offline messages kept per user: small, so that the cap is reached.
 pub const MAX_OFFLINE: usize = 5;
 /// Capacity of one shard-to-shard mesh channel (as in the node).
-pub const MESH_CAP: usize = 1024;
+pub const MESH_CAP: usize = starling_actors::system::limits::MESH_CAPACITY;
 
 pub enum Ev {
     ClientWake(usize),

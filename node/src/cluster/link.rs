@@ -32,12 +32,12 @@ use super::View;
 use crate::shard::{Origin, Shard};
 
 /// Frames waiting for one link.
-pub const LINK_QUEUE: usize = 4096;
+pub const LINK_QUEUE: usize = starling_actors::system::limits::LINK_QUEUE;
 /// Bytes gathered into one write.
 const BATCH: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a session waits for a remote account answer.
-const ACCOUNT_TIMEOUT: Duration = Duration::from_secs(5);
+const ACCOUNT_TIMEOUT: Duration = Duration::from_millis(starling_actors::system::limits::ACCOUNT_TIMEOUT_MS);
 
 /// A shard's cluster state: its view of the membership and its links.
 pub struct Links {
@@ -129,7 +129,7 @@ impl Shard {
                 // Rare (a link with 4096 frames queued): try again shortly.
                 let me = self.clone();
                 glommio::spawn_local(async move {
-                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                    glommio::timer::sleep(Duration::from_millis(starling_actors::system::limits::RETRY_MS)).await;
                     me.route(env);
                 })
                 .detach();

@@ -1,0 +1,31 @@
+//! Every fixed bound and timeout of the actor system, read by both hosts (the node and the
+//! simulator), so that the simulator runs with the node's numbers. Per-deployment ones
+//! (mailbox size, stanza limits, offline and roster caps) come from the configuration.
+
+/// Envelopes one shard's channel to another shard holds before senders wait (`route_wait`)
+/// or stanzas bounce (`route`).
+pub const MESH_CAPACITY: usize = 1024;
+
+/// Frames waiting on one shard's link to one other node; beyond it frames are lost with the
+/// link (counted, and the stanzas' senders excused by the simulator as the node counts them).
+pub const LINK_QUEUE: usize = 4096;
+
+/// How long a remote account operation (load, create, replicate, pull) may take before it
+/// fails.
+pub const ACCOUNT_TIMEOUT_MS: u64 = 5_000;
+
+/// The pause per earlier failure before an inbound stanza whose write failed is handed to
+/// the actor's next incarnation (`UserMsg::Again`).
+pub const AGAIN_AFTER_MS: u64 = 1_000;
+
+/// How often held control messages (a full mailbox) and control messages that met a full
+/// mesh channel are tried again.
+pub const RETRY_MS: u64 = 5;
+
+/// Requests waiting for the storage thread before senders wait.
+pub const STORAGE_QUEUE: usize = 8192;
+
+/// Write batches one group commit covers at most (one flush for all of them).
+pub const GROUP_COMMIT_MAX: usize = 1024;
+
+pub use crate::msg::{MAX_TRIES, RESYNC_AFTER_MS};
