@@ -426,6 +426,7 @@ fn raw_attrs(e: &BytesStart<'_>) -> Result<Vec<(String, String)>, ParseError> {
         let v = a
             .unescape_value()
             .map_err(|e| ParseError::NotWellFormed(e.to_string()))?;
+        check_chars(&v)?;
         out.push((k, v.into_owned()));
     }
     Ok(out)
@@ -489,7 +490,23 @@ pub fn parse_element(bytes: &[u8], base: &[(String, String)], limits: Limits) ->
     }
 }
 
+/// Refuses characters XML 1.0 does not allow (§2.2 `Char`), written raw or as character
+/// references: forwarded, they would make the recipient's parser end its stream. In UTF-8,
+/// what is left to check is the C0 controls but TAB, LF and CR, and U+FFFE and U+FFFF.
+fn check_chars(s: &str) -> Result<(), ParseError> {
+    let b = s.as_bytes();
+    let bad = b.iter().enumerate().any(|(i, &c)| {
+        (c < 0x20 && !matches!(c, b'\t' | b'\n' | b'\r'))
+            || (c == 0xEF && b.get(i + 1) == Some(&0xBF) && matches!(b.get(i + 2), Some(0xBE | 0xBF)))
+    });
+    if bad {
+        return Err(ParseError::NotWellFormed("a character XML does not allow".into()));
+    }
+    Ok(())
+}
+
 fn push_text(stack: &mut [Element], s: &str) -> Result<(), ParseError> {
+    check_chars(s)?;
     match stack.last_mut() {
         Some(top) => {
             if let Some(Node::Text(prev)) = top.children.last_mut() {
@@ -660,6 +677,27 @@ mod tests {
         assert_eq!(
             feed_all(&mut StreamParser::new(lim), wrong_ns).unwrap_err().condition(),
             "invalid-namespace"
+        );
+    }
+
+    #[test]
+    fn characters_xml_does_not_allow_are_refused() {
+        // Raw or as references: forwarded, they would end the recipient's stream.
+        for bad in [
+            "<message><body>a&#x1;b</body></message>",
+            "<message><body>a\u{1}b</body></message>",
+            "<message a='\u{1b}'/>",
+            "<message a='&#x8;'/>",
+            "<message><body>&#xFFFE;</body></message>",
+            "<message><body>\u{FFFF}</body></message>",
+        ] {
+            let e = feed_all(&mut StreamParser::new(Limits::default()), &format!("{HEADER}{bad}")).unwrap_err();
+            assert_eq!(e.condition(), "not-well-formed", "{bad:?}");
+        }
+        let ok = format!("{HEADER}<message a='&#9;'><body>tab\t&#xA;\r\u{FFFD}\u{10FFFF}\u{EFBF}</body></message>");
+        assert_eq!(
+            feed_all(&mut StreamParser::new(Limits::default()), &ok).unwrap().len(),
+            2
         );
     }
 

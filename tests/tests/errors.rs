@@ -26,6 +26,26 @@ async fn malformed_xml_gets_not_well_formed_and_a_closed_stream() {
 }
 
 #[tokio::test]
+async fn characters_xml_does_not_allow_are_refused_not_forwarded() {
+    // A control character (here as a reference) would end the recipient's stream in any
+    // strict XML parser: the sender's stream fails instead, and nothing reaches bob.
+    let server = Server::start(&[CLEAR], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
+    let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
+    bob.send("<presence/>").await;
+    bob.until("<presence").await;
+    let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
+    alice
+        .send("<message to='bob@localhost/r' type='chat'><body>bell&#x7;</body></message>")
+        .await;
+    let got = alice.until_closed().await;
+    assert!(got.contains("<not-well-formed"), "{got}");
+    bob.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    let got = bob.until("id=\"p\"").await;
+    assert!(!got.contains("bell"), "forwarded: {got}");
+}
+
+#[tokio::test]
 async fn restricted_xml_and_wrong_namespace_are_refused() {
     let server = Server::start(&[CLEAR], &[]);
     let mut r = Raw::connect(server.port).await;
