@@ -109,7 +109,7 @@ impl Drop for Gauges {
 enum Next {
     Tls,
     Account(Option<starling_storage::Account>),
-    Created(bool),
+    Created(Option<bool>),
     PasswordSet(bool),
 }
 
@@ -354,10 +354,10 @@ async fn carry_out(shard: &Rc<Shard>, gauges: &Gauges, session: &mut C2sSession,
                     }
                 },
                 Action::CreateAccount { user, account } => match shard.create_account(user, account).await {
-                    Ok(created) => queue.push_back(Next::Created(created)),
+                    Ok(created) => queue.push_back(Next::Created(Some(created))),
                     Err(e) => {
                         tracing::error!(error = %e, "account creation failed");
-                        session.stream_error("internal-server-error", Some("storage unavailable"));
+                        queue.push_back(Next::Created(None));
                     }
                 },
                 Action::SetPassword { user, account } => {

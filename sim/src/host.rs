@@ -475,8 +475,8 @@ impl World {
                 }
                 Action::CreateAccount { user, account } => {
                     let st = &mut self.nodes[node as usize].storage;
-                    let ok = st.create_account(&user, &account).unwrap_or(false) && st.flush().is_ok();
-                    self.session_input(node, shard, sid, Input::AccountCreated(ok));
+                    let created = st.create_account(&user, &account).ok().filter(|_| st.flush().is_ok());
+                    self.session_input(node, shard, sid, Input::AccountCreated(created));
                 }
                 Action::SetPassword { user, account } => {
                     let st = &mut self.nodes[node as usize].storage;

@@ -404,8 +404,12 @@ async fn an_account_is_not_acknowledged_without_a_replica() {
     r.until("</stream:features>").await;
     r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>lonely</username><password>pw</password></query></iq>")
         .await;
-    let got = r.until_closed().await;
-    assert!(!got.contains("type=\"result\""), "acknowledged with no replica: {got}");
+    let got = r.until("id=\"reg\"").await;
+    let got = got + &r.until("</iq>").await;
+    assert!(
+        got.contains("type=\"error\"") && got.contains("<internal-server-error"),
+        "acknowledged with no replica: {got}"
+    );
     assert!(
         n1.log_text().contains("copies needed are reachable"),
         "{}",

@@ -46,8 +46,9 @@ pub enum Input<'a> {
     TlsEstablished,
     /// Answer to [`Action::LoadAccount`].
     Account(Option<Account>),
-    /// Answer to [`Action::CreateAccount`]: created, or taken already.
-    AccountCreated(bool),
+    /// Answer to [`Action::CreateAccount`]: created, or taken already; `None` when it could
+    /// not be stored (storage failure, too few copies reachable in a cluster).
+    AccountCreated(Option<bool>),
     /// Answer to [`Action::SetPassword`].
     PasswordSet(bool),
     Router(SessionMsg),

@@ -74,17 +74,20 @@ impl C2sSession {
         }
     }
 
-    pub(super) fn on_account_created(&mut self, created: bool) {
+    pub(super) fn on_account_created(&mut self, created: Option<bool>) {
         let State::Registering(iq) = std::mem::replace(&mut self.state, State::Negotiating) else {
             return;
         };
-        if created {
-            tracing::info!(session = ?self.addr, "account registered in band");
-            let mut res = stanza::iq_result(&iq);
-            res.remove_attr("from");
-            self.send_element(&res);
-        } else {
-            self.reply_error(&iq, "conflict", Some("that username is taken"));
+        match created {
+            Some(true) => {
+                tracing::info!(session = ?self.addr, "account registered in band");
+                let mut res = stanza::iq_result(&iq);
+                res.remove_attr("from");
+                self.send_element(&res);
+            }
+            Some(false) => self.reply_error(&iq, "conflict", Some("that username is taken")),
+            // Not a stream error: the client may try again later (the error type is `wait`).
+            None => self.reply_error(&iq, "internal-server-error", Some("the account could not be stored")),
         }
         self.drain_pending_negotiation();
     }
