@@ -1,6 +1,8 @@
 //! Messages between actors. Owned and `Send` so that the host can move them between shards.
 
-use crate::address::{Address, NodeId, SessionAddr};
+use jid::BareJid;
+
+use crate::address::{Address, MailboxKey, NodeId, SessionAddr};
 use crate::xml::Element;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -70,53 +72,85 @@ pub enum SessionMsg {
     Kick { condition: &'static str, text: String },
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum Msg {
-    User(UserMsg),
-    Session(SessionMsg),
-}
-
-impl Msg {
-    /// Control messages are never dropped when a mailbox is full (there are few: a handful per
-    /// session); they wait for room, in order. Stanzas bounce instead.
+impl UserMsg {
+    /// Control messages are never dropped when a mailbox is full (there are few: a handful
+    /// per session); they wait for room, in order. Stanzas bounce instead.
     pub fn is_control(&self) -> bool {
         matches!(
             self,
-            Msg::User(
-                UserMsg::Bind { .. }
-                    | UserMsg::Unbind { .. }
-                    | UserMsg::OfflineDelivered { .. }
-                    | UserMsg::NodeDown { .. }
-                    | UserMsg::Resync
-                    | UserMsg::Again { .. }
-            ) | Msg::Session(
-                SessionMsg::Kick { .. }
-                    | SessionMsg::Bound { .. }
-                    | SessionMsg::BindFailed { .. }
-                    | SessionMsg::OfflineSent { .. }
-                    | SessionMsg::Offline(_)
-            )
+            UserMsg::Bind { .. }
+                | UserMsg::Unbind { .. }
+                | UserMsg::OfflineDelivered { .. }
+                | UserMsg::NodeDown { .. }
+                | UserMsg::Resync
+                | UserMsg::Again { .. }
         )
     }
 }
 
+impl SessionMsg {
+    /// See [`UserMsg::is_control`].
+    pub fn is_control(&self) -> bool {
+        matches!(
+            self,
+            SessionMsg::Kick { .. }
+                | SessionMsg::Bound { .. }
+                | SessionMsg::BindFailed { .. }
+                | SessionMsg::OfflineSent { .. }
+                | SessionMsg::Offline(_)
+        )
+    }
+}
+
+/// A message and its target, typed: a message for a user actor cannot be addressed to a
+/// session, nor the other way round. New actor kinds add a variant each.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Envelope {
-    pub to: Address,
-    pub msg: Msg,
+pub enum Envelope {
+    /// For a user actor, placed by its bare JID.
+    User { to: BareJid, msg: UserMsg },
+    /// For a c2s session, addressed by where its connection is.
+    Session { to: SessionAddr, msg: SessionMsg },
+}
+
+/// Where an envelope goes, borrowed (placement looks at it on every route).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum To<'a> {
+    User(&'a BareJid),
+    Session(SessionAddr),
 }
 
 impl Envelope {
     pub fn to_session(to: SessionAddr, msg: SessionMsg) -> Self {
-        Envelope {
-            to: Address::Session(to),
-            msg: Msg::Session(msg),
+        Envelope::Session { to, msg }
+    }
+    pub fn to_user(to: BareJid, msg: UserMsg) -> Self {
+        Envelope::User { to, msg }
+    }
+    pub fn to(&self) -> To<'_> {
+        match self {
+            Envelope::User { to, .. } => To::User(to),
+            Envelope::Session { to, .. } => To::Session(*to),
         }
     }
-    pub fn to_user(to: jid::BareJid, msg: UserMsg) -> Self {
-        Envelope {
-            to: Address::User(to),
-            msg: Msg::User(msg),
+    /// The target as an owned address.
+    pub fn address(&self) -> Address {
+        match self {
+            Envelope::User { to, .. } => Address::User(to.clone()),
+            Envelope::Session { to, .. } => Address::Session(*to),
+        }
+    }
+    /// The target's mailbox on its shard.
+    pub fn mailbox_key(&self) -> MailboxKey {
+        match self {
+            Envelope::User { to, .. } => MailboxKey::User(to.clone()),
+            Envelope::Session { to, .. } => MailboxKey::Session(to.id),
+        }
+    }
+    /// See [`UserMsg::is_control`].
+    pub fn is_control(&self) -> bool {
+        match self {
+            Envelope::User { msg, .. } => msg.is_control(),
+            Envelope::Session { msg, .. } => msg.is_control(),
         }
     }
 }
@@ -187,9 +221,15 @@ pub fn session_gone(addr: SessionAddr, m: SessionMsg) -> SessionGone {
 /// stanza's sender's user actor; `None` for control messages and for stanzas that are never
 /// answered with an error (errors, IQ results: RFC 6120 §8.3.1). Both hosts route it on.
 pub fn undeliverable(env: Envelope, condition: &str) -> Option<Envelope> {
-    let st = match env.msg {
-        Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. }) => stanza,
-        Msg::Session(SessionMsg::Stanza(s)) => s,
+    let st = match env {
+        Envelope::User {
+            msg: UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. },
+            ..
+        } => stanza,
+        Envelope::Session {
+            msg: SessionMsg::Stanza(s),
+            ..
+        } => s,
         _ => return None,
     };
     if !crate::stanza::may_bounce(&st) {
@@ -229,7 +269,9 @@ mod tests {
         let g = gone("<iq from='a@x/1' to='b@x/r' type='get' id='q'><ping xmlns='urn:xmpp:ping'/></iq>");
         let (env, condition) = g.bounce.expect("answered");
         assert_eq!(condition, "service-unavailable");
-        assert!(matches!(&env.msg, Msg::User(UserMsg::Inbound { stanza }) if stanza.attr("id") == Some("q")));
+        assert!(
+            matches!(&env, Envelope::User { msg: UserMsg::Inbound { stanza }, .. } if stanza.attr("id") == Some("q"))
+        );
         // Results and errors are never answered.
         assert!(gone("<iq from='a@x/1' to='b@x/r' type='result' id='q'/>")
             .bounce
@@ -244,13 +286,13 @@ mod tests {
         let g = gone("<message from='a@x/1' to='b@x/r'><body>hi</body></message>");
         assert!(g.bounce.is_none());
         assert!(matches!(
-            &g.route[0].msg,
-            Msg::User(UserMsg::Inbound { stanza }) if stanza.attr("to") == Some("b@x")
+            &g.route[0],
+            Envelope::User { msg: UserMsg::Inbound { stanza }, .. } if stanza.attr("to") == Some("b@x")
         ));
         // The actor learns the session is gone.
         assert!(matches!(
-            &g.route[1].msg,
-            Msg::User(UserMsg::Unbind { session, resource }) if *session == GONE && resource == "r"
+            &g.route[1],
+            Envelope::User { msg: UserMsg::Unbind { session, resource }, .. } if *session == GONE && resource == "r"
         ));
         let g = gone("<message from='a@x/1' to='b@x'><body>hi</body></message>");
         assert_eq!(g.bounce.map(|(_, c)| c), Some("recipient-unavailable"));

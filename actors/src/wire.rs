@@ -8,7 +8,7 @@
 use rkyv::rancor;
 
 use crate::address::{Address, SessionAddr};
-use crate::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use crate::msg::{Envelope, SessionMsg, UserMsg};
 use crate::xml::{Element, Node};
 
 /// Frames larger than this are refused (a stanza is limited far below it).
@@ -357,60 +357,75 @@ fn condition_in(c: &str) -> &'static str {
 }
 
 pub fn envelope_out(env: &Envelope) -> WireEnvelope {
-    let to = match &env.to {
-        Address::User(j) => WireAddr::User(j.to_string()),
-        Address::Session(a) => WireAddr::Session(session_out(*a)),
-    };
-    let msg = match &env.msg {
-        Msg::User(m) => match m {
-            UserMsg::Bind { session, resource } => WireMsg::Bind {
-                session: session_out(*session),
-                resource: resource.clone(),
-            },
-            UserMsg::Unbind { session, resource } => WireMsg::Unbind {
-                session: session_out(*session),
-                resource: resource.clone(),
-            },
-            UserMsg::Outbound {
-                session,
-                resource,
-                stanza,
-            } => WireMsg::Outbound {
-                session: session_out(*session),
-                resource: resource.clone(),
-                stanza: element_out(stanza),
-            },
-            UserMsg::Inbound { stanza } => WireMsg::Inbound {
-                stanza: element_out(stanza),
-            },
-            UserMsg::OfflineDelivered { session, upto } => WireMsg::OfflineDelivered {
-                session: session_out(*session),
-                upto: *upto,
-            },
-            UserMsg::NodeDown { node, gen } => WireMsg::NodeDown { node: *node, gen: *gen },
-            UserMsg::Resync => WireMsg::Resync,
-            UserMsg::Again { stanza, tries } => WireMsg::Again {
-                stanza: element_out(stanza),
-                tries: *tries,
-            },
+    match env {
+        Envelope::User { to, msg } => WireEnvelope {
+            to: WireAddr::User(to.to_string()),
+            msg: user_msg_out(msg),
         },
-        Msg::Session(m) => match m {
-            SessionMsg::Bound { resource } => WireMsg::Bound {
-                resource: resource.clone(),
-            },
-            SessionMsg::BindFailed { condition } => WireMsg::BindFailed {
-                condition: condition.to_string(),
-            },
-            SessionMsg::Stanza(e) => WireMsg::Stanza(element_out(e)),
-            SessionMsg::Offline(e) => WireMsg::Offline(element_out(e)),
-            SessionMsg::OfflineSent { upto } => WireMsg::OfflineSent { upto: *upto },
-            SessionMsg::Kick { condition, text } => WireMsg::Kick {
-                condition: condition.to_string(),
-                text: text.clone(),
-            },
+        Envelope::Session { to, msg } => WireEnvelope {
+            to: WireAddr::Session(session_out(*to)),
+            msg: session_msg_out(msg),
         },
-    };
-    WireEnvelope { to, msg }
+    }
+}
+
+fn user_msg_out(m: &UserMsg) -> WireMsg {
+    match m {
+        UserMsg::Bind { session, resource } => WireMsg::Bind {
+            session: session_out(*session),
+            resource: resource.clone(),
+        },
+        UserMsg::Unbind { session, resource } => WireMsg::Unbind {
+            session: session_out(*session),
+            resource: resource.clone(),
+        },
+        UserMsg::Outbound {
+            session,
+            resource,
+            stanza,
+        } => WireMsg::Outbound {
+            session: session_out(*session),
+            resource: resource.clone(),
+            stanza: element_out(stanza),
+        },
+        UserMsg::Inbound { stanza } => WireMsg::Inbound {
+            stanza: element_out(stanza),
+        },
+        UserMsg::OfflineDelivered { session, upto } => WireMsg::OfflineDelivered {
+            session: session_out(*session),
+            upto: *upto,
+        },
+        UserMsg::NodeDown { node, gen } => WireMsg::NodeDown { node: *node, gen: *gen },
+        UserMsg::Resync => WireMsg::Resync,
+        UserMsg::Again { stanza, tries } => WireMsg::Again {
+            stanza: element_out(stanza),
+            tries: *tries,
+        },
+    }
+}
+
+fn session_msg_out(m: &SessionMsg) -> WireMsg {
+    match m {
+        SessionMsg::Bound { resource } => WireMsg::Bound {
+            resource: resource.clone(),
+        },
+        SessionMsg::BindFailed { condition } => WireMsg::BindFailed {
+            condition: condition.to_string(),
+        },
+        SessionMsg::Stanza(e) => WireMsg::Stanza(element_out(e)),
+        SessionMsg::Offline(e) => WireMsg::Offline(element_out(e)),
+        SessionMsg::OfflineSent { upto } => WireMsg::OfflineSent { upto: *upto },
+        SessionMsg::Kick { condition, text } => WireMsg::Kick {
+            condition: condition.to_string(),
+            text: text.clone(),
+        },
+    }
+}
+
+/// A message decoded before it is matched with its address.
+enum Msg {
+    User(UserMsg),
+    Session(SessionMsg),
 }
 
 pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
@@ -461,8 +476,9 @@ pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
             text,
         }),
     };
-    match (&to, &msg) {
-        (Address::User(_), Msg::User(_)) | (Address::Session(_), Msg::Session(_)) => Ok(Envelope { to, msg }),
+    match (to, msg) {
+        (Address::User(to), Msg::User(msg)) => Ok(Envelope::User { to, msg }),
+        (Address::Session(to), Msg::Session(msg)) => Ok(Envelope::Session { to, msg }),
         _ => Err(WireError::Content("message kind does not match its address")),
     }
 }

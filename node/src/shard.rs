@@ -15,9 +15,9 @@ use glommio::{GlommioError, ResourceType};
 use jid::BareJid;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use starling_actors::address::{Address, MailboxKey, NodeId, SessionAddr, ShardId};
+use starling_actors::address::{MailboxKey, NodeId, SessionAddr, ShardId};
 use starling_actors::c2s::C2sConfig;
-use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use starling_actors::msg::{Envelope, SessionMsg, To, UserMsg};
 use starling_actors::throttle::AuthThrottle;
 use starling_actors::user::UserConfig;
 
@@ -113,10 +113,10 @@ impl Shard {
 
     /// The (node, shard) of an address; for another node's user, the shard is that node's
     /// business.
-    fn place(&self, to: &Address) -> (NodeId, ShardId) {
+    fn place(&self, to: To<'_>) -> (NodeId, ShardId) {
         match to {
-            Address::User(j) => self.cluster.view.borrow().place_user(j),
-            Address::Session(a) => (a.node, a.shard),
+            To::User(j) => self.cluster.view.borrow().place_user(j),
+            To::Session(a) => (a.node, a.shard),
         }
     }
 
@@ -126,7 +126,7 @@ impl Shard {
     }
 
     fn route_at(self: &Rc<Self>, env: Envelope, at: Instant) {
-        let (node, shard) = self.place(&env.to);
+        let (node, shard) = self.place(env.to());
         if node != self.node {
             return self.send_remote(node, env);
         }
@@ -152,7 +152,7 @@ impl Shard {
     /// User actors never wait on another actor's mailbox — two waiting on each other would
     /// deadlock — so for them a full local mailbox bounces the stanza.
     pub async fn route_wait(self: &Rc<Self>, env: Envelope, from: Origin) {
-        let (node, shard) = self.place(&env.to);
+        let (node, shard) = self.place(env.to());
         if node != self.node {
             return self.send_remote_wait(node, env).await;
         }
@@ -171,19 +171,19 @@ impl Shard {
         if from == Origin::Actor {
             return self.deliver_local(env);
         }
-        if self.is_held(&env.to) {
+        if self.is_held(&env) {
             // Behind what is held for it, whatever its kind: a connection waits, never bounces.
             return self.hold(Timed::now(env));
         }
-        match (env.to, env.msg) {
-            (Address::User(j), Msg::User(m)) => {
+        match env {
+            Envelope::User { to: j, msg: m } => {
                 let tx = self.users.borrow().get(&j).cloned();
                 let tx = tx.unwrap_or_else(|| crate::user_host::activate(self, j.clone()));
                 if let Err(flume::SendError(t)) = tx.send_async(Timed::now(m)).await {
                     self.undeliverable(Envelope::to_user(j, t.msg), "internal-server-error");
                 }
             }
-            (Address::Session(a), Msg::Session(m)) => {
+            Envelope::Session { to: a, msg: m } => {
                 let tx = self.session_tx(a);
                 match tx {
                     Some(tx) => {
@@ -194,7 +194,6 @@ impl Shard {
                     None => self.session_gone(a, m),
                 }
             }
-            (to, msg) => tracing::error!(?to, ?msg, "envelope kind does not match its address"),
         }
     }
 
@@ -203,11 +202,11 @@ impl Shard {
     }
 
     fn deliver_local_at(self: &Rc<Self>, env: Envelope, at: Instant) {
-        if self.is_held(&env.to) {
+        if self.is_held(&env) {
             return self.overflow(env, at, "messages for it are held");
         }
-        match (env.to, env.msg) {
-            (Address::Session(a), Msg::Session(m)) => {
+        match env {
+            Envelope::Session { to: a, msg: m } => {
                 let tx = self.session_tx(a);
                 match tx {
                     Some(tx) => {
@@ -219,7 +218,7 @@ impl Shard {
                     None => self.session_gone(a, m),
                 }
             }
-            (Address::User(j), Msg::User(m)) => {
+            Envelope::User { to: j, msg: m } => {
                 let tx = self.users.borrow().get(&j).cloned();
                 let tx = match tx {
                     Some(tx) => tx,
@@ -230,7 +229,6 @@ impl Shard {
                     self.overflow(Envelope::to_user(j, t.msg), t.at, "user mailbox full");
                 }
             }
-            (to, msg) => tracing::error!(?to, ?msg, "envelope kind does not match its address"),
         }
     }
 
@@ -238,9 +236,9 @@ impl Shard {
     /// session) in a per-target queue drained in order; stanzas bounce with
     /// `resource-constraint`.
     fn overflow(self: &Rc<Self>, env: Envelope, at: Instant, why: &'static str) {
-        if !env.msg.is_control() {
+        if !env.is_control() {
             self.metrics.bounced.increment(1);
-            tracing::warn!(?env.to, why, "bouncing stanza");
+            tracing::warn!(to = ?env.to(), why, "bouncing stanza");
             return self.undeliverable(env, "resource-constraint");
         }
         self.hold(Timed { at, msg: env });
@@ -249,9 +247,9 @@ impl Shard {
     /// The mesh channel to another shard is full (only `route`, which does not wait, gets
     /// here): control messages try again shortly, stanzas bounce.
     fn mesh_full(self: &Rc<Self>, env: Envelope) {
-        if !env.msg.is_control() {
+        if !env.is_control() {
             self.metrics.bounced.increment(1);
-            tracing::warn!(?env.to, "bouncing stanza: shard mesh channel full");
+            tracing::warn!(to = ?env.to(), "bouncing stanza: shard mesh channel full");
             return self.undeliverable(env, "resource-constraint");
         }
         let me = self.clone();
@@ -266,7 +264,7 @@ impl Shard {
     /// reorder one sender's messages (an `Unbind` overtaking the session's last
     /// `OfflineDelivered`, or a `Bind`, would break the user actor; found by the simulator).
     fn hold(self: &Rc<Self>, t: Timed<Envelope>) {
-        let target = MailboxKey::of(&t.msg.to);
+        let target = t.msg.mailbox_key();
         let mut held = self.held.borrow_mut();
         if let Some(q) = held.get_mut(&target) {
             q.push_back(t);
@@ -295,8 +293,8 @@ impl Shard {
                 return true;
             };
             let Timed { at, msg: env } = t;
-            let back = match (env.to, env.msg) {
-                (Address::Session(a), Msg::Session(m)) => {
+            let back = match env {
+                Envelope::Session { to: a, msg: m } => {
                     let tx = self.session_tx(a);
                     match tx {
                         Some(tx) => match tx.try_send(Timed { at, msg: m }) {
@@ -313,7 +311,7 @@ impl Shard {
                         }
                     }
                 }
-                (Address::User(j), Msg::User(m)) => {
+                Envelope::User { to: j, msg: m } => {
                     let tx = self.users.borrow().get(&j).cloned();
                     let tx = tx.unwrap_or_else(|| crate::user_host::activate(self, j.clone()));
                     match tx.try_send(Timed { at, msg: m }) {
@@ -325,10 +323,6 @@ impl Shard {
                         }
                     }
                 }
-                (to, msg) => {
-                    tracing::error!(?to, ?msg, "envelope kind does not match its address");
-                    None
-                }
             };
             if let Some(env) = back {
                 if let Some(q) = self.held.borrow_mut().get_mut(target) {
@@ -339,9 +333,9 @@ impl Shard {
         }
     }
 
-    /// Whether envelopes for `to` are held (then newcomers queue behind them).
-    fn is_held(&self, to: &Address) -> bool {
-        !self.held.borrow().is_empty() && self.held.borrow().contains_key(&MailboxKey::of(to))
+    /// Whether envelopes for `env`'s target are held (then newcomers queue behind them).
+    fn is_held(&self, env: &Envelope) -> bool {
+        !self.held.borrow().is_empty() && self.held.borrow().contains_key(&env.mailbox_key())
     }
 
     /// The mailbox of the session at `a`, if it is still here. A session of an earlier

@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
 use jid::BareJid;
-use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::user::{Effect, UserActor};
 
 use crate::shard::{Mailbox, Origin, Shard, Timed};
@@ -158,10 +158,13 @@ fn end_after_failed_write(
         shard.route(Envelope::to_user(jid.clone(), UserMsg::Unbind { session: a, resource }));
     }
     for env in instead {
-        match &env.msg {
+        match &env {
             // Sent after a pause: the condition that failed the write (views that disagree
             // during a join or heal) usually passes within it.
-            Msg::User(UserMsg::Again { tries, .. }) => {
+            Envelope::User {
+                msg: UserMsg::Again { tries, .. },
+                ..
+            } => {
                 let pause = AGAIN_AFTER * u32::from(*tries);
                 let s = shard.clone();
                 glommio::spawn_local(async move {

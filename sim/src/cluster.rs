@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use jid::BareJid;
 use starling_actors::address::{NodeId, Placement, SessionAddr, ShardId};
 use starling_actors::c2s::Input;
-use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::wire;
 use starling_gossip::{Membership, NodeIdentity, Output, Ring, Timer, Timings};
 use starling_storage::{Account, Storage, Write};
@@ -246,9 +246,15 @@ impl Link {
 }
 
 pub fn env_msg_id(env: &Envelope) -> Option<String> {
-    match &env.msg {
-        Msg::User(UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. })
-        | Msg::Session(SessionMsg::Stanza(stanza) | SessionMsg::Offline(stanza)) => (stanza.name == "message")
+    match env {
+        Envelope::User {
+            msg: UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. },
+            ..
+        }
+        | Envelope::Session {
+            msg: SessionMsg::Stanza(stanza) | SessionMsg::Offline(stanza),
+            ..
+        } => (stanza.name == "message")
             .then(|| stanza.attr("id"))
             .flatten()
             .filter(|i| i.starts_with('m'))
@@ -726,10 +732,11 @@ impl World {
         if let Err(e) = wire::encode(&wire::Frame::Envelope(wire::envelope_out(&env)), &mut bytes) {
             return self.fail(0, format!("an envelope could not be encoded: {e} {env:?}"));
         }
-        let confirms = match &env.msg {
-            Msg::User(UserMsg::OfflineDelivered { session, upto }) => {
-                self.confirming.get(&(session.id, *upto)).cloned().unwrap_or_default()
-            }
+        let confirms = match &env {
+            Envelope::User {
+                msg: UserMsg::OfflineDelivered { session, upto },
+                ..
+            } => self.confirming.get(&(session.id, *upto)).cloned().unwrap_or_default(),
             _ => Vec::new(),
         };
         if !self.link_send(

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use jid::BareJid;
-use starling_actors::address::{Address, MailboxKey, SessionAddr, SingleNode};
+use starling_actors::address::{MailboxKey, SessionAddr, SingleNode};
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
-use starling_actors::msg::{Envelope, Msg, SessionMsg, UserMsg};
+use starling_actors::msg::{Envelope, SessionMsg, To, UserMsg};
 use starling_actors::planted::{self, Bug};
 use starling_actors::throttle::AuthThrottle;
 use starling_actors::user::{Effect, UserActor};
@@ -412,11 +412,19 @@ impl World {
             let Some(a) = h.actions.pop_front() else { break };
             match a {
                 Action::Route(env) => {
-                    if let Msg::User(UserMsg::OfflineDelivered { session, upto }) = &env.msg {
+                    if let Envelope::User {
+                        msg: UserMsg::OfflineDelivered { session, upto },
+                        ..
+                    } = &env
+                    {
                         let confirmed = std::mem::take(&mut h.unconfirmed);
                         self.confirming.insert((session.id, *upto), confirmed);
                     }
-                    if let (Address::User(to), Msg::User(UserMsg::Inbound { stanza: st })) = (&env.to, &env.msg) {
+                    if let Envelope::User {
+                        to,
+                        msg: UserMsg::Inbound { stanza: st },
+                    } = &env
+                    {
                         if let Some(id) = msg_id(st) {
                             let from = st
                                 .attr("from")
@@ -597,7 +605,15 @@ impl World {
         if let Some(id) = crate::cluster::env_msg_id(&env) {
             self.msgs.touch(&id, node);
         }
-        if let Msg::User(UserMsg::Inbound { stanza: st }) | Msg::Session(SessionMsg::Stanza(st)) = &env.msg {
+        if let Envelope::User {
+            msg: UserMsg::Inbound { stanza: st },
+            ..
+        }
+        | Envelope::Session {
+            msg: SessionMsg::Stanza(st),
+            ..
+        } = &env
+        {
             if st.attr("type") == Some("error") {
                 if let Some(id) = msg_id(st) {
                     if self.msgs.recs.get(id).is_some_and(|r| !r.errored) {
@@ -607,9 +623,9 @@ impl World {
                 }
             }
         }
-        let (n, s) = match &env.to {
-            Address::User(j) => self.place_user(node, j),
-            Address::Session(a) => (a.node, a.shard),
+        let (n, s) = match env.to() {
+            To::User(j) => self.place_user(node, j),
+            To::Session(a) => (a.node, a.shard),
         };
         if n != node {
             self.send_remote(node, shard, n, env);
@@ -662,9 +678,9 @@ impl World {
                 sh.held.remove(&target);
                 return;
             };
-            let full = match &env.to {
-                Address::Session(a) => sh.sessions.get(&a.id).is_some_and(|h| h.mailbox.len() >= cap),
-                Address::User(j) => sh.users.get(j).is_some_and(|h| h.mailbox.len() >= cap),
+            let full = match env.to() {
+                To::Session(a) => sh.sessions.get(&a.id).is_some_and(|h| h.mailbox.len() >= cap),
+                To::User(j) => sh.users.get(j).is_some_and(|h| h.mailbox.len() >= cap),
             };
             if full {
                 sh.held.get_mut(&target).expect("present").push_front(env);
@@ -691,17 +707,17 @@ impl World {
 
     pub(crate) fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
         let cap = self.faults.mailbox;
-        let target = MailboxKey::of(&env.to);
+        let target = env.mailbox_key();
         if let Some(q) = self.nodes[node as usize].shards[shard as usize].held.get_mut(&target) {
-            if origin == Origin::Connection || env.msg.is_control() {
+            if origin == Origin::Connection || env.is_control() {
                 q.push_back(env);
             } else {
                 self.overflow(node, shard, env);
             }
             return Ok(());
         }
-        match (env.to, env.msg) {
-            (Address::Session(a), Msg::Session(m)) => {
+        match env {
+            Envelope::Session { to: a, msg: m } => {
                 let Some(h) = self.session_mut(node, shard, a.id) else {
                     self.session_gone(node, shard, a, m);
                     return Ok(());
@@ -717,7 +733,7 @@ impl World {
                 h.mailbox.push_back(m);
                 self.schedule_session(node, shard, a.id);
             }
-            (Address::User(j), Msg::User(m)) => {
+            Envelope::User { to: j, msg: m } => {
                 let users = &mut self.nodes[node as usize].shards[shard as usize].users;
                 if !users.contains_key(&j) {
                     users.insert(
@@ -761,7 +777,6 @@ impl World {
                 h.mailbox.push_back(m);
                 self.schedule_user(node, shard, &j);
             }
-            (to, msg) => self.fail(0, format!("envelope kind does not match its address: {to:?} {msg:?}")),
         }
         Ok(())
     }
@@ -769,8 +784,8 @@ impl World {
     /// A full mailbox: control messages are held (in order) until there is room, stanzas
     /// bounce.
     fn overflow(&mut self, node: u32, shard: u16, env: Envelope) {
-        if env.msg.is_control() {
-            let target = MailboxKey::of(&env.to);
+        if env.is_control() {
+            let target = env.mailbox_key();
             let held = &mut self.nodes[node as usize].shards[shard as usize].held;
             if let Some(q) = held.get_mut(&target) {
                 q.push_back(env);
@@ -784,8 +799,14 @@ impl World {
         self.stats.bounces += 1;
         // A presence bounced here leaves its receiver's view stale until the sender's next
         // presence: the overflow rule allows it, so that pair is excused from invariant 3.
-        if let Msg::User(UserMsg::Inbound { stanza: st } | UserMsg::Outbound { stanza: st, .. })
-        | Msg::Session(SessionMsg::Stanza(st)) = &env.msg
+        if let Envelope::User {
+            msg: UserMsg::Inbound { stanza: st } | UserMsg::Outbound { stanza: st, .. },
+            ..
+        }
+        | Envelope::Session {
+            msg: SessionMsg::Stanza(st),
+            ..
+        } = &env
         {
             let bare = |a: Option<&str>| a.unwrap_or("").split('/').next().unwrap_or("").to_string();
             if st.name == "presence" {
@@ -940,7 +961,11 @@ impl World {
             let _ = self.route(node, shard, env, Origin::Actor);
         }
         for env in h.instead {
-            if let Msg::User(UserMsg::Again { tries, .. }) = &env.msg {
+            if let Envelope::User {
+                msg: UserMsg::Again { tries, .. },
+                ..
+            } = &env
+            {
                 // After a pause, as user_host.rs does.
                 let pause = AGAIN_AFTER_US * u64::from(*tries);
                 let epoch = self.nodes[node as usize].epoch;

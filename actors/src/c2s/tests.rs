@@ -128,7 +128,7 @@ fn scram_login_bind_and_routing() {
     let [Action::Route(env)] = acts.as_slice() else {
         panic!("{acts:?}")
     };
-    assert!(matches!(&env.msg, crate::msg::Msg::User(UserMsg::Bind { resource, .. }) if resource == "phone"));
+    assert!(matches!(env, Envelope::User { msg: UserMsg::Bind { resource, .. }, .. } if resource == "phone"));
     // A stanza pipelined before the bind answer waits for it.
     let (_, acts) = h.send("<message to='bob@localhost'><body>early</body></message>");
     assert!(acts.is_empty());
@@ -145,9 +145,9 @@ fn scram_login_bind_and_routing() {
     let [Action::Route(env)] = acts.as_slice() else {
         panic!("{acts:?}")
     };
-    assert_eq!(env.to, Address::User("alice@localhost".parse().unwrap()));
+    assert_eq!(env.address(), Address::User("alice@localhost".parse().unwrap()));
     assert!(
-        matches!(&env.msg, crate::msg::Msg::User(UserMsg::Inbound { stanza }) if stanza.attr("to") == Some("alice@localhost"))
+        matches!(env, Envelope::User { msg: UserMsg::Inbound { stanza }, .. } if stanza.attr("to") == Some("alice@localhost"))
     );
     let (out, acts) = h.input(Input::Router(SessionMsg::Bound {
         resource: "phone".into(),
@@ -156,8 +156,12 @@ fn scram_login_bind_and_routing() {
     let [Action::Route(env)] = acts.as_slice() else {
         panic!("{acts:?}")
     };
-    assert_eq!(env.to, Address::User("bob@localhost".parse().unwrap()));
-    let crate::msg::Msg::User(UserMsg::Inbound { stanza }) = &env.msg else {
+    assert_eq!(env.address(), Address::User("bob@localhost".parse().unwrap()));
+    let Envelope::User {
+        msg: UserMsg::Inbound { stanza },
+        ..
+    } = env
+    else {
         panic!()
     };
     assert_eq!(stanza.attr("from"), Some("alice@localhost/phone"), "from is stamped");
@@ -165,9 +169,13 @@ fn scram_login_bind_and_routing() {
     // Spoofing another sender ends the stream and unbinds.
     let (out, acts) = h.send("<message from='bob@localhost' to='carol@localhost'/>");
     assert!(out.contains("<invalid-from"), "{out}");
-    assert!(acts
-        .iter()
-        .any(|a| matches!(a, Action::Route(e) if matches!(e.msg, crate::msg::Msg::User(UserMsg::Unbind { .. })))));
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Route(Envelope::User {
+            msg: UserMsg::Unbind { .. },
+            ..
+        })
+    )));
     assert!(acts.contains(&Action::Close));
 }
 

@@ -6,8 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use starling_storage::{OfflineMessage, Subscription};
 
 use super::*;
-use crate::address::Address;
-use crate::msg::{Msg, MAX_TRIES};
+use crate::msg::MAX_TRIES;
 use crate::parser::{parse_element, Limits};
 
 fn el(xml: &str) -> Element {
@@ -72,8 +71,8 @@ impl World {
         }
         let mut q = VecDeque::from([Envelope::to_user(to.parse().unwrap(), msg)]);
         while let Some(env) = q.pop_front() {
-            match (env.to, env.msg) {
-                (Address::User(j), Msg::User(m)) => {
+            match env {
+                Envelope::User { to: j, msg: m } => {
                     let Some(actor) = self.users.get_mut(j.as_str()) else {
                         continue;
                     };
@@ -87,10 +86,14 @@ impl World {
                         }
                     }
                 }
-                (Address::Session(a), Msg::Session(SessionMsg::Stanza(s) | SessionMsg::Offline(s))) => {
-                    self.delivered.push((a.id, s))
-                }
-                (Address::Session(a), Msg::Session(SessionMsg::OfflineSent { upto })) if self.confirm_offline => {
+                Envelope::Session {
+                    to: a,
+                    msg: SessionMsg::Stanza(s) | SessionMsg::Offline(s),
+                } => self.delivered.push((a.id, s)),
+                Envelope::Session {
+                    to: a,
+                    msg: SessionMsg::OfflineSent { upto },
+                } if self.confirm_offline => {
                     // The session wrote them: it confirms, as c2s does.
                     let user = self.bound.iter().find(|(_, s)| **s == a).map(|((u, _), _)| u.clone());
                     if let Some(u) = user {
@@ -100,7 +103,10 @@ impl World {
                         ));
                     }
                 }
-                (Address::Session(a), Msg::Session(SessionMsg::Kick { .. })) => self.kicked.push(a.id),
+                Envelope::Session {
+                    to: a,
+                    msg: SessionMsg::Kick { .. },
+                } => self.kicked.push(a.id),
                 _ => {}
             }
         }
@@ -581,9 +587,9 @@ fn a_failed_write_says_what_to_send_instead() {
     // A message that could not be stored offline: its sender gets an error.
     let msg = el("<message from='alice@localhost/a' to='bob@localhost' id='m1' type='chat'><body>x</body></message>");
     let f = failed_of(&mut a, UserMsg::Inbound { stanza: msg });
-    let [Envelope {
-        to: Address::User(to),
-        msg: Msg::User(UserMsg::Inbound { stanza: err }),
+    let [Envelope::User {
+        to,
+        msg: UserMsg::Inbound { stanza: err },
     }] = f.as_slice()
     else {
         panic!("one error to the sender expected: {f:?}");
@@ -598,12 +604,12 @@ fn a_failed_write_says_what_to_send_instead() {
     // An inbound subscription request: it goes again to bob's next incarnation.
     let sub = el("<presence from='alice@localhost' to='bob@localhost' type='subscribe'/>");
     let f = failed_of(&mut a, UserMsg::Inbound { stanza: sub });
-    let [Envelope {
-        to: Address::User(to),
-        msg: Msg::User(UserMsg::Again {
+    let [Envelope::User {
+        to,
+        msg: UserMsg::Again {
             stanza: again,
             tries: 1,
-        }),
+        },
     }] = f.as_slice()
     else {
         panic!("the request again expected: {f:?}");
@@ -621,8 +627,8 @@ fn a_failed_write_says_what_to_send_instead() {
     assert!(
         matches!(
             f.as_slice(),
-            [Envelope {
-                msg: Msg::User(UserMsg::Again { tries: 2, .. }),
+            [Envelope::User {
+                msg: UserMsg::Again { tries: 2, .. },
                 ..
             }]
         ),
@@ -660,9 +666,9 @@ fn a_failed_write_says_what_to_send_instead() {
             stanza: set,
         },
     );
-    let [Envelope {
-        to: Address::Session(s),
-        msg: Msg::Session(SessionMsg::Stanza(err)),
+    let [Envelope::Session {
+        to: s,
+        msg: SessionMsg::Stanza(err),
     }] = f.as_slice()
     else {
         panic!("an error result expected: {f:?}");

@@ -119,10 +119,10 @@ impl Shard {
     /// Sends an envelope to another node without waiting.
     pub(crate) fn send_remote(self: &Rc<Self>, node: NodeId, env: Envelope) {
         let Some(tx) = self.link(node) else {
-            tracing::debug!(?env.to, node, "envelope for a node that is not a member");
+            tracing::debug!(to = ?env.to(), node, "envelope for a node that is not a member");
             return self.undeliverable(env, "remote-server-not-found");
         };
-        let control = env.msg.is_control();
+        let control = env.is_control();
         match tx.try_send(Frame::Envelope(wire::envelope_out(&env))) {
             Ok(()) => self.metrics.cluster_frames_out.increment(1),
             Err(flume::TrySendError::Full(_)) if control => {
@@ -136,7 +136,7 @@ impl Shard {
             }
             Err(flume::TrySendError::Full(_)) => {
                 self.metrics.bounced.increment(1);
-                tracing::warn!(?env.to, node, "bouncing stanza: link to the node is full");
+                tracing::warn!(to = ?env.to(), node, "bouncing stanza: link to the node is full");
                 self.undeliverable(env, "resource-constraint");
             }
             Err(flume::TrySendError::Disconnected(_)) => {
