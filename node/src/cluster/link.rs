@@ -491,26 +491,11 @@ impl Shard {
 
     /// A whole user from the node that held it: it replaces the copy here only if that one
     /// is older (fewer write batches) or absent, so a node back from the dead never has its
-    /// stale copy win, nor does a late handoff undo newer writes.
+    /// stale copy win, nor does a late handoff undo newer writes. The replacement is
+    /// conditional on the version read (`Write::NextVersion` as a condition): a replicated
+    /// batch that lands between the read and the write makes it fail, and the comparison
+    /// is made again — unconditional, it overwrote that batch with the versions tied.
     async fn take_handoff(self: &Rc<Self>, user: String, version: u64, writes: &[u8]) -> AccountResult {
-        let here = async {
-            let account = self.storage.account(user.clone()).await?;
-            let (_, data) = self.storage.load_user(user.clone()).await?;
-            Ok::<_, starling_storage::StorageError>(account.map(|_| data.version))
-        };
-        match here.await {
-            Err(e) => return AccountResult::Failed(e.to_string()),
-            Ok(Some(v)) if v >= version => {
-                tracing::debug!(
-                    user,
-                    here = v,
-                    offered = version,
-                    "cluster: handoff not newer; kept ours"
-                );
-                return AccountResult::Done;
-            }
-            Ok(_) => {}
-        }
         let w = match postcard::from_bytes::<Vec<Write>>(writes) {
             Ok(w) if w.iter().all(|w| w.user() == user) => w,
             Ok(_) => return AccountResult::Failed("handoff writes for another user".into()),
@@ -519,13 +504,44 @@ impl Shard {
                 return AccountResult::Failed(format!("undecodable writes: {e}"));
             }
         };
-        let mut all = vec![Write::DeleteUser { user: user.clone() }];
-        all.extend(w);
-        all.push(Write::SetVersion { user, version });
-        match self.storage.write(all).await {
-            Ok(()) => AccountResult::Done,
-            Err(e) => AccountResult::Failed(e.to_string()),
+        for _ in 0..3 {
+            let here = async {
+                let account = self.storage.account(user.clone()).await?;
+                let (_, data) = self.storage.load_user(user.clone()).await?;
+                Ok::<_, starling_storage::StorageError>((account.is_some(), data.version))
+            };
+            let have = match here.await {
+                Err(e) => return AccountResult::Failed(e.to_string()),
+                Ok((true, v)) if v >= version => {
+                    tracing::debug!(
+                        user,
+                        here = v,
+                        offered = version,
+                        "cluster: handoff not newer; kept ours"
+                    );
+                    return AccountResult::Done;
+                }
+                Ok((_, v)) => v,
+            };
+            let mut all = vec![
+                Write::NextVersion {
+                    user: user.clone(),
+                    base: have,
+                },
+                Write::DeleteUser { user: user.clone() },
+            ];
+            all.extend(w.iter().cloned());
+            all.push(Write::SetVersion {
+                user: user.clone(),
+                version,
+            });
+            match self.storage.write(all).await {
+                Ok(()) => return AccountResult::Done,
+                Err(starling_storage::StorageError::Conflict { .. }) => continue,
+                Err(e) => return AccountResult::Failed(e.to_string()),
+            }
         }
+        AccountResult::Failed(format!("{user}: the copy here kept changing during the handoff"))
     }
 
     /// Serves an account request from another node (`from`, as its hello named it) against
