@@ -7,14 +7,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
 use jid::BareJid;
-use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
+use starling_actors::msg::{Envelope, UserMsg};
+use starling_actors::system::life::{self, Ending, NotStarted};
 use starling_actors::user::{Effect, UserActor};
 
 use crate::shard::{Mailbox, Origin, Shard, Timed};
-
-/// The pause before a stanza whose write failed goes again, per failure (`UserMsg::Again`).
-pub const AGAIN_AFTER: std::time::Duration =
-    std::time::Duration::from_millis(starling_actors::system::limits::AGAIN_AFTER_MS);
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -54,7 +51,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
             tracing::error!(user = %jid, error = %e, "cannot load user; failing its messages");
             shard.users.borrow_mut().remove(&jid);
             while let Ok(t) = rx.try_recv() {
-                fail(&shard, t.msg);
+                fail(&shard, &jid, t.msg);
             }
             return;
         }
@@ -75,18 +72,8 @@ async fn run(shard: Rc<Shard>, jid: BareJid, rx: flume::Receiver<Timed<UserMsg>>
             Err(_) => {
                 tracing::error!(user = %jid, "user actor panicked; ending it and its sessions");
                 shard.users.borrow_mut().remove(&jid);
-                for (a, resource) in actor.sessions() {
-                    shard.route(Envelope::to_session(
-                        a,
-                        SessionMsg::Kick {
-                            condition: "internal-server-error",
-                            text: "internal error".into(),
-                        },
-                    ));
-                    // What was queued for the dead actor (a logout's unbind among it) is
-                    // lost: the next incarnation learns each session is gone and tells the
-                    // contacts, who would otherwise see it online (found by the simulator).
-                    shard.route(Envelope::to_user(jid.clone(), UserMsg::Unbind { session: a, resource }));
+                for env in life::ended(&jid, actor.sessions(), Ending::Panicked) {
+                    shard.route(env);
                 }
                 return;
             }
@@ -147,33 +134,20 @@ fn end_after_failed_write(
     instead: Vec<Envelope>,
 ) {
     shard.users.borrow_mut().remove(jid);
-    for (a, resource) in actor.sessions() {
-        shard.route(Envelope::to_session(
-            a,
-            SessionMsg::Kick {
-                condition: "internal-server-error",
-                text: "storage failure".into(),
-            },
-        ));
-        shard.route(Envelope::to_user(jid.clone(), UserMsg::Unbind { session: a, resource }));
+    for env in life::ended(jid, actor.sessions(), Ending::WriteFailed) {
+        shard.route(env);
     }
     for env in instead {
-        match &env {
-            // Sent after a pause: the condition that failed the write (views that disagree
-            // during a join or heal) usually passes within it.
-            Envelope::User {
-                msg: UserMsg::Again { tries, .. },
-                ..
-            } => {
-                let pause = AGAIN_AFTER * u32::from(*tries);
+        match life::delay_ms(&env) {
+            0 => shard.route(env),
+            ms => {
                 let s = shard.clone();
                 glommio::spawn_local(async move {
-                    glommio::timer::sleep(pause).await;
+                    glommio::timer::sleep(std::time::Duration::from_millis(ms)).await;
                     s.route(env);
                 })
                 .detach();
             }
-            _ => shard.route(env),
         }
     }
     while let Ok(t) = rx.try_recv() {
@@ -181,18 +155,10 @@ fn end_after_failed_write(
     }
 }
 
-fn fail(shard: &Rc<Shard>, m: UserMsg) {
-    match m {
-        UserMsg::Bind { session, .. } => shard.route(Envelope::to_session(
-            session,
-            SessionMsg::BindFailed {
-                condition: "internal-server-error",
-            },
-        )),
-        UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } | UserMsg::Again { stanza, .. } => {
-            let env = Envelope::to_user(BareJid::new("x@x").expect("valid"), UserMsg::Inbound { stanza });
-            shard.undeliverable(env, "internal-server-error");
-        }
-        UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } | UserMsg::NodeDown { .. } | UserMsg::Resync => {}
+fn fail(shard: &Rc<Shard>, jid: &BareJid, m: UserMsg) {
+    match life::not_started(jid, m) {
+        NotStarted::Send(env) => shard.route(env),
+        NotStarted::Bounce(env) => shard.undeliverable(env, "internal-server-error"),
+        NotStarted::Nothing => {}
     }
 }

@@ -11,6 +11,7 @@ use starling_actors::address::{MailboxKey, SessionAddr, SingleNode};
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, SessionMsg, To, UserMsg};
 use starling_actors::planted::{self, Bug};
+use starling_actors::system::life::{self, Ending, NotStarted};
 use starling_actors::throttle::AuthThrottle;
 use starling_actors::user::{Effect, UserActor};
 use starling_actors::xml::Element;
@@ -18,9 +19,6 @@ use starling_storage::{MemoryStorage, Storage, Write};
 
 use crate::oracle::xml_id;
 use crate::world::{Ev, World, MAX_OFFLINE};
-
-/// `user_host::AGAIN_AFTER`: the pause before a stanza whose write failed goes again.
-const AGAIN_AFTER_US: u64 = starling_actors::system::limits::AGAIN_AFTER_MS * 1000;
 
 #[derive(Debug)]
 pub enum Read {
@@ -556,21 +554,12 @@ impl World {
         };
         self.stats.activations_failed += 1;
         for m in h.mailbox {
-            match m {
-                UserMsg::Bind { session, .. } => {
-                    let failed = SessionMsg::BindFailed {
-                        condition: "internal-server-error",
-                    };
-                    let _ = self.route(node, shard, Envelope::to_session(session, failed), Origin::Actor);
+            match life::not_started(jid, m) {
+                NotStarted::Send(env) => {
+                    let _ = self.route(node, shard, env, Origin::Actor);
                 }
-                UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } | UserMsg::Again { stanza, .. } => {
-                    let env = Envelope::to_user(jid.clone(), UserMsg::Inbound { stanza });
-                    self.undeliverable(node, shard, env, "internal-server-error");
-                }
-                UserMsg::Unbind { .. }
-                | UserMsg::OfflineDelivered { .. }
-                | UserMsg::NodeDown { .. }
-                | UserMsg::Resync => {}
+                NotStarted::Bounce(env) => self.undeliverable(node, shard, env, "internal-server-error"),
+                NotStarted::Nothing => {}
             }
         }
     }
@@ -951,36 +940,27 @@ impl World {
             return;
         };
         let sessions = h.actor.as_ref().map(|a| a.sessions()).unwrap_or_default();
-        for (session, resource) in sessions {
-            let kick = SessionMsg::Kick {
-                condition: "internal-server-error",
-                text: "storage failure".into(),
-            };
-            let _ = self.route(node, shard, Envelope::to_session(session, kick), Origin::Actor);
-            let env = Envelope::to_user(jid.clone(), UserMsg::Unbind { session, resource });
+        for env in life::ended(jid, sessions, Ending::WriteFailed) {
             let _ = self.route(node, shard, env, Origin::Actor);
         }
         for env in h.instead {
-            if let Envelope::User {
-                msg: UserMsg::Again { tries, .. },
-                ..
-            } = &env
-            {
-                // After a pause, as user_host.rs does.
-                let pause = AGAIN_AFTER_US * u64::from(*tries);
-                let epoch = self.nodes[node as usize].epoch;
-                self.after(
-                    pause,
-                    Ev::Again {
-                        node,
-                        epoch,
-                        shard,
-                        env,
-                    },
-                );
-                continue;
+            match life::delay_ms(&env) {
+                0 => {
+                    let _ = self.route(node, shard, env, Origin::Actor);
+                }
+                ms => {
+                    let epoch = self.nodes[node as usize].epoch;
+                    self.after(
+                        ms * 1000,
+                        Ev::Again {
+                            node,
+                            epoch,
+                            shard,
+                            env,
+                        },
+                    );
+                }
             }
-            let _ = self.route(node, shard, env, Origin::Actor);
         }
         for m in h.mailbox {
             let _ = self.route(node, shard, Envelope::to_user(jid.clone(), m), Origin::Actor);

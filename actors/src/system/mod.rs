@@ -1,6 +1,9 @@
 //! The actor system both hosts run (DESIGN.md "One actor system, two hosts"). It is being
 //! moved here from `node/` and `sim/` step by step (issue 16); so far: every limit and
-//! timeout of routing, links and storage in one place (`limits`), and the rule for a stanza
-//! that reaches a vanished session (`crate::msg::session_gone`).
+//! timeout of routing, links and storage in one place (`limits`), the rules around an actor's
+//! life (`life`: an actor that cannot start, that ends early, what it sends instead), and
+//! those for a stanza that reaches a vanished session or cannot be delivered
+//! (`crate::msg::session_gone`, `crate::msg::undeliverable`).
 
+pub mod life;
 pub mod limits;
