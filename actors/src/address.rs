@@ -28,20 +28,12 @@ pub enum Address {
     Session(SessionAddr),
 }
 
-/// One mailbox on a shard, as a map key (hosts keep envelopes held for a full mailbox by it).
+/// One mailbox on a shard, as a map key (hosts keep envelopes held for a full mailbox by it;
+/// `Envelope::mailbox_key`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MailboxKey {
     User(BareJid),
     Session(u64),
-}
-
-impl MailboxKey {
-    pub fn of(to: &Address) -> Self {
-        match to {
-            Address::User(j) => MailboxKey::User(j.clone()),
-            Address::Session(a) => MailboxKey::Session(a.id),
-        }
-    }
 }
 
 pub trait Placement {
