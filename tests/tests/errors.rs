@@ -25,24 +25,33 @@ async fn malformed_xml_gets_not_well_formed_and_a_closed_stream() {
     assert!(server.log_text().contains("not-well-formed"), "no log line for bad XML");
 }
 
-#[tokio::test]
-async fn characters_xml_does_not_allow_are_refused_not_forwarded() {
-    // A control character (here as a reference) would end the recipient's stream in any
-    // strict XML parser: the sender's stream fails instead, and nothing reaches bob.
+/// alice sends `stanza`: her stream ends with `condition`, and bob, online, never sees
+/// `marker` (the next thing he gets is a ping answer).
+async fn refused_and_never_routed(stanza: &str, condition: &str, marker: &str) {
     let server = Server::start(&[CLEAR], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
     let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
     bob.send("<presence/>").await;
     bob.until("<presence").await;
     let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
-    alice
-        .send("<message to='bob@localhost/r' type='chat'><body>bell&#x7;</body></message>")
-        .await;
+    alice.send(stanza).await;
     let got = alice.until_closed().await;
-    assert!(got.contains("<not-well-formed"), "{got}");
-    bob.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert!(got.contains(&format!("<{condition}")), "{got}");
+    bob.send("<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
         .await;
-    let got = bob.until("id=\"p\"").await;
-    assert!(!got.contains("bell"), "forwarded: {got}");
+    let seen = bob.until("id=\"p1\"").await;
+    assert!(!seen.contains(marker), "routed: {seen}");
+}
+
+#[tokio::test]
+async fn characters_xml_does_not_allow_are_refused_not_forwarded() {
+    // A control character (here as a reference) would end the recipient's stream in any
+    // strict XML parser: the sender's stream fails instead.
+    refused_and_never_routed(
+        "<message to='bob@localhost/r' type='chat'><body>bell&#x7;</body></message>",
+        "not-well-formed",
+        "bell",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -145,21 +154,12 @@ async fn bad_credentials_fail_and_are_throttled_per_ip() {
 
 #[tokio::test]
 async fn spoofed_from_is_a_stream_error_and_never_routed() {
-    let server = Server::start(&[CLEAR], &[("alice@localhost", "a"), ("bob@localhost", "b")]);
-    let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
-    bob.send("<presence/>").await;
-    bob.until("<presence").await;
-    let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
-    alice
-        .send("<message from='carol@localhost/x' to='bob@localhost'><body>spoofed</body></message>")
-        .await;
-    let got = alice.until_closed().await;
-    assert!(got.contains("<invalid-from"), "{got}");
-    // Bob gets nothing spoofed; the next thing he sees is a ping answer.
-    bob.send("<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-        .await;
-    let seen = bob.until("id=\"p1\"").await;
-    assert!(!seen.contains("spoofed"), "{seen}");
+    refused_and_never_routed(
+        "<message from='carol@localhost/x' to='bob@localhost'><body>spoofed</body></message>",
+        "invalid-from",
+        "spoofed",
+    )
+    .await;
 }
 
 #[tokio::test]
