@@ -133,8 +133,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
         shard: shard.id,
         id,
     };
-    let (tx, rx) = flume::bounded(shard.mailbox);
-    shard.sessions.borrow_mut().insert(id, tx);
+    shard.open_session(id);
     let gauges = Gauges::new(&shard);
     tracing::debug!(?addr, ?peer, direct_tls, "connection accepted");
     let conn = if direct_tls {
@@ -147,12 +146,12 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
             Some(Ok(s)) => Conn::Tls(Box::new(s)),
             Some(Err(e)) => {
                 tracing::info!(?peer, error = %e, "TLS handshake failed");
-                shard.sessions.borrow_mut().remove(&id);
+                shard.close_session(addr);
                 return;
             }
             None => {
                 tracing::info!(?peer, "TLS handshake timed out");
-                shard.sessions.borrow_mut().remove(&id);
+                shard.close_session(addr);
                 return;
             }
         }
@@ -186,7 +185,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
         }
         let event = {
             let read = conn.read(&mut buf);
-            let recv = rx.recv_async();
+            let recv = shard.next_session_msg(id);
             // Bound sessions have no deadline: no clock read, no timer on the hot path.
             let left = session
                 .jid()
@@ -222,8 +221,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                 handle(&shard, &gauges, &mut session, Input::Bytes(&buf[..n]));
                 carry_out(&shard, &gauges, &mut session, &mut conn).await
             }
-            Either::Right(Ok(t)) => {
-                shard.metrics.route.record(t.at.elapsed().as_secs_f64());
+            Either::Right(Some(t)) => {
+                shard.metrics.route.record(crate::shard::since(t.at));
                 let m = t.msg;
                 tracing::trace!(session = ?session.addr, msg = ?m, "from router");
                 if let SessionMsg::Stanza(st) | SessionMsg::Offline(st) = &m {
@@ -234,21 +233,16 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                 handle(&shard, &gauges, &mut session, Input::Router(m));
                 carry_out(&shard, &gauges, &mut session, &mut conn).await
             }
-            Either::Right(Err(_)) => false,
+            Either::Right(None) => false,
         };
         if !open {
             break;
         }
     }
     let _ = conn.close().await;
-    shard.sessions.borrow_mut().remove(&id);
     shard.session_users.borrow_mut().remove(&id);
-    // Messages that raced with the close go back to the user actor (see Shard::session_gone).
-    while let Ok(t) = rx.try_recv() {
-        if let SessionMsg::Stanza(_) = t.msg {
-            shard.deliver_local(starling_actors::msg::Envelope::to_session(addr, t.msg));
-        }
-    }
+    // Messages that raced with the close go back to the user actor (`msg::session_gone`).
+    shard.close_session(addr);
     tracing::debug!(?addr, "connection closed");
 }
 

@@ -7,7 +7,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::TcpListener;
@@ -17,39 +18,24 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use starling_actors::address::{MailboxKey, NodeId, SessionAddr, ShardId};
 use starling_actors::c2s::C2sConfig;
-use starling_actors::msg::{Envelope, SessionMsg, To, UserMsg};
+use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
+pub use starling_actors::system::shard::Origin;
+use starling_actors::system::shard::{Out, Queued, Routed, ShardCore, Unsent};
 use starling_actors::throttle::AuthThrottle;
 use starling_actors::user::UserConfig;
 
 use crate::storage_thread::StorageHandle;
 
-/// What mailboxes and the mesh carry: a message and when it was first routed, so the
-/// receiver can record the routing latency (`starling_route_seconds`).
-pub struct Timed<T> {
-    pub at: Instant,
-    pub msg: T,
+/// The clock the shards stamp routed messages with: µs since this process's first reading.
+/// The receiver records how long a message travelled (`starling_route_seconds`).
+pub fn stamp() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
 }
 
-impl<T> Timed<T> {
-    pub fn now(msg: T) -> Self {
-        Timed {
-            at: Instant::now(),
-            msg,
-        }
-    }
-}
-
-/// The sending side of a session's or user actor's mailbox, bounded by `c2s.mailbox`.
-/// flume rather than glommio's local channel: a bounded local channel allocates its whole
-/// capacity up front (1024 slots × ~120 B for every session and every user actor), flume's
-/// queue grows only as messages wait.
-pub type Mailbox<T> = flume::Sender<Timed<T>>;
-
-/// Who routes an envelope: decides where the sender may wait for room.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    Connection,
-    Actor,
+/// Seconds since `at` (a [`stamp`]).
+pub fn since(at: u64) -> f64 {
+    stamp().saturating_sub(at) as f64 / 1e6
 }
 
 /// What every shard is started with.
@@ -77,20 +63,21 @@ pub struct Shard {
     pub node: NodeId,
     /// The membership as this shard sees it, and its links to other nodes.
     pub cluster: crate::cluster::link::Links,
-    mesh: Option<Senders<Timed<Envelope>>>,
-    pub sessions: RefCell<HashMap<u64, Mailbox<SessionMsg>>>,
+    mesh: Option<Senders<Queued<Envelope>>>,
+    /// The actor system's state machine for this shard: mailboxes, routing, overflow
+    /// (`starling_actors::system::shard`). This host moves what it decides.
+    core: RefCell<ShardCore>,
+    /// The task waiting for each empty mailbox.
+    wakers: RefCell<HashMap<MailboxKey, Waker>>,
     /// Bound sessions: their user and the node its actor was on when they bound (a session
     /// whose user's actor moves or dies must reconnect).
     pub session_users: RefCell<HashMap<u64, (BareJid, NodeId)>>,
-    pub users: RefCell<HashMap<BareJid, Mailbox<UserMsg>>>,
-    held: RefCell<HashMap<MailboxKey, std::collections::VecDeque<Timed<Envelope>>>>,
     pub storage: StorageHandle,
     pub c2s_cfg: Rc<C2sConfig>,
     pub user_cfg: Rc<UserConfig>,
     pub throttle: RefCell<AuthThrottle>,
     pub tls: Arc<rustls::ServerConfig>,
     next_session: Cell<u64>,
-    pub mailbox: usize,
     pub negotiation_timeout: Duration,
     pub write_timeout: Duration,
     pub metrics: crate::metrics::ShardMetrics,
@@ -111,262 +98,232 @@ impl Shard {
         ChaCha20Rng::from_seed(seed)
     }
 
-    /// The (node, shard) of an address; for another node's user, the shard is that node's
-    /// business.
-    fn place(&self, to: To<'_>) -> (NodeId, ShardId) {
-        match to {
-            To::User(j) => self.cluster.view.borrow().place_user(j),
-            To::Session(a) => (a.node, a.shard),
-        }
+    /// Runs `f` on the shard's core, then carries out what it decided.
+    fn with_core<R>(self: &Rc<Self>, f: impl FnOnce(&mut ShardCore) -> R) -> R {
+        let r = f(&mut self.core.borrow_mut());
+        self.carry_out();
+        r
     }
 
-    /// Sends an envelope wherever its target lives.
-    pub fn route(self: &Rc<Self>, env: Envelope) {
-        self.route_at(env, Instant::now())
+    /// Asks the core where `env` goes. The caller sends it on (mesh, link) and only then
+    /// calls `carry_out`: what the core asked for earlier must not overtake it.
+    fn core_route(self: &Rc<Self>, env: Envelope, at: u64, origin: Origin) -> Routed {
+        let view = self.cluster.view.borrow();
+        self.core.borrow_mut().route(env, at, origin, &*view)
     }
 
-    fn route_at(self: &Rc<Self>, env: Envelope, at: Instant) {
-        let (node, shard) = self.place(env.to());
-        if node != self.node {
-            return self.send_remote(node, env);
-        }
-        if shard == self.id {
-            return self.deliver_local_at(env, at);
-        }
-        match &self.mesh {
-            Some(m) => {
-                if let Err(e) = m.try_send_to(shard as usize, Timed { at, msg: env }) {
-                    if let Some(t) = give_back(e) {
-                        self.mesh_full(t.msg);
-                    }
-                }
-            }
-            None => self.undeliverable(env, "internal-server-error"),
-        }
-    }
-
-    /// Routes with backpressure. Every sender waits for room in the mesh: its receivers
-    /// only hand envelopes to mailboxes and never wait, so this cannot deadlock. Connection
-    /// tasks also wait for room in local mailboxes: a client that sends faster than its
-    /// targets drain is slowed down (its socket is not read meanwhile) instead of bounced.
-    /// User actors never wait on another actor's mailbox — two waiting on each other would
-    /// deadlock — so for them a full local mailbox bounces the stanza.
-    pub async fn route_wait(self: &Rc<Self>, env: Envelope, from: Origin) {
-        let (node, shard) = self.place(env.to());
-        if node != self.node {
-            return self.send_remote_wait(node, env).await;
-        }
-        if shard != self.id && self.mesh.is_none() {
-            return self.route(env);
-        }
-        if shard != self.id {
-            let mesh = self.mesh.as_ref().expect("checked above");
-            if let Err(e) = mesh.send_to(shard as usize, Timed::now(env)).await {
-                if let Some(t) = give_back(e) {
-                    self.undeliverable(t.msg, "internal-server-error");
-                }
-            }
-            return;
-        }
-        if from == Origin::Actor {
-            return self.deliver_local(env);
-        }
-        if self.is_held(&env) {
-            // Behind what is held for it, whatever its kind: a connection waits, never bounces.
-            return self.hold(Timed::now(env));
-        }
-        match env {
-            Envelope::User { to: j, msg: m } => {
-                let tx = self.users.borrow().get(&j).cloned();
-                let tx = tx.unwrap_or_else(|| crate::user_host::activate(self, j.clone()));
-                if let Err(flume::SendError(t)) = tx.send_async(Timed::now(m)).await {
-                    self.undeliverable(Envelope::to_user(j, t.msg), "internal-server-error");
-                }
-            }
-            Envelope::Session { to: a, msg: m } => {
-                let tx = self.session_tx(a);
-                match tx {
-                    Some(tx) => {
-                        if let Err(flume::SendError(t)) = tx.send_async(Timed::now(m)).await {
-                            self.session_gone(a, t.msg);
-                        }
-                    }
-                    None => self.session_gone(a, m),
-                }
-            }
-        }
-    }
-
-    pub fn deliver_local(self: &Rc<Self>, env: Envelope) {
-        self.deliver_local_at(env, Instant::now())
-    }
-
-    fn deliver_local_at(self: &Rc<Self>, env: Envelope, at: Instant) {
-        if self.is_held(&env) {
-            return self.overflow(env, at, "messages for it are held");
-        }
-        match env {
-            Envelope::Session { to: a, msg: m } => {
-                let tx = self.session_tx(a);
-                match tx {
-                    Some(tx) => {
-                        if let Err(e) = tx.try_send(Timed { at, msg: m }) {
-                            let t = e.into_inner();
-                            self.overflow(Envelope::to_session(a, t.msg), t.at, "session mailbox full");
-                        }
-                    }
-                    None => self.session_gone(a, m),
-                }
-            }
-            Envelope::User { to: j, msg: m } => {
-                let tx = self.users.borrow().get(&j).cloned();
-                let tx = match tx {
-                    Some(tx) => tx,
-                    None => crate::user_host::activate(self, j.clone()),
-                };
-                if let Err(e) = tx.try_send(Timed { at, msg: m }) {
-                    let t = e.into_inner();
-                    self.overflow(Envelope::to_user(j, t.msg), t.at, "user mailbox full");
-                }
-            }
-        }
-    }
-
-    /// A mailbox is full. Control messages wait for room (they are few: a handful per
-    /// session) in a per-target queue drained in order; stanzas bounce with
-    /// `resource-constraint`.
-    fn overflow(self: &Rc<Self>, env: Envelope, at: Instant, why: &'static str) {
-        if !env.is_control() {
-            self.metrics.bounced.increment(1);
-            tracing::warn!(to = ?env.to(), why, "bouncing stanza");
-            return self.undeliverable(env, "resource-constraint");
-        }
-        self.hold(Timed { at, msg: env });
-    }
-
-    /// The mesh channel to another shard is full (only `route`, which does not wait, gets
-    /// here): control messages try again shortly, stanzas bounce.
-    fn mesh_full(self: &Rc<Self>, env: Envelope) {
-        if !env.is_control() {
-            self.metrics.bounced.increment(1);
-            tracing::warn!(to = ?env.to(), "bouncing stanza: shard mesh channel full");
-            return self.undeliverable(env, "resource-constraint");
-        }
-        let me = self.clone();
-        glommio::spawn_local(async move {
-            glommio::timer::sleep(Duration::from_millis(starling_actors::system::limits::RETRY_MS)).await;
-            me.route(env);
-        })
-        .detach();
-    }
-
-    /// Queues behind what is already held for the same target: a full mailbox must not
-    /// reorder one sender's messages (an `Unbind` overtaking the session's last
-    /// `OfflineDelivered`, or a `Bind`, would break the user actor; found by the simulator).
-    fn hold(self: &Rc<Self>, t: Timed<Envelope>) {
-        let target = t.msg.mailbox_key();
-        let mut held = self.held.borrow_mut();
-        if let Some(q) = held.get_mut(&target) {
-            q.push_back(t);
-            return;
-        }
-        held.insert(target.clone(), std::collections::VecDeque::from([t]));
-        drop(held);
-        let me = self.clone();
-        glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(Duration::from_millis(starling_actors::system::limits::RETRY_MS)).await;
-                if me.drain_held(&target) {
-                    return;
-                }
-            }
-        })
-        .detach();
-    }
-
-    /// Moves held envelopes into the target's mailbox while it has room; `true` when none
-    /// is left.
-    fn drain_held(self: &Rc<Self>, target: &MailboxKey) -> bool {
+    /// Carries out the core's effects, in order.
+    fn carry_out(self: &Rc<Self>) {
         loop {
-            let Some(t) = self.held.borrow_mut().get_mut(target).and_then(|q| q.pop_front()) else {
-                self.held.borrow_mut().remove(target);
-                return true;
+            let Some(o) = self.core.borrow_mut().pop_out() else {
+                return;
             };
-            let Timed { at, msg: env } = t;
-            let back = match env {
-                Envelope::Session { to: a, msg: m } => {
-                    let tx = self.session_tx(a);
-                    match tx {
-                        Some(tx) => match tx.try_send(Timed { at, msg: m }) {
-                            Ok(()) => None,
-                            Err(flume::TrySendError::Full(t)) => Some(Envelope::to_session(a, t.msg)),
-                            Err(flume::TrySendError::Disconnected(t)) => {
-                                self.session_gone(a, t.msg);
-                                None
-                            }
-                        },
-                        None => {
-                            self.session_gone(a, m);
-                            None
-                        }
+            match o {
+                Out::Route(env) => self.route(env),
+                Out::Wake(key) => {
+                    let w = self.wakers.borrow_mut().remove(&key);
+                    if let Some(w) = w {
+                        w.wake();
                     }
                 }
-                Envelope::User { to: j, msg: m } => {
-                    let tx = self.users.borrow().get(&j).cloned();
-                    let tx = tx.unwrap_or_else(|| crate::user_host::activate(self, j.clone()));
-                    match tx.try_send(Timed { at, msg: m }) {
-                        Ok(()) => None,
-                        Err(flume::TrySendError::Full(t)) => Some(Envelope::to_user(j, t.msg)),
-                        Err(flume::TrySendError::Disconnected(t)) => {
-                            self.undeliverable(Envelope::to_user(j, t.msg), "internal-server-error");
-                            None
-                        }
-                    }
+                Out::Activate(jid) => crate::user_host::start(self, jid),
+                Out::RetryHeld { key, after_ms } => {
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        glommio::timer::sleep(Duration::from_millis(after_ms)).await;
+                        me.with_core(|c| c.retry_held(&key));
+                    })
+                    .detach();
                 }
-            };
-            if let Some(env) = back {
-                if let Some(q) = self.held.borrow_mut().get_mut(target) {
-                    q.push_front(Timed { at, msg: env });
+                Out::Later { env, after_ms } => {
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        glommio::timer::sleep(Duration::from_millis(after_ms)).await;
+                        me.route(env);
+                    })
+                    .detach();
                 }
-                return false;
+                Out::Bounced { env, why } => {
+                    self.metrics.bounced.increment(1);
+                    tracing::warn!(to = ?env.to(), why, "bouncing stanza");
+                }
             }
         }
     }
 
-    /// Whether envelopes for `env`'s target are held (then newcomers queue behind them).
-    fn is_held(&self, env: &Envelope) -> bool {
-        !self.held.borrow().is_empty() && self.held.borrow().contains_key(&env.mailbox_key())
+    /// Sends an envelope wherever its target lives, without waiting.
+    pub fn route(self: &Rc<Self>, env: Envelope) {
+        self.route_now(env);
+        self.carry_out();
     }
 
-    /// The mailbox of the session at `a`, if it is still here. A session of an earlier
-    /// process of this node (ids restart with it) is gone.
-    fn session_tx(&self, a: SessionAddr) -> Option<Mailbox<SessionMsg>> {
-        if a.node_gen < self.cluster.started {
-            return None;
+    fn route_now(self: &Rc<Self>, env: Envelope) {
+        match self.core_route(env, stamp(), Origin::Actor) {
+            Routed::Done => {}
+            Routed::Full(env) => self.with_core(|c| c.overflow(env, stamp())),
+            Routed::Mesh { shard, env } => match &self.mesh {
+                Some(m) => {
+                    if let Err(e) = m.try_send_to(shard as usize, env) {
+                        let (t, why) = match e {
+                            GlommioError::WouldBlock(ResourceType::Channel(t)) => (Some(t), Unsent::MeshFull),
+                            GlommioError::Closed(ResourceType::Channel(t)) => (Some(t), Unsent::MeshClosed),
+                            _ => (None, Unsent::MeshClosed),
+                        };
+                        if let Some(t) = t {
+                            self.with_core(|c| c.unsent(t.msg, why));
+                        }
+                    }
+                }
+                None => self.with_core(|c| c.unsent(env.msg, Unsent::MeshClosed)),
+            },
+            Routed::Remote { node, env } => self.send_remote(node, env),
         }
-        self.sessions.borrow().get(&a.id).cloned()
     }
 
-    /// A stanza for a session that ended: `msg::session_gone` says what becomes of it.
-    fn session_gone(self: &Rc<Self>, addr: SessionAddr, m: SessionMsg) {
-        let gone = starling_actors::msg::session_gone(addr, m);
-        for env in gone.route {
-            self.route(env);
+    /// Routes with backpressure (`starling_actors::system::shard`): a connection waits for
+    /// room anywhere; an actor waits for room in the mesh and links, never for a mailbox.
+    pub async fn route_wait(self: &Rc<Self>, env: Envelope, from: Origin) {
+        let mut env = env;
+        loop {
+            let r = self.core_route(env, stamp(), from);
+            if !matches!(r, Routed::Mesh { .. } | Routed::Remote { .. }) {
+                self.carry_out();
+            }
+            match r {
+                Routed::Done => return,
+                Routed::Full(e) => {
+                    // Only a connection gets here: its client is not read meanwhile.
+                    glommio::timer::sleep(Duration::from_millis(starling_actors::system::limits::RETRY_MS)).await;
+                    env = e;
+                }
+                Routed::Mesh { shard, env } => {
+                    let Some(mesh) = self.mesh.as_ref() else {
+                        return self.with_core(|c| c.unsent(env.msg, Unsent::MeshClosed));
+                    };
+                    if let Err(e) = mesh.send_to(shard as usize, env).await {
+                        if let Some(t) = give_back(e) {
+                            self.core.borrow_mut().unsent(t.msg, Unsent::MeshClosed);
+                        }
+                    }
+                    return self.carry_out();
+                }
+                Routed::Remote { node, env } => {
+                    self.send_remote_wait(node, env).await;
+                    return self.carry_out();
+                }
+            }
         }
-        if let Some((env, condition)) = gone.bounce {
-            self.undeliverable(env, condition);
+    }
+
+    /// An envelope for this shard (from the mesh, or the cluster's reactions), as an
+    /// actor's send.
+    pub fn deliver_local(self: &Rc<Self>, env: Envelope) {
+        self.deliver_at(env, stamp())
+    }
+
+    fn deliver_at(self: &Rc<Self>, env: Envelope, at: u64) {
+        if let Routed::Full(env) = self.with_core(|c| c.deliver(env, at, Origin::Actor)) {
+            self.with_core(|c| c.overflow(env, at));
         }
     }
 
     /// Answers the sender of an undeliverable stanza with an error (`msg::undeliverable`).
     pub fn undeliverable(self: &Rc<Self>, env: Envelope, condition: &str) {
-        if let Some(err) = starling_actors::msg::undeliverable(env, condition) {
-            self.route(err);
+        self.with_core(|c| c.undeliverable(env, condition));
+    }
+
+    /// Reports an envelope that could not go on (`ShardCore::unsent`).
+    pub fn unsent(self: &Rc<Self>, env: Envelope, why: Unsent) {
+        self.with_core(|c| c.unsent(env, why));
+    }
+
+    /// Opens the mailbox of a session accepted here.
+    pub fn open_session(self: &Rc<Self>, id: u64) {
+        self.core.borrow_mut().open_session(id);
+    }
+
+    /// The session ended: what was queued for it goes where a message for a vanished session
+    /// goes.
+    pub fn close_session(self: &Rc<Self>, addr: SessionAddr) {
+        self.wakers.borrow_mut().remove(&MailboxKey::Session(addr.id));
+        self.with_core(|c| c.close_session(addr));
+    }
+
+    /// The next message for the session `id`; `None` once its mailbox is gone.
+    pub async fn next_session_msg(self: &Rc<Self>, id: u64) -> Option<Queued<SessionMsg>> {
+        std::future::poll_fn(|cx| {
+            let mut core = self.core.borrow_mut();
+            if let Some(t) = core.pop_session(id) {
+                return Poll::Ready(Some(t));
+            }
+            if !core.has_session(id) {
+                return Poll::Ready(None);
+            }
+            self.wakers
+                .borrow_mut()
+                .insert(MailboxKey::Session(id), cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next message for the user actor of `jid` (its mailbox exists while it runs).
+    pub async fn next_user_msg(self: &Rc<Self>, jid: &BareJid) -> Option<Queued<UserMsg>> {
+        std::future::poll_fn(|cx| {
+            let mut core = self.core.borrow_mut();
+            if let Some(t) = core.pop_user(jid) {
+                return Poll::Ready(Some(t));
+            }
+            if !core.has_user(jid) {
+                return Poll::Ready(None);
+            }
+            self.wakers
+                .borrow_mut()
+                .insert(MailboxKey::User(jid.clone()), cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Lets an idle user actor go if nothing is queued for it.
+    pub fn passivate(self: &Rc<Self>, jid: &BareJid) -> bool {
+        let gone = self.core.borrow_mut().passivate(jid);
+        if gone {
+            self.wakers.borrow_mut().remove(&MailboxKey::User(jid.clone()));
         }
+        gone
+    }
+
+    /// The user actor could not start (`ShardCore::not_started`).
+    pub fn not_started(self: &Rc<Self>, jid: &BareJid) {
+        self.wakers.borrow_mut().remove(&MailboxKey::User(jid.clone()));
+        self.with_core(|c| c.not_started(jid));
+    }
+
+    /// The user actor ended early (`ShardCore::end_user`).
+    pub fn end_user(
+        self: &Rc<Self>,
+        jid: &BareJid,
+        sessions: Vec<(SessionAddr, String)>,
+        why: starling_actors::system::life::Ending,
+        instead: Vec<Envelope>,
+    ) {
+        self.wakers.borrow_mut().remove(&MailboxKey::User(jid.clone()));
+        self.with_core(|c| c.end_user(jid, sessions, why, instead));
+    }
+
+    /// Messages queued for the user actor of `jid`.
+    pub fn user_queued(&self, jid: &BareJid) -> usize {
+        self.core.borrow().user_queued(jid)
+    }
+
+    /// The user actors active on this shard.
+    pub fn users(&self) -> Vec<BareJid> {
+        self.core.borrow().users().cloned().collect()
     }
 }
 
-/// The message a failed `try_send` hands back.
+/// The message a failed `send_to` hands back.
 fn give_back<T>(e: GlommioError<T>) -> Option<T> {
     match e {
         GlommioError::Closed(ResourceType::Channel(t)) | GlommioError::WouldBlock(ResourceType::Channel(t)) => Some(t),
@@ -381,7 +338,7 @@ fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// The body of a shard's executor: join the mesh, listen, serve until `stop` fires.
 pub async fn run(
     params: ShardParams,
-    mesh: Option<MeshBuilder<Timed<Envelope>, Full>>,
+    mesh: Option<MeshBuilder<Queued<Envelope>, Full>>,
     stop: flume::Receiver<()>,
     ready: flume::Sender<Result<(), String>>,
 ) {
@@ -400,29 +357,29 @@ pub async fn run(
     };
     let mut seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut seed);
+    let links = {
+        let (name, generation, replication) = match &params.cluster {
+            Some(c) => (c.name.clone(), c.generation, c.replication),
+            None => (String::new(), 0, 1),
+        };
+        let view = crate::cluster::View::single(params.node, &name, params.shards as ShardId);
+        crate::cluster::link::Links::new(name, generation, replication, view)
+    };
+    let started = links.started;
     let shard = Rc::new(Shard {
         id,
         node: params.node,
-        cluster: {
-            let (name, generation, replication) = match &params.cluster {
-                Some(c) => (c.name.clone(), c.generation, c.replication),
-                None => (String::new(), 0, 1),
-            };
-            let view = crate::cluster::View::single(params.node, &name, params.shards as ShardId);
-            crate::cluster::link::Links::new(name, generation, replication, view)
-        },
+        cluster: links,
         mesh: senders,
-        sessions: RefCell::new(HashMap::new()),
+        core: RefCell::new(ShardCore::new(params.node, id, started, params.mailbox)),
+        wakers: RefCell::new(HashMap::new()),
         session_users: RefCell::new(HashMap::new()),
-        held: RefCell::new(HashMap::new()),
-        users: RefCell::new(HashMap::new()),
         storage: params.storage.clone(),
         c2s_cfg: Rc::new(params.c2s.clone()),
         user_cfg: Rc::new(params.user.clone()),
         throttle: RefCell::new(AuthThrottle::new(params.max_auth_failures, 60_000, 100_000)),
         tls: params.tls.clone(),
         next_session: Cell::new(1),
-        mailbox: params.mailbox,
         negotiation_timeout: params.negotiation_timeout,
         write_timeout: params.write_timeout,
         metrics: crate::metrics::ShardMetrics::new(id),
@@ -433,7 +390,7 @@ pub async fn run(
             let s = shard.clone();
             glommio::spawn_local(async move {
                 while let Some(t) = rx.recv().await {
-                    s.deliver_local_at(t.msg, t.at);
+                    s.deliver_at(t.msg, t.at);
                 }
             })
             .detach();
@@ -483,15 +440,24 @@ pub async fn run(
     drop(accept_tasks);
     drop(gauges);
     // Tell every client we are going away, then give them a moment.
-    let sessions: Vec<_> = shard.sessions.borrow().values().cloned().collect();
-    for tx in sessions {
-        let _ = tx.try_send(Timed::now(SessionMsg::Kick {
-            condition: "system-shutdown",
-            text: "the server is shutting down".into(),
-        }));
+    let sessions: Vec<u64> = shard.core.borrow().session_ids().collect();
+    for id in sessions {
+        let addr = SessionAddr {
+            node: shard.node,
+            node_gen: shard.cluster.generation.get(),
+            shard: shard.id,
+            id,
+        };
+        shard.deliver_local(Envelope::to_session(
+            addr,
+            SessionMsg::Kick {
+                condition: "system-shutdown",
+                text: "the server is shutting down".into(),
+            },
+        ));
     }
     let deadline = std::time::Instant::now() + params.grace;
-    while (!shard.sessions.borrow().is_empty() || !shard.users.borrow().is_empty())
+    while (shard.core.borrow().session_ids().next().is_some() || shard.core.borrow().users().next().is_some())
         && std::time::Instant::now() < deadline
     {
         glommio::timer::sleep(Duration::from_millis(20)).await;
@@ -507,8 +473,11 @@ async fn sample_mailboxes(shard: Rc<Shard>) {
         (sum as f64, max as f64)
     }
     loop {
-        let users = depths(shard.users.borrow().values().map(|tx| tx.len()));
-        let sessions = depths(shard.sessions.borrow().values().map(|tx| tx.len()));
+        let (users, sessions) = {
+            let core = shard.core.borrow();
+            let (u, s) = core.depths();
+            (depths(u), depths(s))
+        };
         for (k, (sum, max)) in [users, sessions].into_iter().enumerate() {
             shard.metrics.mailbox[k].set(sum);
             shard.metrics.mailbox_max[k].set(max);

@@ -142,8 +142,6 @@ pub struct RepWrite {
     shard: u16,
     shard_epoch: u64,
     jid: BareJid,
-    then: Vec<Envelope>,
-    failed: Vec<Envelope>,
     writes: Vec<Write>,
     /// The offline messages its `DeleteOffline` removes (oracle: redelivery excused while
     /// the deletion is not acknowledged).
@@ -675,7 +673,7 @@ impl World {
         let current = self.nodes[node as usize].shards[p.shard as usize]
             .users
             .get(&p.jid)
-            .is_some_and(|h| h.pulling == Some(id) && h.actor.is_none());
+            .is_some_and(|h| h.pulling == Some(id) && h.runner.is_none());
         if !current {
             return;
         }
@@ -1035,7 +1033,7 @@ impl World {
         shard: u16,
         shard_epoch: u64,
         jid: BareJid,
-        (mut writes, then, failed): (Vec<Write>, Vec<Envelope>, Vec<Envelope>),
+        mut writes: Vec<Write>,
         base: u64,
     ) {
         writes.push(Write::NextVersion {
@@ -1056,8 +1054,6 @@ impl World {
                 shard,
                 shard_epoch,
                 jid,
-                then,
-                failed,
                 deleting,
                 writes: writes.clone(),
                 local_sent: false,
@@ -1133,13 +1129,7 @@ impl World {
         let w = c.writes.remove(&id).expect("present");
         self.msgs.deletes_pending(&w.deleting, false);
         if enough {
-            if self.shard_live(node, w.epoch, w.shard, w.shard_epoch) {
-                let users = &mut self.nodes[node as usize].shards[w.shard as usize].users;
-                if let Some(h) = users.get_mut(&w.jid) {
-                    h.version += 1;
-                }
-            }
-            return self.persisted(node, w.epoch, w.shard, w.shard_epoch, &w.jid, w.then);
+            return self.persisted(node, w.epoch, w.shard, w.shard_epoch, &w.jid, true);
         }
         // Not durable on enough copies: nothing that depended on it is claimed (user_host.rs).
         self.stats.write_failures += 1;
@@ -1149,11 +1139,7 @@ impl World {
         if !self.shard_live(node, w.epoch, w.shard, w.shard_epoch) {
             return;
         }
-        if let Some(h) = self.nodes[node as usize].shards[w.shard as usize].users.get_mut(&w.jid) {
-            h.doomed = true;
-            h.instead.extend(w.failed);
-        }
-        self.resume_user(node, w.shard, &w.jid);
+        self.persisted(node, w.epoch, w.shard, w.shard_epoch, &w.jid, false);
     }
 
     // ---- convergence --------------------------------------------------------------------

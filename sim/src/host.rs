@@ -1,19 +1,24 @@
-//! Hosting the real actors on simulated shards, mirroring node/src (conn.rs, user_host.rs,
-//! shard.rs, storage_thread.rs): the same routing rules, mailbox bounds and overflow policy,
-//! one message at a time per actor with its effects carried out in order, a `Persist` awaited
-//! (flushed, with group commit) before the messages that depend on it.
+//! Hosting the real actors on simulated shards. Routing, mailboxes, overflow, held control
+//! messages and activation are the node's own (`starling_actors::system::shard::ShardCore`,
+//! one per simulated shard, its effects carried out by `drive`); what is still mirrored from
+//! node/src (conn.rs, user_host.rs, storage_thread.rs) is the connection's and the user
+//! actor's effect loops — one message at a time per actor with its effects carried out in
+//! order, a `Persist` awaited (flushed, with group commit) before the messages that depend on
+//! it — and the storage thread (issue 16 moves those next).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use jid::BareJid;
-use starling_actors::address::{MailboxKey, SessionAddr, SingleNode};
+use starling_actors::address::{MailboxKey, NodeId, Placement, SessionAddr, ShardId, SingleNode};
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
-use starling_actors::msg::{Envelope, SessionMsg, To, UserMsg};
+use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
-use starling_actors::system::life::{self, Ending, NotStarted};
+use starling_actors::system::life::Ending;
+use starling_actors::system::runner::{Runner, Step};
+pub(crate) use starling_actors::system::shard::Origin;
+use starling_actors::system::shard::{Out, Routed as CoreRouted, ShardCore};
 use starling_actors::throttle::AuthThrottle;
-use starling_actors::user::{Effect, UserActor};
+use starling_actors::user::UserActor;
 use starling_actors::xml::Element;
 use starling_storage::{MemoryStorage, Storage, Write};
 
@@ -38,6 +43,8 @@ pub struct Node {
     pub shards: Vec<Shard>,
     pub storage: MemoryStorage,
     pub placement: SingleNode,
+    /// Messages one mailbox holds (`c2s.mailbox`; drawn per seed).
+    mailbox: usize,
     /// Writes waiting for the flush in progress to finish (group commit).
     queued: Vec<(Vec<Write>, Option<Waiter>)>,
     /// The flush in progress: who waits on it, and the offline messages it makes durable.
@@ -50,13 +57,8 @@ type Flush = (Vec<Waiter>, Vec<(String, String)>);
 
 /// Who waits for a flush.
 pub enum Waiter {
-    /// A user actor waiting for its writes, with what it sends once they are durable.
-    User {
-        shard: u16,
-        shard_epoch: u64,
-        jid: BareJid,
-        then: Vec<Envelope>,
-    },
+    /// A user actor waiting for its writes.
+    User { shard: u16, shard_epoch: u64, jid: BareJid },
     /// The local copy of a replicated write (cluster.rs).
     Replicated(u64),
     /// A request from another node answered once its writes are durable here.
@@ -65,11 +67,11 @@ pub enum Waiter {
 
 pub struct Shard {
     pub epoch: u64,
+    /// The node's per-shard state machine: mailboxes, routing, overflow, activation.
+    pub core: ShardCore,
     pub sessions: BTreeMap<u64, SessionHost>,
+    /// The user actors whose mailbox `core` holds.
     pub users: BTreeMap<BareJid, UserHost>,
-    /// Control messages waiting for room in a full mailbox, in order; later envelopes for
-    /// the same mailbox queue behind them.
-    pub held: BTreeMap<MailboxKey, VecDeque<Envelope>>,
     throttle: AuthThrottle,
 }
 
@@ -82,7 +84,6 @@ pub struct SessionHost {
     s: C2sSession,
     conn: u64,
     inbox: VecDeque<ConnInput>,
-    pub mailbox: VecDeque<SessionMsg>,
     actions: VecDeque<Action>,
     /// Waiting for a storage read.
     pub waiting: bool,
@@ -96,22 +97,10 @@ pub struct SessionHost {
 }
 
 pub struct UserHost {
-    /// `None` while its state loads.
-    pub actor: Option<UserActor>,
-    pub mailbox: VecDeque<UserMsg>,
-    effects: VecDeque<Effect>,
-    /// Waiting for a flush.
-    waiting: bool,
+    /// The actor and its effect loop (the node's, `system::runner`); `None` while its state
+    /// loads.
+    pub runner: Option<Runner<UserActor>>,
     scheduled: bool,
-    /// A write failed: its memory is ahead of its storage, so it ends after this message
-    /// (user_host.rs).
-    pub doomed: bool,
-    /// The version its state was loaded at plus its batches since: the base of its next
-    /// replicated write (user_host.rs).
-    pub version: u64,
-    /// What its failed writes asked to send instead (`Effect::Persist::failed`), sent when
-    /// it ends.
-    pub instead: Vec<Envelope>,
     /// The read repair this incarnation waits for (`cluster.rs pull`). An answer to an older
     /// one (an incarnation since ended) must not start or fail this one: in the node each
     /// incarnation awaits its own `pull_newest`.
@@ -121,10 +110,13 @@ pub struct UserHost {
 /// A route a connection must wait for gives its envelope back (boxed: it is large).
 pub(crate) type Routed = Result<(), Box<Envelope>>;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Origin {
-    Connection,
-    Actor,
+/// Where a cluster node places a user (`NodeCluster::place_user` with the shard count).
+struct ClusterPlace<'a>(&'a crate::cluster::NodeCluster, ShardId);
+
+impl Placement for ClusterPlace<'_> {
+    fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
+        self.0.place_user(user, self.1)
+    }
 }
 
 impl SessionHost {
@@ -139,28 +131,31 @@ impl SessionHost {
 }
 
 impl Shard {
-    fn new(epoch: u64) -> Self {
+    /// Session ids in the simulator are connection ids, never reused, so no address can name
+    /// an earlier life's session: the core's generation check (`started`) is 0.
+    fn new(epoch: u64, node: u32, shard: u16, mailbox: usize) -> Self {
         Shard {
             epoch,
+            core: ShardCore::new(node, shard, 0, mailbox),
             sessions: BTreeMap::new(),
             users: BTreeMap::new(),
-            held: BTreeMap::new(),
             throttle: AuthThrottle::new(1000, 60_000, 100_000),
         }
     }
 }
 
 impl Node {
-    pub fn new(id: u32, shards: u16, storage: MemoryStorage) -> Self {
+    pub fn new(id: u32, shards: u16, storage: MemoryStorage, mailbox: usize) -> Self {
         Node {
             id,
             up: true,
             started: true,
             cluster: crate::cluster::NodeCluster::new(id),
             epoch: 0,
-            shards: (0..shards).map(|_| Shard::new(0)).collect(),
+            shards: (0..shards).map(|s| Shard::new(0, id, s, mailbox)).collect(),
             storage,
             placement: SingleNode { node: id, shards },
+            mailbox,
             queued: Vec::new(),
             flushing: None,
         }
@@ -172,7 +167,7 @@ impl Node {
         self.epoch += 1;
         self.storage.crash();
         let n = self.shards.len();
-        self.shards = (0..n).map(|_| Shard::new(0)).collect();
+        self.shards = (0..n as u16).map(|s| Shard::new(0, self.id, s, self.mailbox)).collect();
         self.queued.clear();
         self.flushing = None;
         self.cluster.crash();
@@ -216,13 +211,13 @@ impl World {
             id: sid,
         };
         let s = C2sSession::new(addr, cfg, 0x7f00_0001 + conn as u128, false, rng);
+        sh.core.open_session(sid);
         sh.sessions.insert(
             sid,
             SessionHost {
                 s,
                 conn,
                 inbox: VecDeque::new(),
-                mailbox: VecDeque::new(),
                 actions: VecDeque::new(),
                 waiting: false,
                 scheduled: false,
@@ -321,15 +316,21 @@ impl World {
             return;
         }
         if h.actions.is_empty() {
-            let take_mail = match (h.inbox.is_empty(), h.mailbox.is_empty()) {
+            let no_mail = self.nodes[node as usize].shards[shard as usize]
+                .core
+                .session_queued(sid)
+                == 0;
+            let h = self.session_mut(node, shard, sid).expect("checked");
+            let take_mail = match (h.inbox.is_empty(), no_mail) {
                 (true, true) => return,
                 (false, true) => false,
                 (true, false) => true,
                 (false, false) => self.rng.chance(0.5),
             };
-            let h = self.session_mut(node, shard, sid).expect("checked");
             if take_mail {
-                let m = h.mailbox.pop_front().expect("checked");
+                let sh = &mut self.nodes[node as usize].shards[shard as usize];
+                let m = sh.core.pop_session(sid).expect("checked").msg;
+                let h = sh.sessions.get_mut(&sid).expect("checked");
                 let bound = h.s.jid().is_some() && !h.s.is_closed();
                 let to = h.s.jid().map(|j| j.to_bare().to_string());
                 if let (SessionMsg::Stanza(st) | SessionMsg::Offline(st), true, Some(to)) = (&m, bound, to) {
@@ -352,6 +353,7 @@ impl World {
                 }
                 self.session_input(node, shard, sid, Input::Router(m));
             } else {
+                let h = self.session_mut(node, shard, sid).expect("checked");
                 match h.inbox.pop_front().expect("checked") {
                     ConnInput::Bytes(b) => self.session_input(node, shard, sid, Input::Bytes(&b)),
                     ConnInput::Closed => self.session_input(node, shard, sid, Input::Closed),
@@ -497,7 +499,13 @@ impl World {
         if h.s.is_closed() {
             return self.finish_session(node, shard, sid);
         }
-        if !h.inbox.is_empty() || !h.mailbox.is_empty() {
+        let inbox = !h.inbox.is_empty();
+        if inbox
+            || self.nodes[node as usize].shards[shard as usize]
+                .core
+                .session_queued(sid)
+                > 0
+        {
             self.schedule_session(node, shard, sid);
         }
     }
@@ -517,9 +525,10 @@ impl World {
             }
         }
         let addr = h.s.addr;
-        for m in h.mailbox {
-            self.session_gone(node, shard, addr, m);
-        }
+        self.nodes[node as usize].shards[shard as usize]
+            .core
+            .close_session(addr);
+        self.drive(node, shard);
     }
 
     pub fn read_done(&mut self, node: u32, epoch: u64, shard: u16, what: Read) {
@@ -549,19 +558,13 @@ impl World {
     /// The user's state cannot be read (user_host.rs: too few copies answered the read
     /// repair): the actor does not start and its messages fail.
     pub(crate) fn activation_failed(&mut self, node: u32, shard: u16, jid: &BareJid) {
-        let Some(h) = self.nodes[node as usize].shards[shard as usize].users.remove(jid) else {
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        if sh.users.remove(jid).is_none() {
             return;
-        };
-        self.stats.activations_failed += 1;
-        for m in h.mailbox {
-            match life::not_started(jid, m) {
-                NotStarted::Send(env) => {
-                    let _ = self.route(node, shard, env, Origin::Actor);
-                }
-                NotStarted::Bounce(env) => self.undeliverable(node, shard, env, "internal-server-error"),
-                NotStarted::Nothing => {}
-            }
         }
+        self.stats.activations_failed += 1;
+        sh.core.not_started(jid);
+        self.drive(node, shard);
     }
 
     /// The user's state is read: its actor starts.
@@ -577,19 +580,18 @@ impl World {
                 let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid) else {
                     return;
                 };
-                if h.actor.is_some() {
+                if h.runner.is_some() {
                     // A read for an earlier life of this actor (before a shard restart).
                     return;
                 }
-                h.actor = Some(actor);
-                h.version = version;
+                h.runner = Some(Runner::new(actor, version));
                 self.schedule_user(node, shard, &jid);
             }
         }
     }
 
-    /// Routes an envelope from `shard` (Shard::route / route_wait). `Err` gives it back when
-    /// a connection must wait for room.
+    /// Routes an envelope from `shard` (Shard::route / route_wait) through its core. `Err`
+    /// gives it back when a connection must wait for room.
     pub(crate) fn route(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
         if let Some(id) = crate::cluster::env_msg_id(&env) {
             self.msgs.touch(&id, node);
@@ -612,130 +614,64 @@ impl World {
                 }
             }
         }
-        let (n, s) = match env.to() {
-            To::User(j) => self.place_user(node, j),
-            To::Session(a) => (a.node, a.shard),
+        let (clustered, shards, at) = (self.clustered(), self.cfg.shards, self.now_us);
+        let n = &mut self.nodes[node as usize];
+        let core = &mut n.shards[shard as usize].core;
+        let r = if clustered {
+            core.route(env, at, origin, &ClusterPlace(&n.cluster, shards))
+        } else {
+            core.route(env, at, origin, &n.placement)
         };
-        if n != node {
-            self.send_remote(node, shard, n, env);
-            return Ok(());
-        }
-        if s == shard {
-            return self.deliver_local(node, s, env, origin);
-        }
-        // The mesh: FIFO per (from, to) pair, like glommio's channels.
-        let key = (node, shard, s);
-        let d = self.rng.exp(self.faults.mesh_delay_us) + 1;
-        let t = self.mesh_last.get(&key).copied().unwrap_or(0).max(self.now_us + d);
-        self.mesh_last.insert(key, t);
-        *self.mesh_depth.entry(key).or_default() += 1;
-        let epoch = self.nodes[node as usize].epoch;
-        self.at(
-            t,
-            Ev::Mesh {
-                node,
-                epoch,
-                from: shard,
-                to: s,
-                env,
-            },
-        );
-        Ok(())
-    }
-
-    fn retry_held(&mut self, node: u32, epoch: u64, shard: u16, target: MailboxKey) {
-        self.after(
-            starling_actors::system::limits::RETRY_MS * 1000,
-            Ev::Retry {
-                node,
-                epoch,
-                shard,
-                target,
-            },
-        );
-    }
-
-    /// Moves held envelopes into their mailbox while it has room.
-    pub fn drain_held(&mut self, node: u32, epoch: u64, shard: u16, target: MailboxKey) {
-        if !self.live(node, epoch) {
-            return;
-        }
-        let cap = self.faults.mailbox;
-        loop {
-            let sh = &mut self.nodes[node as usize].shards[shard as usize];
-            let Some(env) = sh.held.get_mut(&target).and_then(|q| q.pop_front()) else {
-                sh.held.remove(&target);
-                return;
-            };
-            let full = match env.to() {
-                To::Session(a) => sh.sessions.get(&a.id).is_some_and(|h| h.mailbox.len() >= cap),
-                To::User(j) => sh.users.get(j).is_some_and(|h| h.mailbox.len() >= cap),
-            };
-            if full {
-                sh.held.get_mut(&target).expect("present").push_front(env);
-                self.retry_held(node, epoch, shard, target);
-                return;
+        // The envelope goes on before what the core asked for since (and what was left of an
+        // earlier call): a nested route must not overtake it.
+        let r = match r {
+            CoreRouted::Done => Ok(()),
+            CoreRouted::Full(env) => Err(Box::new(env)),
+            CoreRouted::Remote { node: to, env } => {
+                self.send_remote(node, shard, to, env);
+                Ok(())
             }
-            // Room (or the session is gone): deliver as if fresh, with nothing held before it.
-            let q = sh.held.remove(&target).expect("present");
-            let _ = self.deliver_local(node, shard, env, Origin::Actor);
-            if !q.is_empty() {
-                self.nodes[node as usize].shards[shard as usize]
-                    .held
-                    .insert(target.clone(), q);
+            CoreRouted::Mesh { shard: s, env } => {
+                // The mesh: FIFO per (from, to) pair, like glommio's channels.
+                let key = (node, shard, s);
+                let d = self.rng.exp(self.faults.mesh_delay_us) + 1;
+                let t = self.mesh_last.get(&key).copied().unwrap_or(0).max(self.now_us + d);
+                self.mesh_last.insert(key, t);
+                *self.mesh_depth.entry(key).or_default() += 1;
+                let epoch = self.nodes[node as usize].epoch;
+                self.at(
+                    t,
+                    Ev::Mesh {
+                        node,
+                        epoch,
+                        from: shard,
+                        to: s,
+                        env: env.msg,
+                    },
+                );
+                Ok(())
             }
-        }
+        };
+        self.drive(node, shard);
+        r
     }
 
-    pub fn mesh_arrive(&mut self, node: u32, epoch: u64, shard: u16, env: Envelope) {
-        if !self.live(node, epoch) {
-            return;
-        }
-        let _ = self.deliver_local(node, shard, env, Origin::Actor);
-    }
-
-    pub(crate) fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
-        let cap = self.faults.mailbox;
-        let target = env.mailbox_key();
-        if let Some(q) = self.nodes[node as usize].shards[shard as usize].held.get_mut(&target) {
-            if origin == Origin::Connection || env.is_control() {
-                q.push_back(env);
-            } else {
-                self.overflow(node, shard, env);
-            }
-            return Ok(());
-        }
-        match env {
-            Envelope::Session { to: a, msg: m } => {
-                let Some(h) = self.session_mut(node, shard, a.id) else {
-                    self.session_gone(node, shard, a, m);
-                    return Ok(());
-                };
-                if h.mailbox.len() >= cap {
-                    let env = Envelope::to_session(a, m);
-                    if origin == Origin::Connection {
-                        return Err(Box::new(env));
-                    }
-                    self.overflow(node, shard, env);
-                    return Ok(());
+    /// Carries out what the shard's core decided, in order (shard.rs `carry_out`).
+    fn drive(&mut self, node: u32, shard: u16) {
+        while let Some(o) = self.nodes[node as usize].shards[shard as usize].core.pop_out() {
+            match o {
+                Out::Route(env) => {
+                    let _ = self.route(node, shard, env, Origin::Actor);
                 }
-                h.mailbox.push_back(m);
-                self.schedule_session(node, shard, a.id);
-            }
-            Envelope::User { to: j, msg: m } => {
-                let users = &mut self.nodes[node as usize].shards[shard as usize].users;
-                if !users.contains_key(&j) {
+                Out::Wake(MailboxKey::Session(id)) => self.schedule_session(node, shard, id),
+                Out::Wake(MailboxKey::User(j)) => self.schedule_user(node, shard, &j),
+                Out::Activate(j) => {
+                    let users = &mut self.nodes[node as usize].shards[shard as usize].users;
                     users.insert(
                         j.clone(),
                         UserHost {
-                            actor: None,
-                            mailbox: VecDeque::new(),
-                            effects: VecDeque::new(),
-                            waiting: false,
+                            runner: None,
                             scheduled: false,
-                            doomed: false,
-                            version: 0,
-                            instead: Vec::new(),
                             pulling: None,
                         },
                     );
@@ -747,47 +683,74 @@ impl World {
                             node,
                             epoch,
                             shard,
-                            what: Read::User { jid: j.clone() },
+                            what: Read::User { jid: j },
                         },
                     );
                 }
-                let h = self.nodes[node as usize].shards[shard as usize]
-                    .users
-                    .get_mut(&j)
-                    .expect("inserted");
-                if h.mailbox.len() >= cap {
-                    let env = Envelope::to_user(j, m);
-                    if origin == Origin::Connection {
-                        return Err(Box::new(env));
-                    }
-                    self.overflow(node, shard, env);
-                    return Ok(());
+                Out::RetryHeld { key, after_ms } => {
+                    let epoch = self.nodes[node as usize].epoch;
+                    self.after(
+                        after_ms * 1000,
+                        Ev::Retry {
+                            node,
+                            epoch,
+                            shard,
+                            target: key,
+                        },
+                    );
                 }
-                h.mailbox.push_back(m);
-                self.schedule_user(node, shard, &j);
+                Out::Later { env, after_ms } => {
+                    let epoch = self.nodes[node as usize].epoch;
+                    self.after(
+                        after_ms * 1000,
+                        Ev::Again {
+                            node,
+                            epoch,
+                            shard,
+                            env,
+                        },
+                    );
+                }
+                Out::Bounced { env, .. } => self.bounced(&env),
             }
         }
-        Ok(())
     }
 
-    /// A full mailbox: control messages are held (in order) until there is room, stanzas
-    /// bounce.
-    fn overflow(&mut self, node: u32, shard: u16, env: Envelope) {
-        if env.is_control() {
-            let target = env.mailbox_key();
-            let held = &mut self.nodes[node as usize].shards[shard as usize].held;
-            if let Some(q) = held.get_mut(&target) {
-                q.push_back(env);
-            } else {
-                held.insert(target.clone(), VecDeque::from([env]));
-                let epoch = self.nodes[node as usize].epoch;
-                self.retry_held(node, epoch, shard, target);
-            }
+    /// Moves held envelopes into their mailbox while it has room.
+    pub fn drain_held(&mut self, node: u32, epoch: u64, shard: u16, target: MailboxKey) {
+        if !self.live(node, epoch) {
             return;
         }
+        self.nodes[node as usize].shards[shard as usize]
+            .core
+            .retry_held(&target);
+        self.drive(node, shard);
+    }
+
+    pub fn mesh_arrive(&mut self, node: u32, epoch: u64, shard: u16, env: Envelope) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        let _ = self.deliver_local(node, shard, env, Origin::Actor);
+    }
+
+    pub(crate) fn deliver_local(&mut self, node: u32, shard: u16, env: Envelope, origin: Origin) -> Routed {
+        let at = self.now_us;
+        let r = self.nodes[node as usize].shards[shard as usize]
+            .core
+            .deliver(env, at, origin);
+        self.drive(node, shard);
+        match r {
+            CoreRouted::Full(env) => Err(Box::new(env)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A stanza bounced for lack of room (the core answers it). A presence bounced here
+    /// leaves its receiver's view stale until the sender's next presence: the overflow rule
+    /// allows it, so that pair is excused from invariant 3.
+    fn bounced(&mut self, env: &Envelope) {
         self.stats.bounces += 1;
-        // A presence bounced here leaves its receiver's view stale until the sender's next
-        // presence: the overflow rule allows it, so that pair is excused from invariant 3.
         if let Envelope::User {
             msg: UserMsg::Inbound { stanza: st } | UserMsg::Outbound { stanza: st, .. },
             ..
@@ -795,7 +758,7 @@ impl World {
         | Envelope::Session {
             msg: SessionMsg::Stanza(st),
             ..
-        } = &env
+        } = env
         {
             let bare = |a: Option<&str>| a.unwrap_or("").split('/').next().unwrap_or("").to_string();
             if st.name == "presence" {
@@ -812,158 +775,104 @@ impl World {
                 self.roster_stale.insert(bare(st.attr("to")));
             }
         }
-        self.undeliverable(node, shard, env, "resource-constraint");
-    }
-
-    /// `Shard::session_gone`: the shared rule (`msg::session_gone`) for a stanza that reached
-    /// a session after it ended.
-    fn session_gone(&mut self, node: u32, shard: u16, addr: SessionAddr, m: SessionMsg) {
-        let gone = starling_actors::msg::session_gone(addr, m);
-        for env in gone.route {
-            let _ = self.route(node, shard, env, Origin::Actor);
-        }
-        if let Some((env, condition)) = gone.bounce {
-            self.undeliverable(node, shard, env, condition);
-        }
     }
 
     pub(crate) fn undeliverable(&mut self, node: u32, shard: u16, env: Envelope, condition: &str) {
-        if let Some(err) = starling_actors::msg::undeliverable(env, condition) {
-            let _ = self.route(node, shard, err, Origin::Actor);
-        }
+        self.nodes[node as usize].shards[shard as usize]
+            .core
+            .undeliverable(env, condition);
+        self.drive(node, shard);
     }
 
-    /// One step of a user actor's task: carry on with its effects, or handle its next
-    /// message.
+    /// One step of a user actor's task (user_host.rs): carry on with its effects, or handle
+    /// its next message.
     pub fn user_run(&mut self, node: u32, epoch: u64, shard: u16, jid: BareJid) {
         if !self.live(node, epoch) {
             return;
         }
         let now = self.now_ms();
-        let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid) else {
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        let Some(h) = sh.users.get_mut(&jid) else {
             return;
         };
         h.scheduled = false;
-        if h.waiting || h.actor.is_none() {
-            return;
-        }
-        if h.doomed && h.effects.is_empty() {
-            // Its last write failed with nothing queued behind it: it ends now, as the node's
-            // actor does right after the failed write (found by the simulator: it lived on,
-            // its memory ahead of its storage, and never sent what the write failed instead).
-            return self.end_actor(node, shard, &jid);
-        }
-        if h.effects.is_empty() {
-            let Some(m) = h.mailbox.pop_front() else { return };
+        let Some(r) = h.runner.as_mut() else { return };
+        if r.ready() {
+            let Some(m) = sh.core.pop_user(&jid) else {
+                return;
+            };
             if self.cfg.keep_events > 0 {
-                let what = format!("user {jid} handles {m:?}");
+                let what = format!("user {jid} handles {:?}", m.msg);
                 self.trace.note(self.now_us, what);
             }
-            let h = self.nodes[node as usize].shards[shard as usize]
-                .users
-                .get_mut(&jid)
-                .expect("present");
-            let actor = h.actor.as_mut().expect("loaded");
-            match catch_unwind(AssertUnwindSafe(|| actor.handle(m, now))) {
-                Ok(fx) => h.effects.extend(fx),
-                Err(_) => {
-                    return self.fail(0, format!("user actor {jid} panicked"));
-                }
+            let sh = &mut self.nodes[node as usize].shards[shard as usize];
+            let r = sh.users.get_mut(&jid).and_then(|h| h.runner.as_mut()).expect("present");
+            if r.handle(m.msg, now).is_err() {
+                return self.fail(0, format!("user actor {jid} panicked"));
             }
         }
         let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
         loop {
-            let h = self.nodes[node as usize].shards[shard as usize]
-                .users
-                .get_mut(&jid)
-                .expect("present");
-            let Some(fx) = h.effects.pop_front() else { break };
-            match fx {
-                Effect::Send(env) => {
+            let sh = &mut self.nodes[node as usize].shards[shard as usize];
+            let r = sh.users.get_mut(&jid).and_then(|h| h.runner.as_mut()).expect("present");
+            match r.step() {
+                Step::Send(env) => {
                     let _ = self.route(node, shard, env, Origin::Actor);
                 }
-                // After a failed write, later ones would build on what is not stored.
-                Effect::Persist { failed, .. } if h.doomed => h.instead.extend(failed),
-                Effect::Persist { writes, then, failed } => {
+                Step::Persist { writes, base } => {
                     if planted::active(Bug::AckBeforeFlush) {
+                        // The planted bug: what depends on the write goes before it is durable.
+                        let mut writes = writes;
+                        writes.push(Write::NextVersion {
+                            user: jid.to_string(),
+                            base,
+                        });
                         self.submit(node, writes, None);
-                        for env in then {
+                        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+                        let r = sh.users.get_mut(&jid).and_then(|h| h.runner.as_mut()).expect("present");
+                        for env in r.persisted(true) {
                             let _ = self.route(node, shard, env, Origin::Actor);
                         }
                         continue;
                     }
-                    h.waiting = true;
                     if self.cfg.nodes > 1 {
-                        let base = h.version;
-                        self.persist_replicated(node, shard, shard_epoch, jid, (writes, then, failed), base);
+                        self.persist_replicated(node, shard, shard_epoch, jid, writes, base);
                         return;
                     }
                     // One node: the batch still raises the version (`write_replicated`).
                     let mut writes = writes;
                     writes.push(Write::NextVersion {
                         user: jid.to_string(),
-                        base: h.version,
+                        base,
                     });
-                    h.version += 1;
                     let w = Waiter::User {
                         shard,
                         shard_epoch,
                         jid: jid.clone(),
-                        then,
                     };
                     self.submit(node, writes, Some(w));
                     return;
                 }
-            }
-        }
-        let h = self.nodes[node as usize].shards[shard as usize]
-            .users
-            .get_mut(&jid)
-            .expect("present");
-        if h.doomed {
-            return self.end_actor(node, shard, &jid);
-        }
-        let idle = h.actor.as_ref().is_some_and(|a| a.is_idle());
-        if idle && h.mailbox.is_empty() {
-            // Idle and nothing queued: let go; the durable state reloads on the next message.
-            self.nodes[node as usize].shards[shard as usize].users.remove(&jid);
-        } else if !h.mailbox.is_empty() {
-            self.schedule_user(node, shard, &jid);
-        }
-    }
-
-    /// Ends a user actor whose write failed (user_host.rs `end_after_failed_write`): its
-    /// sessions are closed (their clients reconnect) and the next incarnation, loaded from
-    /// storage, learns they are gone and gets what was queued.
-    pub(crate) fn end_actor(&mut self, node: u32, shard: u16, jid: &BareJid) {
-        let Some(h) = self.nodes[node as usize].shards[shard as usize].users.remove(jid) else {
-            return;
-        };
-        let sessions = h.actor.as_ref().map(|a| a.sessions()).unwrap_or_default();
-        for env in life::ended(jid, sessions, Ending::WriteFailed) {
-            let _ = self.route(node, shard, env, Origin::Actor);
-        }
-        for env in h.instead {
-            match life::delay_ms(&env) {
-                0 => {
-                    let _ = self.route(node, shard, env, Origin::Actor);
+                Step::Waiting => return,
+                Step::Done { idle } => {
+                    if idle && sh.core.passivate(&jid) {
+                        // Idle and nothing queued: let go; the durable state reloads on the
+                        // next message.
+                        sh.users.remove(&jid);
+                    } else if sh.core.user_queued(&jid) > 0 {
+                        self.schedule_user(node, shard, &jid);
+                    }
+                    return;
                 }
-                ms => {
-                    let epoch = self.nodes[node as usize].epoch;
-                    self.after(
-                        ms * 1000,
-                        Ev::Again {
-                            node,
-                            epoch,
-                            shard,
-                            env,
-                        },
-                    );
+                Step::End { sessions, instead } => {
+                    // Its write failed: it ends (user_host.rs), its sessions are closed (their
+                    // clients reconnect) and the next incarnation, loaded from storage, learns
+                    // they are gone and gets what was queued.
+                    sh.users.remove(&jid);
+                    sh.core.end_user(&jid, sessions, Ending::WriteFailed, instead);
+                    return self.drive(node, shard);
                 }
             }
-        }
-        for m in h.mailbox {
-            let _ = self.route(node, shard, Envelope::to_user(jid.clone(), m), Origin::Actor);
         }
     }
 
@@ -1041,13 +950,12 @@ impl World {
             }
         }
         for w in waiters {
-            let (shard, shard_epoch, jid, then) = match w {
+            let (shard, shard_epoch, jid) = match w {
                 Waiter::User {
                     shard,
                     shard_epoch,
                     jid,
-                    then,
-                } => (shard, shard_epoch, jid, then),
+                } => (shard, shard_epoch, jid),
                 Waiter::Replicated(id) => {
                     self.replicated_local_done(node, id);
                     continue;
@@ -1057,36 +965,25 @@ impl World {
                     continue;
                 }
             };
-            self.persisted(node, epoch, shard, shard_epoch, &jid, then);
+            self.persisted(node, epoch, shard, shard_epoch, &jid, true);
         }
         self.start_flush(node);
     }
 
-    /// A user actor's writes are durable (everywhere they had to be): it sends what
-    /// depended on them and goes on.
-    pub(crate) fn persisted(
-        &mut self,
-        node: u32,
-        epoch: u64,
-        shard: u16,
-        shard_epoch: u64,
-        jid: &BareJid,
-        then: Vec<Envelope>,
-    ) {
+    /// A user actor's writes are durable (everywhere they had to be; `ok`) or failed: it
+    /// sends what depended on them, or will end, and goes on.
+    pub(crate) fn persisted(&mut self, node: u32, epoch: u64, shard: u16, shard_epoch: u64, jid: &BareJid, ok: bool) {
         if !self.shard_live(node, epoch, shard, shard_epoch) {
             return;
         }
-        for env in then {
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        let Some(r) = sh.users.get_mut(jid).and_then(|h| h.runner.as_mut()) else {
+            return;
+        };
+        for env in r.persisted(ok) {
             let _ = self.route(node, shard, env, Origin::Actor);
         }
-        self.resume_user(node, shard, jid);
-    }
-
-    pub(crate) fn resume_user(&mut self, node: u32, shard: u16, jid: &BareJid) {
-        if let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(jid) {
-            h.waiting = false;
-            self.schedule_user(node, shard, jid);
-        }
+        self.schedule_user(node, shard, jid);
     }
 
     /// A shard dies and restarts empty. Its connections drop; the host tells the rest of the
@@ -1100,7 +997,11 @@ impl World {
         }
         self.stats.shard_crashes += 1;
         let epoch = self.nodes[node as usize].shards[shard as usize].epoch + 1;
-        let old = std::mem::replace(&mut self.nodes[node as usize].shards[shard as usize], Shard::new(epoch));
+        let mailbox = self.nodes[node as usize].mailbox;
+        let old = std::mem::replace(
+            &mut self.nodes[node as usize].shards[shard as usize],
+            Shard::new(epoch, node, shard, mailbox),
+        );
         // In-flight work on it is lost: excuse what has no fate yet.
         // Storage survives a shard crash: offline messages handed over but not yet deleted
         // are still there and come again.
@@ -1112,7 +1013,7 @@ impl World {
         // actor learns that its sessions are gone (their unbinds may have been lost in its
         // mailbox), and tells the contacts.
         for (jid, u) in &old.users {
-            for (session, resource) in u.actor.as_ref().map(|a| a.sessions()).unwrap_or_default() {
+            for (session, resource) in u.runner.as_ref().map(|r| r.actor().sessions()).unwrap_or_default() {
                 if session.node != node {
                     // Sessions on other nodes are told directly, as user_host.rs does after
                     // a panic (this node's own sessions are ended below).

@@ -10,6 +10,9 @@ pub struct Trace {
     recent: VecDeque<String>,
     keep: usize,
     pub events: u64,
+    /// `SIM_DUMP_EVENTS` set: every event goes to stderr as it is recorded (to diff two
+    /// builds' runs of one seed).
+    dump: bool,
 }
 
 impl Trace {
@@ -19,6 +22,7 @@ impl Trace {
             recent: VecDeque::with_capacity(keep),
             keep,
             events: 0,
+            dump: std::env::var_os("SIM_DUMP_EVENTS").is_some(),
         }
     }
 
@@ -28,6 +32,9 @@ impl Trace {
         self.events += 1;
         self.hash.update(&at.to_le_bytes());
         self.hash.update(what.as_bytes());
+        if self.dump {
+            eprintln!("{at} {what}");
+        }
         self.keep_line(format!("{:>10.3} ms  {what}", at as f64 / 1000.0));
     }
 

@@ -220,7 +220,7 @@ impl World {
             max_roster_items: 1000,
         });
         let nodes = (0..cfg.nodes)
-            .map(|id| Node::new(id, cfg.shards, MemoryStorage::new()))
+            .map(|id| Node::new(id, cfg.shards, MemoryStorage::new(), faults.mailbox))
             .collect();
         let clients = (0..cfg.clients).map(Client::new).collect();
         World {
@@ -881,8 +881,7 @@ impl World {
             .nodes
             .iter()
             .flat_map(|n| n.shards.iter())
-            .flat_map(|s| s.sessions.values())
-            .flat_map(|h| h.mailbox.iter())
+            .flat_map(|s| s.core.session_mail())
             .filter_map(offline_id)
             .collect();
         for ev in self.queue.values() {
@@ -1060,22 +1059,17 @@ impl World {
         let mut bad = None;
         for node in &self.nodes {
             for (s, shard) in node.shards.iter().enumerate() {
+                if let Some((k, n)) = shard.core.deepest().filter(|(_, n)| *n > cap) {
+                    bad = Some(format!("{k:?}'s mailbox on shard {s} holds {n} > {cap}"));
+                }
                 for (j, u) in &shard.users {
-                    if u.mailbox.len() > cap {
-                        bad = Some(format!("{j}'s mailbox on shard {s} holds {} > {cap}", u.mailbox.len()));
-                    }
-                    if let Some(a) = &u.actor {
+                    if let Some(a) = u.runner.as_ref().map(|r| r.actor()) {
                         if a.offline_len() > MAX_OFFLINE {
                             bad = Some(format!(
                                 "{j}'s offline queue holds {} > offline.max_per_user {MAX_OFFLINE}",
                                 a.offline_len()
                             ));
                         }
-                    }
-                }
-                for (id, sh) in &shard.sessions {
-                    if sh.mailbox.len() > cap {
-                        bad = Some(format!("session #{id}'s mailbox holds {} > {cap}", sh.mailbox.len()));
                     }
                 }
             }

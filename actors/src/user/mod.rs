@@ -35,21 +35,7 @@ pub struct UserConfig {
     pub max_roster_items: usize,
 }
 
-#[derive(Debug, PartialEq)]
-pub enum Effect {
-    Send(Envelope),
-    /// Make `writes` durable, then send `then` in order. When they cannot be made durable
-    /// (a storage or cluster write failure), `failed` is sent instead and the host ends the
-    /// actor, whose memory is then ahead of its storage: the sender of a message that could
-    /// not be stored gets an error, a roster set an error result, and an inbound
-    /// subscription stanza goes again to the actor's next incarnation (the transitions of
-    /// RFC 6121 §3 are idempotent) — nothing accepted is dropped silently.
-    Persist {
-        writes: Vec<Write>,
-        then: Vec<Envelope>,
-        failed: Vec<Envelope>,
-    },
-}
+pub use crate::system::runner::Effect;
 
 #[derive(Debug)]
 struct Session {
@@ -447,3 +433,19 @@ pub fn xmpp_timestamp(unix_ms: u64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+impl crate::system::runner::Actor for UserActor {
+    type Msg = UserMsg;
+
+    fn handle(&mut self, msg: UserMsg, now: u64) -> Vec<Effect> {
+        UserActor::handle(self, msg, now)
+    }
+
+    fn is_idle(&self) -> bool {
+        UserActor::is_idle(self)
+    }
+
+    fn sessions(&self) -> Vec<(SessionAddr, String)> {
+        UserActor::sessions(self)
+    }
+}

@@ -25,6 +25,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use starling_actors::address::NodeId;
 use starling_actors::msg::Envelope;
+use starling_actors::system::shard::Unsent;
 use starling_actors::wire::{self, AccountOp, AccountResult, Frame};
 use starling_storage::{Account, Write};
 
@@ -120,28 +121,14 @@ impl Shard {
     pub(crate) fn send_remote(self: &Rc<Self>, node: NodeId, env: Envelope) {
         let Some(tx) = self.link(node) else {
             tracing::debug!(to = ?env.to(), node, "envelope for a node that is not a member");
-            return self.undeliverable(env, "remote-server-not-found");
+            return self.unsent(env, Unsent::NotMember);
         };
-        let control = env.is_control();
         match tx.try_send(Frame::Envelope(wire::envelope_out(&env))) {
             Ok(()) => self.metrics.cluster_frames_out.increment(1),
-            Err(flume::TrySendError::Full(_)) if control => {
-                // Rare (a link with 4096 frames queued): try again shortly.
-                let me = self.clone();
-                glommio::spawn_local(async move {
-                    glommio::timer::sleep(Duration::from_millis(starling_actors::system::limits::RETRY_MS)).await;
-                    me.route(env);
-                })
-                .detach();
-            }
-            Err(flume::TrySendError::Full(_)) => {
-                self.metrics.bounced.increment(1);
-                tracing::warn!(to = ?env.to(), node, "bouncing stanza: link to the node is full");
-                self.undeliverable(env, "resource-constraint");
-            }
+            Err(flume::TrySendError::Full(_)) => self.unsent(env, Unsent::LinkFull),
             Err(flume::TrySendError::Disconnected(_)) => {
                 self.drop_link(node, &tx);
-                self.undeliverable(env, "remote-server-timeout");
+                self.unsent(env, Unsent::LinkClosed);
             }
         }
     }
@@ -149,14 +136,14 @@ impl Shard {
     /// Sends an envelope to another node, waiting for room in the link's queue.
     pub(crate) async fn send_remote_wait(self: &Rc<Self>, node: NodeId, env: Envelope) {
         let Some(tx) = self.link(node) else {
-            return self.undeliverable(env, "remote-server-not-found");
+            return self.unsent(env, Unsent::NotMember);
         };
         if let Err(flume::SendError(Frame::Envelope(w))) =
             tx.send_async(Frame::Envelope(wire::envelope_out(&env))).await
         {
             self.drop_link(node, &tx);
             if let Ok(env) = wire::envelope_in(w) {
-                self.undeliverable(env, "remote-server-timeout");
+                self.unsent(env, Unsent::LinkClosed);
             }
             return;
         }
@@ -824,7 +811,7 @@ pub async fn follow_membership(
 ///   when this node itself rejoined. Re-registering live sessions in place is not built yet.
 fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_gossip::Ring, rejoined: bool) {
     if !gone.is_empty() {
-        let users: Vec<jid::BareJid> = shard.users.borrow().keys().cloned().collect();
+        let users = shard.users();
         for u in users {
             for &(node, gen) in gone {
                 shard.deliver_local(Envelope::to_user(
@@ -838,7 +825,7 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
         let s = shard.clone();
         glommio::spawn_local(async move {
             glommio::timer::sleep(Duration::from_millis(starling_actors::msg::RESYNC_AFTER_MS)).await;
-            let users: Vec<jid::BareJid> = s.users.borrow().keys().cloned().collect();
+            let users = s.users();
             for u in users {
                 s.deliver_local(Envelope::to_user(u, starling_actors::msg::UserMsg::Resync));
             }

@@ -52,6 +52,12 @@ pub struct View {
     pub peers: HashMap<NodeId, Peer>,
 }
 
+impl starling_actors::address::Placement for View {
+    fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
+        View::place_user(self, user)
+    }
+}
+
 impl View {
     /// One node, no cluster: the ring has only this node.
     pub fn single(me: NodeId, name: &str, shards: ShardId) -> Self {
