@@ -11,5 +11,6 @@
 
 pub mod life;
 pub mod limits;
+pub mod queues;
 pub mod runner;
 pub mod shard;

@@ -108,7 +108,8 @@ impl<A: Actor> Runner<A> {
     pub fn handle(&mut self, msg: A::Msg, now: u64) -> Result<(), Panicked> {
         let actor = &mut self.actor;
         let fx = catch_unwind(AssertUnwindSafe(|| actor.handle(msg, now))).map_err(|_| Panicked)?;
-        self.effects.extend(fx);
+        // The actor's own buffer, not a copy (`ready` says `effects` is empty).
+        self.effects = VecDeque::from(fx);
         Ok(())
     }
 
@@ -128,15 +129,19 @@ impl<A: Actor> Runner<A> {
                     };
                 }
                 None if self.doomed => {
+                    self.effects = VecDeque::new();
                     return Step::End {
                         sessions: self.actor.sessions(),
                         instead: std::mem::take(&mut self.instead),
-                    }
+                    };
                 }
                 None => {
+                    // The turn's buffer goes with it: an actor lives long, and a burst (a
+                    // presence broadcast) must not keep its capacity.
+                    self.effects = VecDeque::new();
                     return Step::Done {
                         idle: self.actor.is_idle(),
-                    }
+                    };
                 }
             }
         }

@@ -28,6 +28,7 @@ use crate::address::{MailboxKey, NodeId, Placement, SessionAddr, ShardId};
 use crate::msg::{self, Envelope, SessionMsg, To, UserMsg};
 use crate::system::life::{self, Ending, NotStarted};
 use crate::system::limits;
+use crate::system::queues::{Queue, Slab};
 
 /// A message in a mailbox or on its way to one, with the host's clock reading (µs) when it
 /// was first routed: the receiver records how long it travelled (`starling_route_seconds`).
@@ -108,8 +109,11 @@ pub struct ShardCore {
     started: u64,
     /// Messages one mailbox holds (`c2s.mailbox`).
     cap: usize,
-    sessions: BTreeMap<u64, VecDeque<Queued<SessionMsg>>>,
-    users: BTreeMap<BareJid, VecDeque<Queued<UserMsg>>>,
+    sessions: BTreeMap<u64, Queue>,
+    users: BTreeMap<BareJid, Queue>,
+    /// The messages of every session mailbox here, and of every user mailbox.
+    session_mail: Slab<Queued<SessionMsg>>,
+    user_mail: Slab<Queued<UserMsg>>,
     /// Control messages waiting for room in a full mailbox, in order; while a mailbox has
     /// some, later envelopes for it queue behind them (or bounce, stanzas from actors), so a
     /// full mailbox never reorders one sender's messages.
@@ -128,6 +132,8 @@ impl ShardCore {
             cap: mailbox.max(1),
             sessions: BTreeMap::new(),
             users: BTreeMap::new(),
+            session_mail: Slab::default(),
+            user_mail: Slab::default(),
             held: BTreeMap::new(),
             out: VecDeque::new(),
             fresh: Vec::new(),
@@ -224,13 +230,13 @@ impl ShardCore {
                     self.overflow_here(env, at, "session mailbox full");
                     return Routed::Done;
                 }
-                q.push_back(Queued { at, msg: m });
+                self.session_mail.push_back(q, Queued { at, msg: m });
                 self.emit(Out::Wake(MailboxKey::Session(a.id)));
             }
             Envelope::User { to: j, msg: m } => {
                 if !self.users.contains_key(&j) {
                     self.emit(Out::Activate(j.clone()));
-                    self.users.insert(j.clone(), VecDeque::new());
+                    self.users.insert(j.clone(), Queue::default());
                 }
                 let q = self.users.get_mut(&j).expect("inserted");
                 if q.len() >= self.cap {
@@ -241,7 +247,7 @@ impl ShardCore {
                     self.overflow_here(env, at, "user mailbox full");
                     return Routed::Done;
                 }
-                q.push_back(Queued { at, msg: m });
+                self.user_mail.push_back(q, Queued { at, msg: m });
                 self.emit(Out::Wake(MailboxKey::User(j)));
             }
         }
@@ -351,14 +357,15 @@ impl ShardCore {
 
     /// A connection accepted here: its session's mailbox (session ids are the host's).
     pub fn open_session(&mut self, id: u64) {
-        self.sessions.insert(id, VecDeque::new());
+        self.sessions.insert(id, Queue::default());
     }
 
     /// The session at `addr` (on this shard) ended: what was still queued for it goes where a
     /// message for a vanished session goes.
     pub fn close_session(&mut self, addr: SessionAddr) {
         if let Some(q) = self.sessions.remove(&addr.id) {
-            for t in q {
+            let left: Vec<_> = self.session_mail.drain(q).collect();
+            for t in left {
                 self.session_gone(addr, t.msg);
             }
         }
@@ -366,7 +373,7 @@ impl ShardCore {
     }
 
     pub fn pop_session(&mut self, id: u64) -> Option<Queued<SessionMsg>> {
-        self.sessions.get_mut(&id)?.pop_front()
+        self.session_mail.pop_front(self.sessions.get_mut(&id)?)
     }
 
     /// Whether the session has a mailbox here (it is open).
@@ -376,7 +383,7 @@ impl ShardCore {
 
     /// Messages waiting in the session's mailbox.
     pub fn session_queued(&self, id: u64) -> usize {
-        self.sessions.get(&id).map_or(0, VecDeque::len)
+        self.sessions.get(&id).map_or(0, Queue::len)
     }
 
     pub fn session_ids(&self) -> impl Iterator<Item = u64> + '_ {
@@ -385,18 +392,20 @@ impl ShardCore {
 
     /// Every message waiting in a session mailbox.
     pub fn session_mail(&self) -> impl Iterator<Item = &SessionMsg> + '_ {
-        self.sessions.values().flat_map(|q| q.iter().map(|t| &t.msg))
+        self.sessions
+            .values()
+            .flat_map(|q| self.session_mail.iter(q).map(|t| &t.msg))
     }
 
     // ---- user actors ------------------------------------------------------------------
 
     pub fn pop_user(&mut self, jid: &BareJid) -> Option<Queued<UserMsg>> {
-        self.users.get_mut(jid)?.pop_front()
+        self.user_mail.pop_front(self.users.get_mut(jid)?)
     }
 
     /// Messages waiting in the user actor's mailbox.
     pub fn user_queued(&self, jid: &BareJid) -> usize {
-        self.users.get(jid).map_or(0, VecDeque::len)
+        self.users.get(jid).map_or(0, Queue::len)
     }
 
     /// Whether the user's actor is active here (its mailbox exists).
@@ -412,7 +421,7 @@ impl ShardCore {
     /// The actor is idle (no sessions): let it go if nothing is queued for it; its durable
     /// state reloads on its next message. `true` when it was let go.
     pub fn passivate(&mut self, jid: &BareJid) -> bool {
-        let gone = self.users.get(jid).is_some_and(VecDeque::is_empty);
+        let gone = self.users.get(jid).is_some_and(Queue::is_empty);
         if gone {
             self.users.remove(jid);
         }
@@ -422,7 +431,11 @@ impl ShardCore {
     /// The actor's state could not be loaded: it does not start, and its messages fail
     /// (`life::not_started`).
     pub fn not_started(&mut self, jid: &BareJid) {
-        for t in self.users.remove(jid).unwrap_or_default() {
+        let queued: Vec<_> = self
+            .user_mail
+            .drain(self.users.remove(jid).unwrap_or_default())
+            .collect();
+        for t in queued {
             match life::not_started(jid, t.msg) {
                 NotStarted::Send(env) => self.emit(Out::Route(env)),
                 NotStarted::Bounce(env) => self.undeliverable_here(env, "internal-server-error"),
@@ -443,7 +456,10 @@ impl ShardCore {
         why: Ending,
         instead: Vec<Envelope>,
     ) {
-        let queued = self.users.remove(jid).unwrap_or_default();
+        let queued: Vec<_> = self
+            .user_mail
+            .drain(self.users.remove(jid).unwrap_or_default())
+            .collect();
         for env in life::ended(jid, sessions, why) {
             self.emit(Out::Route(env));
         }
@@ -464,8 +480,8 @@ impl ShardCore {
     /// The depth of every user mailbox, then of every session mailbox.
     pub fn depths(&self) -> (impl Iterator<Item = usize> + '_, impl Iterator<Item = usize> + '_) {
         (
-            self.users.values().map(VecDeque::len),
-            self.sessions.values().map(VecDeque::len),
+            self.users.values().map(Queue::len),
+            self.sessions.values().map(Queue::len),
         )
     }
 
@@ -473,8 +489,8 @@ impl ShardCore {
     pub fn deepest(&self) -> Option<(MailboxKey, usize)> {
         let u = self.users.iter().max_by_key(|(_, q)| q.len());
         let s = self.sessions.iter().max_by_key(|(_, q)| q.len());
-        let user = |(j, q): (&BareJid, &VecDeque<_>)| (MailboxKey::User(j.clone()), q.len());
-        let session = |(id, q): (&u64, &VecDeque<_>)| (MailboxKey::Session(*id), q.len());
+        let user = |(j, q): (&BareJid, &Queue)| (MailboxKey::User(j.clone()), q.len());
+        let session = |(id, q): (&u64, &Queue)| (MailboxKey::Session(*id), q.len());
         match (u, s) {
             (Some(u), Some(s)) if u.1.len() >= s.1.len() => Some(user(u)),
             (_, Some(s)) => Some(session(s)),
