@@ -21,15 +21,19 @@ pub enum Bug {
     /// A host acknowledges (sends a `Persist`'s follow-ups) before the writes are flushed.
     /// Only the simulator's host reads this switch; the node's `user_host` has none.
     AckBeforeFlush,
+    /// A full mailbox drops a control message instead of holding it (`system::shard`, the
+    /// routing code both hosts run).
+    DropHeld,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::DropOffline,
         Bug::KeepDeliveredOffline,
         Bug::ForgetRosterPush,
         Bug::IgnoreOfflineCap,
         Bug::AckBeforeFlush,
+        Bug::DropHeld,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +43,7 @@ impl Bug {
             Bug::ForgetRosterPush => "forget-roster-push",
             Bug::IgnoreOfflineCap => "ignore-offline-cap",
             Bug::AckBeforeFlush => "ack-before-flush",
+            Bug::DropHeld => "drop-held",
         }
     }
 

@@ -32,7 +32,8 @@ struct Args {
     #[arg(long)]
     no_churn: bool,
     /// Switch on a planted bug (to see the oracles catch it): drop-offline,
-    /// keep-delivered-offline, forget-roster-push, ignore-offline-cap, ack-before-flush.
+    /// keep-delivered-offline, forget-roster-push, ignore-offline-cap, ack-before-flush,
+    /// drop-held.
     #[arg(long = "bug")]
     bugs: Vec<String>,
     /// With --nodes > 1, only these cluster faults (comma-separated: loss, partitions,

@@ -232,6 +232,8 @@ fn every_planted_bug_is_caught() {
         (Bug::ForgetRosterPush, 3),
         (Bug::IgnoreOfflineCap, 4),
         (Bug::AckBeforeFlush, 2),
+        // In the shared routing code (`system::shard`), which the node runs too.
+        (Bug::DropHeld, 1),
     ];
     assert_eq!(expected.len(), Bug::ALL.len());
     for (bug, invariant) in expected {

@@ -26,6 +26,7 @@ use jid::BareJid;
 
 use crate::address::{MailboxKey, NodeId, Placement, SessionAddr, ShardId};
 use crate::msg::{self, Envelope, SessionMsg, To, UserMsg};
+use crate::planted::{self, Bug};
 use crate::system::life::{self, Ending, NotStarted};
 use crate::system::limits;
 use crate::system::queues::{Queue, Slab};
@@ -256,6 +257,9 @@ impl ShardCore {
 
     fn overflow_here(&mut self, env: Envelope, at: u64, why: &'static str) {
         if env.is_control() {
+            if planted::active(Bug::DropHeld) {
+                return;
+            }
             return self.hold(Queued { at, msg: env });
         }
         self.bounce(env, why);
