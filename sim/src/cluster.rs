@@ -19,6 +19,7 @@ use jid::BareJid;
 use starling_actors::address::{NodeId, Placement, SessionAddr, ShardId};
 use starling_actors::c2s::Input;
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
+use starling_actors::system::cluster as rules;
 use starling_actors::wire;
 use starling_gossip::{Membership, NodeIdentity, Output, Ring, Timer, Timings};
 use starling_storage::{Account, Storage, Write};
@@ -78,8 +79,7 @@ pub struct PullState {
     shard: u16,
     jid: BareJid,
     left: usize,
-    best: Option<(u64, Vec<Write>)>,
-    seen: Vec<(u32, u64)>,
+    repair: rules::Repair<Vec<Write>>,
     /// Bringing the replicas found older level before the actor starts.
     pushing: bool,
 }
@@ -111,15 +111,7 @@ impl NodeCluster {
 
     /// `View::place_user`: the owner node, and the shard when it is this one.
     pub fn place_user(&self, user: &BareJid, shards: ShardId) -> (NodeId, ShardId) {
-        if !self.peers.is_empty() {
-            if let Some(owner) = self.ring.owner(user.as_str().as_bytes()).and_then(index) {
-                if owner != self.id {
-                    return (owner, 0);
-                }
-            }
-        }
-        let h = xxhash_rust::xxh3::xxh3_64(user.as_str().as_bytes());
-        (self.id, (h % shards.max(1) as u64) as ShardId)
+        rules::place_user(&self.ring, self.id, self.peers.is_empty(), shards, user, index)
     }
 }
 
@@ -449,11 +441,7 @@ impl World {
         // lived on a node that died or restarted (the actor died with it), or whose replica
         // set gained a node (after a heal or a rejoin, that node may have
         // served the user meanwhile: the actor must reload, with read repair).
-        let gained = |user: &BareJid| {
-            let key = user.as_str().as_bytes();
-            let before = old_ring.replicas(key, REPLICATION);
-            new_ring.replicas(key, REPLICATION).iter().any(|x| !before.contains(x))
-        };
+        let gained = |user: &BareJid| rules::replicas_gained(&old_ring, &new_ring, user.as_str(), REPLICATION);
         for s in 0..self.cfg.shards {
             let moved: Vec<u64> = self.nodes[n as usize].shards[s as usize]
                 .sessions
@@ -461,8 +449,8 @@ impl World {
                 .filter_map(|(id, h)| {
                     let owner = h.bound_owner?;
                     let bare = h.jid_bare()?;
-                    let moved =
-                        self.place_user(n, &bare).0 != owner || gone.iter().any(|(g, _)| *g == owner) || gained(&bare);
+                    // A rejoin is handled before (`rejoined`), every session then closed.
+                    let moved = rules::session_moved(false, owner, self.place_user(n, &bare).0, &gone, gained(&bare));
                     moved.then_some(*id)
                 })
                 .collect();
@@ -546,19 +534,11 @@ impl World {
         let users = self.nodes[n as usize].storage.list_accounts().unwrap_or_default();
         let mut jobs = Vec::new();
         for user in users {
-            let key = user.as_bytes();
-            let before = old.replicas(key, REPLICATION);
-            let after = new.replicas(key, REPLICATION);
-            let sender = before.iter().find(|b| new.members().iter().any(|m| m == *b));
-            if sender.copied() != Some(me.as_str()) {
-                continue;
-            }
-            for a in after {
-                if a != me && !before.contains(&a) {
-                    if let Some(to) = index(a) {
-                        jobs.push((user.clone(), to));
-                    }
-                }
+            for to in rules::handoff_targets(old, new, &me, &user, REPLICATION)
+                .into_iter()
+                .filter_map(index)
+            {
+                jobs.push((user.clone(), to));
             }
         }
         for (user, to) in jobs {
@@ -580,6 +560,11 @@ impl World {
         Some((version, data.into_writes(user, account)))
     }
 
+    /// The version stored here for `user` (0 when nothing is).
+    fn stored_version(&self, n: u32, user: &str) -> u64 {
+        self.nodes[n as usize].storage.load_user(user).map_or(0, |d| d.version)
+    }
+
     /// This node's version of `user`, if it has the account.
     fn version_here(&self, n: u32, user: &str) -> Option<u64> {
         let st = &self.nodes[n as usize].storage;
@@ -592,14 +577,9 @@ impl World {
     /// The other nodes of `user`'s replica set as `node` sees it.
     fn other_replicas(&self, node: u32, user: &str) -> Vec<u32> {
         let c = &self.nodes[node as usize].cluster;
-        if c.peers.is_empty() {
-            return Vec::new();
-        }
-        c.ring
-            .replicas(user.as_bytes(), REPLICATION)
+        rules::other_replicas(&c.ring, &name(node), c.peers.is_empty(), user, REPLICATION)
             .into_iter()
             .filter_map(index)
-            .filter(|i| *i != node)
             .collect()
     }
 
@@ -612,7 +592,7 @@ impl World {
     /// answering, and the actor does not start.
     pub fn pull(&mut self, node: u32, shard: u16, jid: BareJid) {
         let others = self.other_replicas(node, jid.as_str());
-        if others.len() < Self::NEED - 1 {
+        if others.len() + 1 < rules::copies_needed(REPLICATION) {
             return self.activation_failed(node, shard, &jid);
         }
         if others.is_empty() {
@@ -633,8 +613,7 @@ impl World {
                 shard,
                 jid: jid.clone(),
                 left: others.len(),
-                best: None,
-                seen: Vec::new(),
+                repair: rules::Repair::default(),
                 pushing: false,
             },
         );
@@ -651,13 +630,8 @@ impl World {
         p.left -= 1;
         if !p.pushing {
             match res {
-                Res::Snapshot { version, writes } => {
-                    p.seen.push((from, version));
-                    if p.best.as_ref().is_none_or(|(v, _)| version > *v) {
-                        p.best = Some((version, writes));
-                    }
-                }
-                Res::Done => p.seen.push((from, 0)),
+                Res::Snapshot { version, writes } => p.repair.copy(from, version, writes),
+                Res::Done => p.repair.none_there(from),
                 _ => {}
             }
         }
@@ -680,19 +654,14 @@ impl World {
         if p.pushing {
             return self.activate_user(node, p.shard, p.jid);
         }
-        if p.seen.len() < Self::NEED - 1 {
+        if !p.repair.enough(REPLICATION) {
             return self.activation_failed(node, p.shard, &p.jid);
         }
         let user = p.jid.to_string();
-        if let Some((version, writes)) = p.best.take() {
-            if self.version_here(node, &user).is_none_or(|v| v < version) {
+        if let Some((version, writes)) = p.repair.best.take() {
+            if rules::replaces(self.version_here(node, &user), version) {
                 self.stats.repairs += 1;
-                let mut all = vec![Write::DeleteUser { user: user.clone() }];
-                all.extend(writes);
-                all.push(Write::SetVersion {
-                    user: user.clone(),
-                    version,
-                });
+                let all = rules::replacement(&user, self.stored_version(node, &user), writes, version);
                 // Applied at once (later reads see it); durable with the next flush.
                 self.submit(node, all, None);
             }
@@ -702,7 +671,7 @@ impl World {
         let Some((version, writes)) = self.snapshot(node, &user) else {
             return self.activate_user(node, p.shard, p.jid);
         };
-        let behind: Vec<u32> = p.seen.iter().filter(|(_, v)| *v < version).map(|(n, _)| *n).collect();
+        let behind = p.repair.behind(version);
         if behind.is_empty() {
             return self.activate_user(node, p.shard, p.jid);
         }
@@ -973,12 +942,10 @@ impl World {
                 self.answer(node, r, res);
             }
             Op::Handoff { user, version, writes } => {
-                if self.version_here(node, &user).is_some_and(|v| v >= version) {
+                if !rules::replaces(self.version_here(node, &user), version) {
                     return self.answer(node, r, Res::Done);
                 }
-                let mut all = vec![Write::DeleteUser { user: user.clone() }];
-                all.extend(writes);
-                all.push(Write::SetVersion { user, version });
+                let all = rules::replacement(&user, self.stored_version(node, &user), writes, version);
                 self.submit(node, all, Some(Waiter::Answer(r)));
             }
         }
@@ -1102,18 +1069,13 @@ impl World {
         self.replicated_step(node, id);
     }
 
-    /// Copies needed for a write: a majority of `cluster.replication`, whatever the number
-    /// of members seen now — a node cut off from the others cannot acknowledge alone what
-    /// the other side of the partition may overwrite.
-    pub const NEED: usize = REPLICATION / 2 + 1;
-
     fn replicated_step(&mut self, node: u32, id: u64) {
         let c = &mut self.nodes[node as usize].cluster;
         let Some(w) = c.writes.get_mut(&id) else { return };
         if w.remote_left > 0 {
             return;
         }
-        let enough = 1 + w.remote_ok >= Self::NEED && !w.local_failed;
+        let enough = rules::durable(!w.local_failed, w.remote_ok, REPLICATION);
         if enough {
             // The replicas have it: now this node's copy (remote first, so that a batch that
             // failed never raises this copy's version above the others').

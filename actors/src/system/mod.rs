@@ -9,6 +9,7 @@
 //! vanished session or cannot be delivered (`crate::msg::session_gone`,
 //! `crate::msg::undeliverable`).
 
+pub mod cluster;
 pub mod life;
 pub mod limits;
 pub mod queues;

@@ -25,6 +25,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use starling_actors::address::NodeId;
 use starling_actors::msg::Envelope;
+use starling_actors::system::cluster as rules;
 use starling_actors::system::shard::Unsent;
 use starling_actors::wire::{self, AccountOp, AccountResult, Frame};
 use starling_storage::{Account, Write};
@@ -268,14 +269,10 @@ impl Shard {
     /// nodes in the ring's order for that key.
     fn replica_nodes(&self, user: &str) -> Vec<NodeId> {
         let view = self.cluster.view.borrow();
-        if view.peers.is_empty() {
-            return Vec::new();
-        }
-        view.ring
-            .replicas(user.as_bytes(), self.cluster.replication)
+        let (me, alone, r) = (&self.cluster.name, view.peers.is_empty(), self.cluster.replication);
+        rules::other_replicas(&view.ring, me, alone, user, r)
             .into_iter()
             .map(starling_gossip::node_id)
-            .filter(|n| *n != self.node)
             .collect()
     }
 
@@ -283,7 +280,7 @@ impl Shard {
     /// whatever the number of members seen just now — a node cut off from the others must
     /// not acknowledge alone what the other side of a partition may be writing too.
     fn copies_needed(&self) -> usize {
-        self.cluster.replication / 2 + 1
+        rules::copies_needed(self.cluster.replication)
     }
 
     /// `Err` when this node and the replicas it can reach (`others`) are fewer than a write
@@ -359,11 +356,11 @@ impl Shard {
             .map(|n| self.ask_remote(*n, AccountOp::Replicate { writes: bytes.clone() }));
         let answers = futures::future::join_all(asks).await;
         // This node's copy is written after these answers (see `write_replicated`).
-        let copies = 1 + answers.iter().filter(|a| matches!(a, Ok(AccountResult::Done))).count();
-        let need = self.copies_needed();
-        if copies >= need {
+        let remote_ok = answers.iter().filter(|a| matches!(a, Ok(AccountResult::Done))).count();
+        if rules::durable(true, remote_ok, self.cluster.replication) {
             return Ok(());
         }
+        let (copies, need) = (1 + remote_ok, self.copies_needed());
         let why: Vec<String> = answers
             .into_iter()
             .filter_map(|a| match a {
@@ -406,29 +403,22 @@ impl Shard {
         let asks = others
             .iter()
             .map(|n| self.ask_remote(*n, AccountOp::Pull { user: user.to_string() }));
-        let mut best: Option<(u64, Vec<u8>)> = None;
-        let mut seen: Vec<(NodeId, u64)> = Vec::new();
+        let mut repair: rules::Repair<Vec<u8>> = rules::Repair::default();
         for (n, a) in others.iter().zip(futures::future::join_all(asks).await) {
             match a {
-                Ok(AccountResult::Snapshot { version, writes }) => {
-                    seen.push((*n, version));
-                    if best.as_ref().is_none_or(|(v, _)| version > *v) {
-                        best = Some((version, writes));
-                    }
-                }
-                // No account there (yet): any copy is newer.
-                Ok(AccountResult::Done) => seen.push((*n, 0)),
+                Ok(AccountResult::Snapshot { version, writes }) => repair.copy(*n, version, writes),
+                Ok(AccountResult::Done) => repair.none_there(*n),
                 other => tracing::warn!(user, answer = ?other, "cluster: read repair without a replica's copy"),
             }
         }
-        if seen.len() < need {
+        if !repair.enough(self.cluster.replication) {
             return Err(format!(
                 "{} copies of {user} answered, {} needed",
-                seen.len() + 1,
+                repair.seen.len() + 1,
                 need + 1
             ));
         }
-        if let Some((version, writes)) = best {
+        if let Some((version, writes)) = repair.best.take() {
             if let AccountResult::Failed(e) = self.take_handoff(user.to_string(), version, &writes).await {
                 tracing::warn!(user, error = %e, "cluster: read repair failed");
             }
@@ -436,7 +426,7 @@ impl Shard {
         let Ok(Some((writes, version))) = self.snapshot(user).await else {
             return Ok(());
         };
-        let behind: Vec<NodeId> = seen.iter().filter(|(_, v)| *v < version).map(|(n, _)| *n).collect();
+        let behind = repair.behind(version);
         let pushes = behind.iter().map(|n| {
             let op = AccountOp::Handoff {
                 user: user.to_string(),
@@ -499,7 +489,7 @@ impl Shard {
             };
             let have = match here.await {
                 Err(e) => return AccountResult::Failed(e.to_string()),
-                Ok((true, v)) if v >= version => {
+                Ok((exists, v)) if !rules::replaces(exists.then_some(v), version) => {
                     tracing::debug!(
                         user,
                         here = v,
@@ -510,18 +500,7 @@ impl Shard {
                 }
                 Ok((_, v)) => v,
             };
-            let mut all = vec![
-                Write::NextVersion {
-                    user: user.clone(),
-                    base: have,
-                },
-                Write::DeleteUser { user: user.clone() },
-            ];
-            all.extend(w.iter().cloned());
-            all.push(Write::SetVersion {
-                user: user.clone(),
-                version,
-            });
+            let all = rules::replacement(&user, have, w.iter().cloned(), version);
             match self.storage.write(all).await {
                 Ok(()) => return AccountResult::Done,
                 Err(starling_storage::StorageError::Conflict { .. }) => continue,
@@ -835,17 +814,13 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
     let moved: Vec<u64> = {
         let view = shard.cluster.view.borrow();
         let r = shard.cluster.replication;
-        let gained = |user: &jid::BareJid| {
-            let key = user.as_str().as_bytes();
-            let before = old_ring.replicas(key, r);
-            view.ring.replicas(key, r).iter().any(|n| !before.contains(n))
-        };
         shard
             .session_users
             .borrow()
             .iter()
             .filter(|(_, (user, node))| {
-                rejoined || view.place_user(user).0 != *node || gone.iter().any(|(g, _)| g == node) || gained(user)
+                let gained = rules::replicas_gained(old_ring, &view.ring, user.as_str(), r);
+                rules::session_moved(rejoined, *node, view.place_user(user).0, gone, gained)
             })
             .map(|(id, _)| *id)
             .collect()
@@ -887,17 +862,8 @@ async fn handoff(shard: Rc<Shard>, old: starling_gossip::Ring, new: starling_gos
     let r = shard.cluster.replication;
     let mut jobs: Vec<(String, NodeId)> = Vec::new();
     for user in users {
-        let key = user.as_bytes();
-        let before = old.replicas(key, r);
-        let after = new.replicas(key, r);
-        let sender = before.iter().find(|n| new.members().iter().any(|m| m == *n));
-        if sender.copied() != Some(me.as_str()) {
-            continue;
-        }
-        for n in after {
-            if n != me && !before.contains(&n) {
-                jobs.push((user.clone(), starling_gossip::node_id(n)));
-            }
+        for n in rules::handoff_targets(&old, &new, &me, &user, r) {
+            jobs.push((user.clone(), starling_gossip::node_id(n)));
         }
     }
     if jobs.is_empty() {

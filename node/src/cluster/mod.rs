@@ -91,18 +91,8 @@ impl View {
     /// The node that owns `user`'s actor, and the shard when it is this node (another node
     /// picks its own shard).
     pub fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
-        if !self.peers.is_empty() {
-            let owner = self
-                .ring
-                .owner(user.as_str().as_bytes())
-                .map(node_id)
-                .unwrap_or(self.me);
-            if owner != self.me {
-                return (owner, 0);
-            }
-        }
-        let h = xxhash_rust::xxh3::xxh3_64(user.as_str().as_bytes());
-        (self.me, (h % self.shards.max(1) as u64) as ShardId)
+        let (ring, alone) = (&self.ring, self.peers.is_empty());
+        starling_actors::system::cluster::place_user(ring, self.me, alone, self.shards, user, |n| Some(node_id(n)))
     }
 }
 
