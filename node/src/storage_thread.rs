@@ -3,6 +3,7 @@
 //! every write request it has queued, flushes once, and only then answers them.
 
 use futures::channel::oneshot;
+use starling_actors::system::commit::GroupCommit;
 use starling_storage::{Account, Storage, StorageError, UserData, Write};
 
 pub type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
@@ -76,10 +77,30 @@ impl StorageHandle {
     }
 }
 
-/// Runs until `Shutdown` or until every sender is gone; flushes before returning.
+/// Who waits for a flush.
+enum Waiter {
+    Ack(Reply<()>),
+    Created(Reply<bool>, bool),
+}
+
+impl Waiter {
+    fn answer(self, flushed: &Result<(), StorageError>) {
+        let failed = |e: &StorageError| StorageError::Backend(e.to_string());
+        match self {
+            Waiter::Ack(r) => {
+                let _ = r.send(flushed.as_ref().map(|_| ()).map_err(failed));
+            }
+            Waiter::Created(r, c) => {
+                let _ = r.send(flushed.as_ref().map(|_| c).map_err(failed));
+            }
+        }
+    }
+}
+
+/// Runs until `Shutdown` or until every sender is gone; flushes before returning. Writes are
+/// group-committed by the rule both hosts share (`starling_actors::system::commit`).
 pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
-    let mut acks: Vec<Reply<()>> = Vec::new();
-    let mut created: Vec<(Reply<bool>, bool)> = Vec::new();
+    let mut commit: GroupCommit<Waiter> = GroupCommit::default();
     let mut stop = false;
     let offline = metrics::gauge!("starling_offline_messages");
     offline.set(store.offline_total() as f64);
@@ -101,54 +122,40 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
                     let _ = reply.send(r);
                 }
                 StorageReq::CreateAccount { user, account, reply } => match store.create_account(&user, &account) {
-                    Ok(c) => created.push((reply, c)),
+                    Ok(c) => commit.after(Waiter::Created(reply, c)),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 },
-                StorageReq::Write { writes, reply } => match store.apply(&writes) {
-                    Ok(()) => acks.push(reply),
-                    Err(e) => {
+                StorageReq::Write { writes, reply } => {
+                    if let Err((w, e)) = commit.write(&mut store, &writes, Waiter::Ack(reply)) {
                         tracing::error!(error = %e, "storage write failed");
-                        let _ = reply.send(Err(e));
+                        w.answer(&Err(e));
                     }
-                },
+                }
                 StorageReq::ListAccounts { reply } => {
                     let _ = reply.send(store.list_accounts());
                 }
                 StorageReq::Shutdown => stop = true,
             }
-            if acks.len() + created.len() >= starling_actors::system::limits::GROUP_COMMIT_MAX {
+            if commit.waiting() >= starling_actors::system::limits::GROUP_COMMIT_MAX {
                 break;
             }
         }
-        if acks.is_empty() && created.is_empty() {
-            continue;
-        }
-        let started = std::time::Instant::now();
-        let flushed = store.flush();
-        metrics::histogram!("starling_storage_write_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("starling_storage_batch_size").record((acks.len() + created.len()) as f64);
-        if let Err(e) = &flushed {
-            tracing::error!(error = %e, "storage flush failed; writes not acknowledged");
-        }
-        offline.set(store.offline_total() as f64);
-        unreadable.set(store.unreadable_total() as f64);
-        for r in acks.drain(..) {
-            let _ = r.send(
-                flushed
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| StorageError::Backend(e.to_string())),
-            );
-        }
-        for (r, c) in created.drain(..) {
-            let _ = r.send(
-                flushed
-                    .as_ref()
-                    .map(|_| c)
-                    .map_err(|e| StorageError::Backend(e.to_string())),
-            );
+        while commit.start() {
+            let started = std::time::Instant::now();
+            let flushed = store.flush();
+            let waiters = commit.flushed();
+            metrics::histogram!("starling_storage_write_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("starling_storage_batch_size").record(waiters.len() as f64);
+            if let Err(e) = &flushed {
+                tracing::error!(error = %e, "storage flush failed; writes not acknowledged");
+            }
+            offline.set(store.offline_total() as f64);
+            unreadable.set(store.unreadable_total() as f64);
+            for w in waiters {
+                w.answer(&flushed);
+            }
         }
     }
     if let Err(e) = store.flush() {

@@ -13,6 +13,7 @@ use starling_actors::address::{MailboxKey, NodeId, Placement, SessionAddr, Shard
 use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
+use starling_actors::system::commit::GroupCommit;
 use starling_actors::system::life::Ending;
 use starling_actors::system::runner::{Runner, Step};
 pub(crate) use starling_actors::system::shard::Origin;
@@ -45,15 +46,13 @@ pub struct Node {
     pub placement: SingleNode,
     /// Messages one mailbox holds (`c2s.mailbox`; drawn per seed).
     mailbox: usize,
-    /// Writes waiting for the flush in progress to finish (group commit).
-    queued: Vec<(Vec<Write>, Option<Waiter>)>,
-    /// The flush in progress: who waits on it, and the offline messages it makes durable.
-    flushing: Option<Flush>,
+    /// Write batches waiting for a flush (the node's group commit): who waits on each, and
+    /// the (user, message id) of the offline messages it stores.
+    commit: GroupCommit<(Option<Waiter>, Stored)>,
 }
 
-/// The flush in progress: who waits on it, and the (user, message id) of the offline
-/// messages it makes durable.
-type Flush = (Vec<Waiter>, Vec<(String, String)>);
+/// The (user, message id) of the offline messages a write batch stores.
+type Stored = Vec<(String, String)>;
 
 /// Who waits for a flush.
 pub enum Waiter {
@@ -156,8 +155,7 @@ impl Node {
             storage,
             placement: SingleNode { node: id, shards },
             mailbox,
-            queued: Vec::new(),
-            flushing: None,
+            commit: GroupCommit::default(),
         }
     }
 
@@ -168,8 +166,7 @@ impl Node {
         self.storage.crash();
         let n = self.shards.len();
         self.shards = (0..n as u16).map(|s| Shard::new(0, self.id, s, self.mailbox)).collect();
-        self.queued.clear();
-        self.flushing = None;
+        self.commit.crash();
         self.cluster.crash();
     }
 }
@@ -879,48 +876,40 @@ impl World {
     /// Hands writes to the storage thread: applied at once (later reads see them, as with
     /// sled), made durable by the next flush with whatever else is queued (group commit).
     pub(crate) fn submit(&mut self, node: u32, writes: Vec<Write>, waiter: Option<Waiter>) {
+        let mut stored = Vec::new();
+        for wr in &writes {
+            if let Write::PushOffline { user, msg } = wr {
+                if let Some(id) = xml_id(&msg.xml) {
+                    stored.push((user.clone(), id));
+                }
+            }
+        }
         let n = &mut self.nodes[node as usize];
-        match n.storage.apply(&writes) {
+        match n.commit.write(&mut n.storage, &writes, (waiter, stored)) {
             Ok(()) => {}
             // A replicated batch on another base (`Write::NextVersion`): refused whole, at
             // once, as the storage thread answers it.
-            Err(e @ starling_storage::StorageError::Conflict { .. }) => {
+            Err(((waiter, _), e @ starling_storage::StorageError::Conflict { .. })) => {
                 return match waiter {
                     Some(Waiter::Replicated(id)) => self.replicated_local_failed(node, id),
                     Some(Waiter::Answer(r)) => self.answer(node, r, crate::cluster::Res::Failed(e.to_string())),
                     _ => self.fail(0, format!("an unconditional write met a conflict: {e}")),
                 };
             }
-            Err(e) => {
+            Err((_, e)) => {
                 self.fail(0, format!("memory storage refused a write: {e}"));
                 return;
             }
         }
-        n.queued.push((writes, waiter));
-        if n.flushing.is_none() {
-            self.start_flush(node);
-        }
+        self.start_flush(node);
     }
 
+    /// Starts a flush if none is in progress and a batch waits (`GroupCommit::start`).
     fn start_flush(&mut self, node: u32) {
         let n = &mut self.nodes[node as usize];
-        let batch = std::mem::take(&mut n.queued);
-        if batch.is_empty() {
+        if !n.commit.start() {
             return;
         }
-        let mut waiters = Vec::new();
-        let mut stored = Vec::new();
-        for (writes, w) in batch {
-            for wr in &writes {
-                if let Write::PushOffline { user, msg } = wr {
-                    if let Some(id) = xml_id(&msg.xml) {
-                        stored.push((user.clone(), id));
-                    }
-                }
-            }
-            waiters.extend(w);
-        }
-        n.flushing = Some((waiters, stored));
         let epoch = n.epoch;
         let d = self.rng.exp(self.faults.flush_us) + 1;
         self.after(d, Ev::FlushDone { node, epoch });
@@ -932,9 +921,11 @@ impl World {
         }
         let n = &mut self.nodes[node as usize];
         let _ = n.storage.flush();
-        let Some((waiters, stored)) = n.flushing.take() else {
+        if !n.commit.in_progress() {
             return;
-        };
+        }
+        let (waiters, stored): (Vec<_>, Vec<_>) = n.commit.flushed().into_iter().unzip();
+        let (waiters, stored) = (waiters.into_iter().flatten(), stored.into_iter().flatten());
         for (user, id) in stored {
             if self.msgs.recs.get(&id).is_some_and(|r| !r.stored_durable) {
                 self.stats.messages_stored_offline += 1;

@@ -10,6 +10,7 @@
 //! `crate::msg::undeliverable`).
 
 pub mod cluster;
+pub mod commit;
 pub mod life;
 pub mod limits;
 pub mod queues;
