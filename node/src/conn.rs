@@ -1,7 +1,6 @@
 //! One client connection: owns the socket (plain, STARTTLS-upgraded or Direct TLS) and the
 //! sans-io `C2sSession`, and carries out the session's actions.
 
-use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -14,8 +13,9 @@ use futures_rustls::server::TlsStream;
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpStream;
 use starling_actors::address::SessionAddr;
-use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
+use starling_actors::c2s::{C2sSession, Ctx, Input, SessionStats};
 use starling_actors::msg::SessionMsg;
+use starling_actors::system::conn::{Conn as Runner, ConnStep};
 
 use crate::shard::{Origin, Shard};
 use crate::user_host::now_ms;
@@ -105,7 +105,7 @@ impl Drop for Gauges {
     }
 }
 
-/// Owned inputs queued while carrying out actions.
+/// The answer to a storage request or TLS handshake, fed back to the session.
 enum Next {
     Tls,
     Account(Option<starling_storage::Account>),
@@ -158,13 +158,14 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     } else {
         Conn::Plain(stream)
     };
-    let mut session = C2sSession::new(
+    let session = C2sSession::new(
         addr,
         shard.c2s_cfg.clone(),
         ip_key(peer.map(|p| p.ip())),
         direct_tls,
         shard.session_rng(),
     );
+    let mut runner = Runner::new(session);
     let mut conn = conn;
     let mut buf = vec![0u8; 4096];
     // Until the session is bound, it must make progress before this deadline (slow-loris).
@@ -176,7 +177,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
         // bind's answer was lost with a link, and the actor routed to a session that never
         // learned it was bound).
         if !recorded {
-            if let Some(bare) = session.binding_user() {
+            if let Some(bare) = runner.session().binding_user() {
                 let bare = bare.clone();
                 let (node, _) = shard.cluster.view.borrow().place_user(&bare);
                 shard.session_users.borrow_mut().insert(id, (bare, node));
@@ -187,7 +188,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
             let read = conn.read(&mut buf);
             let recv = shard.next_session_msg(id);
             // Bound sessions have no deadline: no clock read, no timer on the hot path.
-            let left = session
+            let left = runner
+                .session()
                 .jid()
                 .is_none()
                 .then(|| deadline.saturating_duration_since(std::time::Instant::now()));
@@ -204,38 +206,36 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
                 Either::Right(_) => None,
             }
         };
-        let Some(event) = event else {
-            handle(&shard, &gauges, &mut session, Input::TimedOut);
-            carry_out(&shard, &gauges, &mut session, &mut conn).await;
-            break;
-        };
-        let open = match event {
-            Either::Left(Ok(0)) | Either::Left(Err(_)) => {
-                handle(&shard, &gauges, &mut session, Input::Closed);
-                carry_out(&shard, &gauges, &mut session, &mut conn).await;
-                false
-            }
-            Either::Left(Ok(n)) => {
+        let input = match event {
+            None => Input::TimedOut,
+            Some(Either::Left(Ok(0)) | Either::Left(Err(_))) => Input::Closed,
+            Some(Either::Left(Ok(n))) => {
                 shard.metrics.bytes_in.increment(n as u64);
-                tracing::trace!(session = ?session.addr, input = %String::from_utf8_lossy(&buf[..n]), "read");
-                handle(&shard, &gauges, &mut session, Input::Bytes(&buf[..n]));
-                carry_out(&shard, &gauges, &mut session, &mut conn).await
+                tracing::trace!(session = ?addr, input = %String::from_utf8_lossy(&buf[..n]), "read");
+                Input::Bytes(&buf[..n])
             }
-            Either::Right(Some(t)) => {
+            Some(Either::Right(Some(t))) => {
                 shard.metrics.route.record(crate::shard::since(t.at));
-                let m = t.msg;
-                tracing::trace!(session = ?session.addr, msg = ?m, "from router");
-                if let SessionMsg::Stanza(st) | SessionMsg::Offline(st) = &m {
+                tracing::trace!(session = ?addr, msg = ?t.msg, "from router");
+                if let SessionMsg::Stanza(st) | SessionMsg::Offline(st) = &t.msg {
                     if let Some(k) = crate::metrics::kind_index(&st.name) {
                         shard.metrics.stanzas_out[k].increment(1);
                     }
                 }
-                handle(&shard, &gauges, &mut session, Input::Router(m));
-                carry_out(&shard, &gauges, &mut session, &mut conn).await
+                Input::Router(t.msg)
             }
-            Either::Right(None) => false,
+            // The mailbox is gone (cannot happen while this task lives): end.
+            Some(Either::Right(None)) => break,
         };
-        if !open {
+        let ends = matches!(input, Input::TimedOut | Input::Closed);
+        handle(&shard, &gauges, &mut runner, input);
+        if !carry_out(&shard, &gauges, &mut runner, &mut conn).await || runner.is_closed() {
+            break;
+        }
+        if ends {
+            // Timed out or cut: nothing more comes from this client.
+            runner.broken();
+            carry_out(&shard, &gauges, &mut runner, &mut conn).await;
             break;
         }
     }
@@ -247,14 +247,32 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
 }
 
 /// Feeds one input; a panic in the session ends this session with a stream error.
-fn handle(shard: &Rc<Shard>, gauges: &Gauges, session: &mut C2sSession, input: Input<'_>) {
-    let before = session.stats();
-    let was_bound = session.jid().is_some();
-    handle_inner(shard, session, input);
+fn handle(shard: &Rc<Shard>, gauges: &Gauges, runner: &mut Runner, input: Input<'_>) {
+    let before = runner.session().stats();
+    let was_bound = runner.session().jid().is_some();
+    let now = now_ms();
+    let r = {
+        let mut throttle = shard.throttle.borrow_mut();
+        runner.answered(
+            input,
+            now,
+            &mut Ctx {
+                throttle: &mut throttle,
+            },
+        )
+    };
+    if r.is_err() {
+        tracing::error!(session = ?runner.session().addr, "session panicked; closing it");
+    }
+    observe(shard, gauges, runner, before, was_bound);
+}
+
+/// The metrics a session input moved (only the (atomic) counters that moved are touched).
+fn observe(shard: &Rc<Shard>, gauges: &Gauges, runner: &Runner, before: SessionStats, was_bound: bool) {
+    let session = runner.session();
     gauges.bound(session.jid().is_some());
     let after = session.stats();
     let m = &shard.metrics;
-    // Only touch the (atomic) counters that moved.
     let bump = |c: &metrics::Counter, n: u64| {
         if n > 0 {
             c.increment(n)
@@ -270,114 +288,113 @@ fn handle(shard: &Rc<Shard>, gauges: &Gauges, session: &mut C2sSession, input: I
     }
 }
 
-fn handle_inner(shard: &Rc<Shard>, session: &mut C2sSession, input: Input<'_>) {
-    let now = now_ms();
-    let mut throttle = shard.throttle.borrow_mut();
-    let mut ctx = Ctx {
-        throttle: &mut throttle,
-    };
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.handle(input, now, &mut ctx)));
-    if r.is_err() {
-        tracing::error!(session = ?session.addr, "session panicked; closing it");
-        session.stream_error("internal-server-error", None);
+/// Writes `bytes`, giving up after the write timeout. `false`: the socket is broken.
+async fn write(shard: &Rc<Shard>, addr: SessionAddr, conn: &mut Conn, bytes: &[u8]) -> bool {
+    shard.metrics.bytes_out.increment(bytes.len() as u64);
+    tracing::trace!(session = ?addr, output = %String::from_utf8_lossy(bytes), "write");
+    // A client that stops reading must not hold this task (and its mailbox) forever.
+    let written = within(shard.write_timeout, async {
+        conn.write_all(bytes).await?;
+        conn.flush().await
+    })
+    .await;
+    match written {
+        Some(Ok(())) => true,
+        Some(Err(_)) => false,
+        None => {
+            tracing::info!(session = ?addr, "write timed out; dropping the connection");
+            false
+        }
     }
 }
 
-/// Writes the session's output and carries out its actions until it has nothing left.
-/// Returns false once the connection is to be closed.
-async fn carry_out(shard: &Rc<Shard>, gauges: &Gauges, session: &mut C2sSession, conn: &mut Conn) -> bool {
-    let mut open = true;
-    let mut queue: VecDeque<Next> = VecDeque::new();
+/// Carries out the session's steps (`system::conn`) until it waits for input. Returns false
+/// once the connection has ended.
+async fn carry_out(shard: &Rc<Shard>, gauges: &Gauges, runner: &mut Runner, conn: &mut Conn) -> bool {
+    let addr = runner.session().addr;
     loop {
-        let out = session.take_output();
-        if out.bytes.is_empty() && out.actions.is_empty() && queue.is_empty() {
-            return open;
-        }
-        if !out.bytes.is_empty() {
-            shard.metrics.bytes_out.increment(out.bytes.len() as u64);
-            tracing::trace!(session = ?session.addr, output = %String::from_utf8_lossy(&out.bytes), "write");
-            // A client that stops reading must not hold this task (and its mailbox) forever.
-            let written = within(shard.write_timeout, async {
-                conn.write_all(&out.bytes).await?;
-                conn.flush().await
-            })
-            .await;
-            match written {
-                Some(Ok(())) => {}
-                Some(Err(_)) => open = false,
-                None => {
-                    tracing::info!(session = ?session.addr, "write timed out; dropping the connection");
-                    open = false;
-                }
-            }
-        }
-        for action in out.actions {
-            match action {
-                Action::Route(env) => shard.route_wait(env, Origin::Connection).await,
-                Action::Close => open = false,
-                Action::StartTls => {
-                    let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {
-                        open = false;
-                        continue;
-                    };
-                    match within(
-                        shard.negotiation_timeout,
-                        TlsAcceptor::from(shard.tls.clone()).accept(tcp),
-                    )
-                    .await
-                    {
-                        Some(Ok(s)) => {
-                            *conn = Conn::Tls(Box::new(s));
-                            queue.push_back(Next::Tls);
-                        }
-                        Some(Err(e)) => {
-                            tracing::info!(session = ?session.addr, error = %e, "STARTTLS handshake failed");
-                            open = false;
-                        }
-                        None => {
-                            tracing::info!(session = ?session.addr, "STARTTLS handshake timed out");
-                            open = false;
-                        }
-                    }
-                }
-                Action::LoadAccount(user) => match shard.load_account(user).await {
-                    Ok(a) => queue.push_back(Next::Account(a)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "account lookup failed");
-                        session.stream_error("internal-server-error", Some("storage unavailable"));
-                    }
+        let step = {
+            let mut throttle = shard.throttle.borrow_mut();
+            runner.step(
+                now_ms(),
+                &mut Ctx {
+                    throttle: &mut throttle,
                 },
-                Action::CreateAccount { user, account } => match shard.create_account(user, account).await {
-                    Ok(created) => queue.push_back(Next::Created(Some(created))),
-                    Err(e) => {
-                        tracing::error!(error = %e, "account creation failed");
-                        queue.push_back(Next::Created(None));
-                    }
-                },
-                Action::SetPassword { user, account } => {
-                    let ok = shard.put_account(user, account).await.is_ok();
-                    queue.push_back(Next::PasswordSet(ok));
+            )
+        };
+        let answer = match step {
+            ConnStep::Idle => return true,
+            ConnStep::Write(bytes) => {
+                if !write(shard, addr, conn, &bytes).await {
+                    runner.broken();
                 }
+                continue;
             }
-        }
-        if !open {
-            handle(shard, gauges, session, Input::Closed);
-            let rest = session.take_output();
-            for a in rest.actions {
-                if let Action::Route(env) = a {
+            ConnStep::Route(env) => {
+                shard.route_wait(env, Origin::Connection).await;
+                continue;
+            }
+            ConnStep::Close { bytes, routes } => {
+                if !bytes.is_empty() {
+                    write(shard, addr, conn, &bytes).await;
+                }
+                for env in routes {
                     shard.route(env);
                 }
+                return false;
             }
-            return false;
-        }
-        while let Some(n) = queue.pop_front() {
-            let input = match n {
-                Next::Tls => Input::TlsEstablished,
-                Next::Account(a) => Input::Account(a),
-                Next::Created(c) => Input::AccountCreated(c),
-                Next::PasswordSet(ok) => Input::PasswordSet(ok),
-            };
-            handle(shard, gauges, session, input);
-        }
+            ConnStep::StartTls => {
+                let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {
+                    runner.broken();
+                    continue;
+                };
+                match within(
+                    shard.negotiation_timeout,
+                    TlsAcceptor::from(shard.tls.clone()).accept(tcp),
+                )
+                .await
+                {
+                    Some(Ok(s)) => {
+                        *conn = Conn::Tls(Box::new(s));
+                        Next::Tls
+                    }
+                    Some(Err(e)) => {
+                        tracing::info!(session = ?addr, error = %e, "STARTTLS handshake failed");
+                        runner.broken();
+                        continue;
+                    }
+                    None => {
+                        tracing::info!(session = ?addr, "STARTTLS handshake timed out");
+                        runner.broken();
+                        continue;
+                    }
+                }
+            }
+            ConnStep::LoadAccount(user) => match shard.load_account(user).await {
+                Ok(a) => Next::Account(a),
+                Err(e) => {
+                    tracing::error!(error = %e, "account lookup failed");
+                    runner.storage_failed("internal-server-error", "storage unavailable");
+                    continue;
+                }
+            },
+            ConnStep::CreateAccount { user, account } => match shard.create_account(user, account).await {
+                Ok(created) => Next::Created(Some(created)),
+                Err(e) => {
+                    tracing::error!(error = %e, "account creation failed");
+                    Next::Created(None)
+                }
+            },
+            ConnStep::SetPassword { user, account } => {
+                Next::PasswordSet(shard.put_account(user, account).await.is_ok())
+            }
+        };
+        let input = match answer {
+            Next::Tls => Input::TlsEstablished,
+            Next::Account(a) => Input::Account(a),
+            Next::Created(c) => Input::AccountCreated(c),
+            Next::PasswordSet(ok) => Input::PasswordSet(ok),
+        };
+        handle(shard, gauges, runner, input);
     }
 }

@@ -954,10 +954,9 @@ impl World {
     fn answered(&mut self, node: u32, p: Pending, res: Res) {
         match p {
             Pending::Account { shard, sid } => {
-                let Some(h) = self.session_mut(node, shard, sid) else {
+                if self.session_mut(node, shard, sid).is_none() {
                     return;
-                };
-                h.waiting = false;
+                }
                 match res {
                     Res::Loaded(acc) => self.session_input(node, shard, sid, Input::Account(acc)),
                     _ => {

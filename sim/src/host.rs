@@ -10,10 +10,11 @@ use std::collections::{BTreeMap, VecDeque};
 
 use jid::BareJid;
 use starling_actors::address::{MailboxKey, NodeId, Placement, SessionAddr, ShardId, SingleNode};
-use starling_actors::c2s::{Action, C2sSession, Ctx, Input};
+use starling_actors::c2s::{C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
 use starling_actors::system::commit::GroupCommit;
+use starling_actors::system::conn::{Conn, ConnStep};
 use starling_actors::system::life::Ending;
 use starling_actors::system::runner::{Runner, Step};
 pub(crate) use starling_actors::system::shard::Origin;
@@ -80,12 +81,10 @@ pub enum ConnInput {
 }
 
 pub struct SessionHost {
-    s: C2sSession,
+    /// The session and its effect loop (the node's, `system::conn`).
+    c: Conn,
     conn: u64,
     inbox: VecDeque<ConnInput>,
-    actions: VecDeque<Action>,
-    /// Waiting for a storage read.
-    pub waiting: bool,
     scheduled: bool,
     /// Offline messages it wrote and has not yet confirmed (`OfflineDelivered`): if it ends
     /// first, they stay stored and come again — at-least-once, allowed by the oracle.
@@ -120,12 +119,12 @@ impl Placement for ClusterPlace<'_> {
 
 impl SessionHost {
     pub fn jid_bare(&self) -> Option<BareJid> {
-        self.s.binding_user().cloned()
+        self.c.session().binding_user().cloned()
     }
 
     /// conn.rs after a failed account lookup.
     pub fn stream_error(&mut self, condition: &str, text: &str) {
-        self.s.stream_error(condition, Some(text));
+        self.c.storage_failed(condition, text);
     }
 }
 
@@ -212,11 +211,9 @@ impl World {
         sh.sessions.insert(
             sid,
             SessionHost {
-                s,
+                c: Conn::new(s),
                 conn,
                 inbox: VecDeque::new(),
-                actions: VecDeque::new(),
-                waiting: false,
                 scheduled: false,
                 unconfirmed: Vec::new(),
                 bound_owner: None,
@@ -309,10 +306,10 @@ impl World {
             return;
         };
         h.scheduled = false;
-        if h.waiting {
+        if !h.c.ready() {
             return;
         }
-        if h.actions.is_empty() {
+        if !h.c.has_work() {
             let no_mail = self.nodes[node as usize].shards[shard as usize]
                 .core
                 .session_queued(sid)
@@ -328,8 +325,8 @@ impl World {
                 let sh = &mut self.nodes[node as usize].shards[shard as usize];
                 let m = sh.core.pop_session(sid).expect("checked").msg;
                 let h = sh.sessions.get_mut(&sid).expect("checked");
-                let bound = h.s.jid().is_some() && !h.s.is_closed();
-                let to = h.s.jid().map(|j| j.to_bare().to_string());
+                let bound = h.c.session().jid().is_some() && !h.c.session().is_closed();
+                let to = h.c.session().jid().map(|j| j.to_bare().to_string());
                 if let (SessionMsg::Stanza(st) | SessionMsg::Offline(st), true, Some(to)) = (&m, bound, to) {
                     if let Some(id) = msg_id(st).filter(|_| st.attr("type") != Some("error")) {
                         let now = self.now_us / 1000;
@@ -364,22 +361,20 @@ impl World {
         let now = self.now_ms();
         let sh = &mut self.nodes[node as usize].shards[shard as usize];
         let Some(h) = sh.sessions.get_mut(&sid) else { return };
-        h.s.handle(
-            input,
-            now,
-            &mut Ctx {
-                throttle: &mut sh.throttle,
-            },
-        );
-        let out = h.s.take_output();
-        h.actions.extend(out.actions);
+        let ctx = &mut Ctx {
+            throttle: &mut sh.throttle,
+        };
+        if h.c.answered(input, now, ctx).is_err() {
+            return self.fail(0, format!("session #{sid} panicked"));
+        }
+        let bytes = h.c.take_bytes();
         let conn = h.conn;
         // From the bind request on, as conn.rs records it.
-        let newly_bound = match h.s.binding_user() {
+        let newly_bound = match h.c.session().binding_user() {
             Some(j) if h.bound_owner.is_none() => Some(j.clone()),
             _ => None,
         };
-        self.server_send(conn, out.bytes);
+        self.server_send(conn, bytes);
         if let Some(bare) = newly_bound {
             let owner = self.place_user(node, &bare).0;
             if let Some(h) = self.session_mut(node, shard, sid) {
@@ -393,22 +388,32 @@ impl World {
         let Some(h) = self.session_mut(node, shard, sid) else {
             return;
         };
-        let out = h.s.take_output();
-        h.actions.extend(out.actions);
-        let conn = h.conn;
-        self.server_send(conn, out.bytes);
+        let (conn, bytes) = (h.conn, h.c.take_bytes());
+        self.server_send(conn, bytes);
     }
 
-    /// Carries out the session's actions in order, as conn.rs does; stops at a storage read
-    /// or a full local mailbox (the connection is not read meanwhile).
+    /// Carries out the session's steps in order, as conn.rs does (`system::conn`); stops at
+    /// a storage read or a full local mailbox (the connection is not read meanwhile).
     pub(crate) fn carry_out(&mut self, node: u32, shard: u16, sid: u64) {
         loop {
-            let Some(h) = self.session_mut(node, shard, sid) else {
+            let now = self.now_ms();
+            let sh = &mut self.nodes[node as usize].shards[shard as usize];
+            let Some(h) = sh.sessions.get_mut(&sid) else {
                 return;
             };
-            let Some(a) = h.actions.pop_front() else { break };
-            match a {
-                Action::Route(env) => {
+            let step = h.c.step(
+                now,
+                &mut Ctx {
+                    throttle: &mut sh.throttle,
+                },
+            );
+            match step {
+                ConnStep::Idle => break,
+                ConnStep::Write(bytes) => {
+                    let conn = h.conn;
+                    self.server_send(conn, bytes);
+                }
+                ConnStep::Route(env) => {
                     if let Envelope::User {
                         msg: UserMsg::OfflineDelivered { session, upto },
                         ..
@@ -443,7 +448,7 @@ impl World {
                     if let Err(env) = self.route(node, shard, env, Origin::Connection) {
                         // Full mailbox: wait for room, not reading the client meanwhile.
                         let h = self.session_mut(node, shard, sid).expect("present");
-                        h.actions.push_front(Action::Route(*env));
+                        h.c.unroute(*env);
                         let epoch = self.nodes[node as usize].epoch;
                         self.after(
                             1000,
@@ -457,10 +462,11 @@ impl World {
                         return;
                     }
                 }
-                // StartTls cannot come: the simulated sessions offer no TLS.
-                Action::Close | Action::StartTls => return self.finish_session(node, shard, sid),
-                Action::LoadAccount(user) => {
-                    h.waiting = true;
+                // The simulated sessions offer no TLS: StartTls cannot come; if it did, the
+                // connection ends.
+                ConnStep::StartTls => h.c.broken(),
+                ConnStep::Close { bytes, routes } => return self.finish_session(node, shard, sid, bytes, routes),
+                ConnStep::LoadAccount(user) => {
                     if let Some(home) = self.account_home(node, &user) {
                         self.load_account_remote(node, shard, sid, home, user);
                         return;
@@ -478,12 +484,12 @@ impl World {
                     );
                     return;
                 }
-                Action::CreateAccount { user, account } => {
+                ConnStep::CreateAccount { user, account } => {
                     let st = &mut self.nodes[node as usize].storage;
                     let created = st.create_account(&user, &account).ok().filter(|_| st.flush().is_ok());
                     self.session_input(node, shard, sid, Input::AccountCreated(created));
                 }
-                Action::SetPassword { user, account } => {
+                ConnStep::SetPassword { user, account } => {
                     let st = &mut self.nodes[node as usize].storage;
                     let ok = st.apply(&[Write::PutAccount { user, account }]).is_ok() && st.flush().is_ok();
                     self.session_input(node, shard, sid, Input::PasswordSet(ok));
@@ -493,9 +499,6 @@ impl World {
         let Some(h) = self.session_mut(node, shard, sid) else {
             return;
         };
-        if h.s.is_closed() {
-            return self.finish_session(node, shard, sid);
-        }
         let inbox = !h.inbox.is_empty();
         if inbox
             || self.nodes[node as usize].shards[shard as usize]
@@ -507,21 +510,20 @@ impl World {
         }
     }
 
-    /// The connection task ends: the client sees the close, the user actor learns the
-    /// session is gone, and stanzas still queued for it go back to the user actor.
-    fn finish_session(&mut self, node: u32, shard: u16, sid: u64) {
-        self.session_input(node, shard, sid, Input::Closed);
-        let Some(mut h) = self.nodes[node as usize].shards[shard as usize].sessions.remove(&sid) else {
+    /// The connection task ends (`ConnStep::Close`): the client sees the close, what the
+    /// session still had to route goes (its unbind), and stanzas still queued for it go
+    /// back to the user actor.
+    fn finish_session(&mut self, node: u32, shard: u16, sid: u64, bytes: Vec<u8>, routes: Vec<Envelope>) {
+        let Some(h) = self.nodes[node as usize].shards[shard as usize].sessions.remove(&sid) else {
             return;
         };
+        self.server_send(h.conn, bytes);
         self.server_close(h.conn);
         self.msgs.allow_redelivery(&h.unconfirmed);
-        for a in std::mem::take(&mut h.actions) {
-            if let Action::Route(env) = a {
-                let _ = self.route(node, shard, env, Origin::Actor);
-            }
+        for env in routes {
+            let _ = self.route(node, shard, env, Origin::Actor);
         }
-        let addr = h.s.addr;
+        let addr = h.c.session().addr;
         self.nodes[node as usize].shards[shard as usize]
             .core
             .close_session(addr);
@@ -535,10 +537,9 @@ impl World {
         match what {
             Read::Account { sid, user } => {
                 let acc = self.nodes[node as usize].storage.account(&user).ok().flatten();
-                let Some(h) = self.session_mut(node, shard, sid) else {
+                if self.session_mut(node, shard, sid).is_none() {
                     return;
-                };
-                h.waiting = false;
+                }
                 self.session_input(node, shard, sid, Input::Account(acc));
                 self.carry_out(node, shard, sid);
             }
@@ -1021,11 +1022,11 @@ impl World {
         for (_, h) in old.sessions {
             self.server_close(h.conn);
             self.msgs.allow_redelivery(&h.unconfirmed);
-            if let Some(j) = h.s.jid() {
+            if let Some(j) = h.c.session().jid() {
                 let env = Envelope::to_user(
                     j.to_bare(),
                     UserMsg::Unbind {
-                        session: h.s.addr,
+                        session: h.c.session().addr,
                         resource: j.resource().to_string(),
                     },
                 );
@@ -1040,7 +1041,7 @@ impl World {
             let ids: Vec<u64> = self.nodes[node as usize].shards[s as usize]
                 .sessions
                 .iter()
-                .filter(|(_, h)| match h.s.jid() {
+                .filter(|(_, h)| match h.c.session().jid() {
                     Some(j) => self.place_user(node, &j.to_bare()) == (node, shard),
                     None => true,
                 })

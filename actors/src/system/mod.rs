@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod commit;
+pub mod conn;
 pub mod life;
 pub mod limits;
 pub mod queues;
