@@ -237,6 +237,21 @@ impl Shard {
         self.with_core(|c| c.unsent(env, why));
     }
 
+    /// Ends the session `id` of this shard with a stream error (`condition`, `text`).
+    pub fn kick(self: &Rc<Self>, id: u64, condition: &'static str, text: &str) {
+        let addr = SessionAddr {
+            node: self.node,
+            node_gen: self.cluster.generation.get(),
+            shard: self.id,
+            id,
+        };
+        let kick = SessionMsg::Kick {
+            condition,
+            text: text.into(),
+        };
+        self.deliver_local(Envelope::to_session(addr, kick));
+    }
+
     /// Opens the mailbox of a session accepted here.
     pub fn open_session(self: &Rc<Self>, id: u64) {
         self.core.borrow_mut().open_session(id);
@@ -442,19 +457,7 @@ pub async fn run(
     // Tell every client we are going away, then give them a moment.
     let sessions: Vec<u64> = shard.core.borrow().session_ids().collect();
     for id in sessions {
-        let addr = SessionAddr {
-            node: shard.node,
-            node_gen: shard.cluster.generation.get(),
-            shard: shard.id,
-            id,
-        };
-        shard.deliver_local(Envelope::to_session(
-            addr,
-            SessionMsg::Kick {
-                condition: "system-shutdown",
-                text: "the server is shutting down".into(),
-            },
-        ));
+        shard.kick(id, "system-shutdown", "the server is shutting down");
     }
     let deadline = std::time::Instant::now() + params.grace;
     while (shard.core.borrow().session_ids().next().is_some() || shard.core.borrow().users().next().is_some())

@@ -521,4 +521,4 @@ impl C2sSession {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

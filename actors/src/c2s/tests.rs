@@ -12,7 +12,8 @@ use crate::scram;
 
 const HEADER: &str = "<stream:stream to='localhost' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
 
-fn cfg(require_tls: bool) -> Rc<C2sConfig> {
+/// The configuration the session tests run with (`localhost`, TLS offered).
+pub(crate) fn cfg(require_tls: bool) -> Rc<C2sConfig> {
     Rc::new(C2sConfig {
         domains: vec!["localhost".into()],
         require_tls,

@@ -196,30 +196,16 @@ impl Conn {
 
 #[cfg(test)]
 mod tests {
-    use std::rc::Rc;
-
     use rand_core::SeedableRng;
 
     use super::*;
     use crate::address::SessionAddr;
-    use crate::c2s::C2sConfig;
-    use crate::parser::Limits;
     use crate::throttle::AuthThrottle;
 
     const HEADER: &str = "<stream:stream to='localhost' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
 
     fn conn(require_tls: bool) -> Conn {
-        let cfg = Rc::new(C2sConfig {
-            domains: vec!["localhost".into()],
-            require_tls,
-            tls_available: true,
-            anonymous: false,
-            registration_open: false,
-            limits: Limits::default(),
-            scram_iterations: 4096,
-            max_pending: 8,
-            version: "test".into(),
-        });
+        let cfg = crate::c2s::tests::cfg(require_tls);
         let addr = SessionAddr {
             node: 0,
             node_gen: 0,

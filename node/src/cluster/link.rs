@@ -830,19 +830,11 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
             session = id,
             "cluster: the session's user moved to another node; closing it"
         );
-        let addr = starling_actors::address::SessionAddr {
-            node: shard.node,
-            node_gen: shard.cluster.generation.get(),
-            shard: shard.id,
+        shard.kick(
             id,
-        };
-        shard.deliver_local(Envelope::to_session(
-            addr,
-            starling_actors::msg::SessionMsg::Kick {
-                condition: "undefined-condition",
-                text: "this account's cluster node changed; please reconnect".into(),
-            },
-        ));
+            "undefined-condition",
+            "this account's cluster node changed; please reconnect",
+        );
     }
 }
 
