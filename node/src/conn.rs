@@ -172,15 +172,10 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
     let deadline = std::time::Instant::now() + shard.negotiation_timeout;
     let mut recorded = false;
     loop {
-        // Recorded from the bind request on: a node that rejoins or a user that moves
-        // closes sessions whose bind is still in flight too (found by the simulator: the
-        // bind's answer was lost with a link, and the actor routed to a session that never
-        // learned it was bound).
+        // From the bind request on (`ShardCore::binding`).
         if !recorded {
             if let Some(bare) = runner.session().binding_user() {
-                let bare = bare.clone();
-                let (node, _) = shard.cluster.view.borrow().place_user(&bare);
-                shard.session_users.borrow_mut().insert(id, (bare, node));
+                shard.binding(id, bare);
                 recorded = true;
             }
         }
@@ -240,7 +235,6 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, direct_tls: bool) {
         }
     }
     let _ = conn.close().await;
-    shard.session_users.borrow_mut().remove(&id);
     // Messages that raced with the close go back to the user actor (`msg::session_gone`).
     shard.close_session(addr);
     tracing::debug!(?addr, "connection closed");

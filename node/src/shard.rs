@@ -69,9 +69,6 @@ pub struct Shard {
     core: RefCell<ShardCore>,
     /// The task waiting for each empty mailbox.
     wakers: RefCell<HashMap<MailboxKey, Waker>>,
-    /// Bound sessions: their user and the node its actor was on when they bound (a session
-    /// whose user's actor moves or dies must reconnect).
-    pub session_users: RefCell<HashMap<u64, (BareJid, NodeId)>>,
     pub storage: StorageHandle,
     pub c2s_cfg: Rc<C2sConfig>,
     pub user_cfg: Rc<UserConfig>,
@@ -237,6 +234,37 @@ impl Shard {
         self.with_core(|c| c.unsent(env, why));
     }
 
+    /// The session `id` asked to bind as `user` (`ShardCore::binding`), once.
+    pub fn binding(&self, id: u64, user: &BareJid) {
+        if self.core.borrow().is_binding(id) {
+            return;
+        }
+        let (owner, _) = self.cluster.view.borrow().place_user(user);
+        self.core.borrow_mut().binding(id, user.clone(), owner);
+    }
+
+    /// The sessions here that must reconnect after a membership change
+    /// (`ShardCore::moved_sessions`).
+    pub fn moved_sessions(
+        &self,
+        rejoined: bool,
+        gone: &[(NodeId, u64)],
+        owner_now: impl Fn(&BareJid) -> NodeId,
+        gained: impl Fn(&BareJid) -> bool,
+    ) -> Vec<u64> {
+        self.core.borrow().moved_sessions(rejoined, gone, owner_now, gained)
+    }
+
+    /// Nodes went: the user actors here unbind their sessions (`ShardCore::node_down`).
+    pub fn node_down(self: &Rc<Self>, gone: &[(NodeId, u64)]) {
+        self.with_core(|c| c.node_down(gone, stamp()));
+    }
+
+    /// The user actors here check their contacts' presence (`ShardCore::resync`).
+    pub fn resync(self: &Rc<Self>) {
+        self.with_core(|c| c.resync(stamp()));
+    }
+
     /// Ends the session `id` of this shard with a stream error (`condition`, `text`).
     pub fn kick(self: &Rc<Self>, id: u64, condition: &'static str, text: &str) {
         let addr = SessionAddr {
@@ -388,7 +416,6 @@ pub async fn run(
         mesh: senders,
         core: RefCell::new(ShardCore::new(params.node, id, started, params.mailbox)),
         wakers: RefCell::new(HashMap::new()),
-        session_users: RefCell::new(HashMap::new()),
         storage: params.storage.clone(),
         c2s_cfg: Rc::new(params.c2s.clone()),
         user_cfg: Rc::new(params.user.clone()),

@@ -422,12 +422,9 @@ impl World {
         }
         // NodeDown to every user actor here.
         for s in 0..self.cfg.shards {
-            for u in self.users_on(n, s) {
-                for &(g, gen) in &gone {
-                    let env = Envelope::to_user(u.clone(), UserMsg::NodeDown { node: g, gen });
-                    let _ = self.deliver_local(n, s, env, Origin::Actor);
-                }
-            }
+            let at = self.now_us;
+            self.nodes[n as usize].shards[s as usize].core.node_down(&gone, at);
+            self.drive(n, s);
         }
         // A moment later, `Resync` to the actors then here (link.rs `after_change`).
         if !gone.is_empty() {
@@ -443,17 +440,11 @@ impl World {
         // served the user meanwhile: the actor must reload, with read repair).
         let gained = |user: &BareJid| rules::replicas_gained(&old_ring, &new_ring, user.as_str(), REPLICATION);
         for s in 0..self.cfg.shards {
-            let moved: Vec<u64> = self.nodes[n as usize].shards[s as usize]
-                .sessions
-                .iter()
-                .filter_map(|(id, h)| {
-                    let owner = h.bound_owner?;
-                    let bare = h.jid_bare()?;
-                    // A rejoin is handled before (`rejoined`), every session then closed.
-                    let moved = rules::session_moved(false, owner, self.place_user(n, &bare).0, &gone, gained(&bare));
-                    moved.then_some(*id)
-                })
-                .collect();
+            // A rejoin is handled before (`rejoined`), every session then closed.
+            let owner_now = |u: &BareJid| self.place_user(n, u).0;
+            let moved = self.nodes[n as usize].shards[s as usize]
+                .core
+                .moved_sessions(false, &gone, owner_now, gained);
             for id in moved {
                 self.stats.moved_kicks += 1;
                 let env = Envelope::to_session(
@@ -482,19 +473,10 @@ impl World {
             return;
         }
         for s in 0..self.cfg.shards {
-            for u in self.users_on(n, s) {
-                let _ = self.deliver_local(n, s, Envelope::to_user(u, UserMsg::Resync), Origin::Actor);
-            }
+            let at = self.now_us;
+            self.nodes[n as usize].shards[s as usize].core.resync(at);
+            self.drive(n, s);
         }
-    }
-
-    /// The user actors on a node's shard now.
-    fn users_on(&self, n: u32, s: u16) -> Vec<BareJid> {
-        self.nodes[n as usize].shards[s as usize]
-            .users
-            .keys()
-            .cloned()
-            .collect()
     }
 
     /// Declared down by the others, this node rejoined: they unbound its sessions and may
@@ -504,10 +486,8 @@ impl World {
         self.stats.rejoins += 1;
         for s in 0..self.cfg.shards {
             let ids: Vec<u64> = self.nodes[n as usize].shards[s as usize]
-                .sessions
-                .iter()
-                .filter(|(_, h)| h.bound_owner.is_some())
-                .map(|(id, _)| *id)
+                .core
+                .binding_sessions()
                 .collect();
             for id in ids {
                 let env = Envelope::to_session(

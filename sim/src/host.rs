@@ -89,9 +89,6 @@ pub struct SessionHost {
     /// Offline messages it wrote and has not yet confirmed (`OfflineDelivered`): if it ends
     /// first, they stay stored and come again — at-least-once, allowed by the oracle.
     unconfirmed: Vec<String>,
-    /// Once bound: the node its user's actor was on then (a session whose user moves to
-    /// another node is closed, as `after_change` in node/src/cluster/link.rs does).
-    pub bound_owner: Option<u32>,
 }
 
 pub struct UserHost {
@@ -118,10 +115,6 @@ impl Placement for ClusterPlace<'_> {
 }
 
 impl SessionHost {
-    pub fn jid_bare(&self) -> Option<BareJid> {
-        self.c.session().binding_user().cloned()
-    }
-
     /// conn.rs after a failed account lookup.
     pub fn stream_error(&mut self, condition: &str, text: &str) {
         self.c.storage_failed(condition, text);
@@ -216,7 +209,6 @@ impl World {
                 inbox: VecDeque::new(),
                 scheduled: false,
                 unconfirmed: Vec::new(),
-                bound_owner: None,
             },
         );
         sid
@@ -369,17 +361,17 @@ impl World {
         }
         let bytes = h.c.take_bytes();
         let conn = h.conn;
-        // From the bind request on, as conn.rs records it.
+        // From the bind request on, as conn.rs records it (`ShardCore::binding`).
         let newly_bound = match h.c.session().binding_user() {
-            Some(j) if h.bound_owner.is_none() => Some(j.clone()),
+            Some(j) if !sh.core.is_binding(sid) => Some(j.clone()),
             _ => None,
         };
         self.server_send(conn, bytes);
         if let Some(bare) = newly_bound {
             let owner = self.place_user(node, &bare).0;
-            if let Some(h) = self.session_mut(node, shard, sid) {
-                h.bound_owner = Some(owner);
-            }
+            self.nodes[node as usize].shards[shard as usize]
+                .core
+                .binding(sid, bare, owner);
         }
     }
 
@@ -655,7 +647,7 @@ impl World {
     }
 
     /// Carries out what the shard's core decided, in order (shard.rs `carry_out`).
-    fn drive(&mut self, node: u32, shard: u16) {
+    pub(crate) fn drive(&mut self, node: u32, shard: u16) {
         while let Some(o) = self.nodes[node as usize].shards[shard as usize].core.pop_out() {
             match o {
                 Out::Route(env) => {

@@ -111,6 +111,9 @@ pub struct ShardCore {
     /// Messages one mailbox holds (`c2s.mailbox`).
     cap: usize,
     sessions: BTreeMap<u64, Queue>,
+    /// Sessions from their bind request on: their user, and the node its actor was on then
+    /// (a session whose user's actor moves or dies must reconnect).
+    bound: BTreeMap<u64, (BareJid, NodeId)>,
     users: BTreeMap<BareJid, Queue>,
     /// The messages of every session mailbox here, and of every user mailbox.
     session_mail: Slab<Queued<SessionMsg>>,
@@ -132,6 +135,7 @@ impl ShardCore {
             started,
             cap: mailbox.max(1),
             sessions: BTreeMap::new(),
+            bound: BTreeMap::new(),
             users: BTreeMap::new(),
             session_mail: Slab::default(),
             user_mail: Slab::default(),
@@ -367,11 +371,78 @@ impl ShardCore {
     /// The session at `addr` (on this shard) ended: what was still queued for it goes where a
     /// message for a vanished session goes.
     pub fn close_session(&mut self, addr: SessionAddr) {
+        self.bound.remove(&addr.id);
         if let Some(q) = self.sessions.remove(&addr.id) {
             let left: Vec<_> = self.session_mail.drain(q).collect();
             for t in left {
                 self.session_gone(addr, t.msg);
             }
+        }
+        self.done();
+    }
+
+    /// The session `id` asked to bind as `user`, whose actor lives on `owner` now
+    /// (recorded from the bind request on: a node that rejoins or a user that moves closes
+    /// sessions whose bind is still in flight too — found by the simulator: the bind's answer
+    /// was lost with a link, and the actor routed to a session that never learned it was
+    /// bound).
+    pub fn binding(&mut self, id: u64, user: BareJid, owner: NodeId) {
+        if self.sessions.contains_key(&id) {
+            self.bound.entry(id).or_insert((user, owner));
+        }
+    }
+
+    /// Whether the session's bind is recorded.
+    pub fn is_binding(&self, id: u64) -> bool {
+        self.bound.contains_key(&id)
+    }
+
+    /// The sessions whose bind is recorded, by id.
+    pub fn binding_sessions(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bound.keys().copied()
+    }
+
+    /// After a membership change: the sessions here that must reconnect
+    /// (`cluster::session_moved`), by id. `owner_now` places a user; `gained` says whether
+    /// its replica set gained a node.
+    pub fn moved_sessions(
+        &self,
+        rejoined: bool,
+        gone: &[(NodeId, u64)],
+        owner_now: impl Fn(&BareJid) -> NodeId,
+        gained: impl Fn(&BareJid) -> bool,
+    ) -> Vec<u64> {
+        self.bound
+            .iter()
+            .filter(|(_, (user, then))| {
+                crate::system::cluster::session_moved(rejoined, *then, owner_now(user), gone, gained(user))
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Nodes went (`gone`: each with the generation that went): every user actor here
+    /// unbinds the sessions they hosted (`UserMsg::NodeDown`).
+    pub fn node_down(&mut self, gone: &[(NodeId, u64)], at: u64) {
+        let users: Vec<BareJid> = self.users.keys().cloned().collect();
+        for u in users {
+            for &(node, gen) in gone {
+                self.deliver_here(
+                    Envelope::to_user(u.clone(), UserMsg::NodeDown { node, gen }),
+                    at,
+                    Origin::Actor,
+                );
+            }
+        }
+        self.done();
+    }
+
+    /// A moment after nodes went: every user actor here checks its contacts' presence
+    /// (`UserMsg::Resync`).
+    pub fn resync(&mut self, at: u64) {
+        let users: Vec<BareJid> = self.users.keys().cloned().collect();
+        for u in users {
+            self.deliver_here(Envelope::to_user(u, UserMsg::Resync), at, Origin::Actor);
         }
         self.done();
     }

@@ -790,40 +790,22 @@ pub async fn follow_membership(
 ///   when this node itself rejoined. Re-registering live sessions in place is not built yet.
 fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_gossip::Ring, rejoined: bool) {
     if !gone.is_empty() {
-        let users = shard.users();
-        for u in users {
-            for &(node, gen) in gone {
-                shard.deliver_local(Envelope::to_user(
-                    u.clone(),
-                    starling_actors::msg::UserMsg::NodeDown { node, gen },
-                ));
-            }
-        }
+        shard.node_down(gone);
         // Once the membership has settled, the actors then here check the contacts'
         // presence they see (the contacts' actors that died with the node knew it).
         let s = shard.clone();
         glommio::spawn_local(async move {
             glommio::timer::sleep(Duration::from_millis(starling_actors::msg::RESYNC_AFTER_MS)).await;
-            let users = s.users();
-            for u in users {
-                s.deliver_local(Envelope::to_user(u, starling_actors::msg::UserMsg::Resync));
-            }
+            s.resync();
         })
         .detach();
     }
-    let moved: Vec<u64> = {
+    let moved = {
         let view = shard.cluster.view.borrow();
         let r = shard.cluster.replication;
-        shard
-            .session_users
-            .borrow()
-            .iter()
-            .filter(|(_, (user, node))| {
-                let gained = rules::replicas_gained(old_ring, &view.ring, user.as_str(), r);
-                rules::session_moved(rejoined, *node, view.place_user(user).0, gone, gained)
-            })
-            .map(|(id, _)| *id)
-            .collect()
+        let owner_now = |user: &jid::BareJid| view.place_user(user).0;
+        let gained = |user: &jid::BareJid| rules::replicas_gained(old_ring, &view.ring, user.as_str(), r);
+        shard.moved_sessions(rejoined, gone, owner_now, gained)
     };
     for id in moved {
         tracing::info!(

@@ -388,3 +388,37 @@ fn what_the_host_could_not_send() {
         }
     }
 }
+
+#[test]
+fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
+    let mut c = ShardCore::new(7, 0, 1, 4);
+    let (bob, eve) = (jid("bob@x"), jid("eve@x"));
+    c.binding(1, bob.clone(), 7);
+    assert!(!c.is_binding(1), "no such session here");
+    c.open_session(1);
+    c.open_session(2);
+    c.binding(1, bob.clone(), 7);
+    c.binding(1, bob.clone(), 9);
+    c.binding(2, eve.clone(), 8);
+    assert_eq!(c.binding_sessions().collect::<Vec<_>>(), [1, 2]);
+    // bob's actor stays on 7; eve's lived on 8, which went.
+    let gone = [(8, 3)];
+    let moved = c.moved_sessions(false, &gone, |_| 7, |_| false);
+    assert_eq!(moved, [2], "the first record holds: bob bound while his actor was on 7");
+    assert_eq!(c.moved_sessions(true, &[], |_| 7, |_| false), [1, 2], "a rejoin closes all");
+    c.close_session(addr(2));
+    assert!(!c.is_binding(2));
+
+    for u in ["bob@x", "eve@x"] {
+        c.route(inbound(u, "m"), 0, Origin::Actor, &one_shard());
+        c.pop_user(&jid(u));
+    }
+    outs(&mut c);
+    c.node_down(&gone, 5);
+    c.resync(6);
+    for u in [&bob, &eve] {
+        assert!(matches!(c.pop_user(u).map(|t| t.msg), Some(UserMsg::NodeDown { node: 8, gen: 3 })));
+        assert!(matches!(c.pop_user(u).map(|t| t.msg), Some(UserMsg::Resync)));
+    }
+    assert!(outs(&mut c).iter().all(|o| matches!(o, Out::Wake(_))));
+}
