@@ -405,7 +405,11 @@ fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
     let gone = [(8, 3)];
     let moved = c.moved_sessions(false, &gone, |_| 7, |_| false);
     assert_eq!(moved, [2], "the first record holds: bob bound while his actor was on 7");
-    assert_eq!(c.moved_sessions(true, &[], |_| 7, |_| false), [1, 2], "a rejoin closes all");
+    assert_eq!(
+        c.moved_sessions(true, &[], |_| 7, |_| false),
+        [1, 2],
+        "a rejoin closes all"
+    );
     c.close_session(addr(2));
     assert!(!c.is_binding(2));
 
@@ -417,7 +421,10 @@ fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
     c.node_down(&gone, 5);
     c.resync(6);
     for u in [&bob, &eve] {
-        assert!(matches!(c.pop_user(u).map(|t| t.msg), Some(UserMsg::NodeDown { node: 8, gen: 3 })));
+        assert!(matches!(
+            c.pop_user(u).map(|t| t.msg),
+            Some(UserMsg::NodeDown { node: 8, gen: 3 })
+        ));
         assert!(matches!(c.pop_user(u).map(|t| t.msg), Some(UserMsg::Resync)));
     }
     assert!(outs(&mut c).iter().all(|o| matches!(o, Out::Wake(_))));
