@@ -243,16 +243,10 @@ impl Shard {
         self.core.borrow_mut().binding(id, user.clone(), owner);
     }
 
-    /// The sessions here that must reconnect after a membership change
-    /// (`ShardCore::moved_sessions`).
-    pub fn moved_sessions(
-        &self,
-        rejoined: bool,
-        gone: &[(NodeId, u64)],
-        owner_now: impl Fn(&BareJid) -> NodeId,
-        gained: impl Fn(&BareJid) -> bool,
-    ) -> Vec<u64> {
-        self.core.borrow().moved_sessions(rejoined, gone, owner_now, gained)
+    /// The shard's core, to read (what changes it goes through `with_core`, so that its
+    /// effects are carried out).
+    pub fn core(&self) -> std::cell::Ref<'_, ShardCore> {
+        self.core.borrow()
     }
 
     /// Nodes went: the user actors here unbind their sessions (`ShardCore::node_down`).
@@ -292,40 +286,42 @@ impl Shard {
         self.with_core(|c| c.close_session(addr));
     }
 
-    /// The next message for the session `id`; `None` once its mailbox is gone.
-    pub async fn next_session_msg(self: &Rc<Self>, id: u64) -> Option<Queued<SessionMsg>> {
+    /// Waits for the next message of a mailbox: `pop` gives it (`Ready(Some)`), says the
+    /// mailbox is gone (`Ready(None)`) or that it is empty (`Pending`: the task's waker is
+    /// kept under `key` until `Out::Wake`).
+    async fn next_in<T>(
+        &self,
+        key: impl Fn() -> MailboxKey,
+        pop: impl Fn(&mut ShardCore) -> Poll<Option<Queued<T>>>,
+    ) -> Option<Queued<T>> {
         std::future::poll_fn(|cx| {
-            let mut core = self.core.borrow_mut();
-            if let Some(t) = core.pop_session(id) {
-                return Poll::Ready(Some(t));
+            let r = pop(&mut self.core.borrow_mut());
+            if r.is_pending() {
+                self.wakers.borrow_mut().insert(key(), cx.waker().clone());
             }
-            if !core.has_session(id) {
-                return Poll::Ready(None);
-            }
-            self.wakers
-                .borrow_mut()
-                .insert(MailboxKey::Session(id), cx.waker().clone());
-            Poll::Pending
+            r
         })
         .await
     }
 
+    /// The next message for the session `id`; `None` once its mailbox is gone.
+    pub async fn next_session_msg(self: &Rc<Self>, id: u64) -> Option<Queued<SessionMsg>> {
+        let pop = |c: &mut ShardCore| match c.pop_session(id) {
+            Some(t) => Poll::Ready(Some(t)),
+            None if !c.has_session(id) => Poll::Ready(None),
+            None => Poll::Pending,
+        };
+        self.next_in(|| MailboxKey::Session(id), pop).await
+    }
+
     /// The next message for the user actor of `jid` (its mailbox exists while it runs).
     pub async fn next_user_msg(self: &Rc<Self>, jid: &BareJid) -> Option<Queued<UserMsg>> {
-        std::future::poll_fn(|cx| {
-            let mut core = self.core.borrow_mut();
-            if let Some(t) = core.pop_user(jid) {
-                return Poll::Ready(Some(t));
-            }
-            if !core.has_user(jid) {
-                return Poll::Ready(None);
-            }
-            self.wakers
-                .borrow_mut()
-                .insert(MailboxKey::User(jid.clone()), cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+        let pop = |c: &mut ShardCore| match c.pop_user(jid) {
+            Some(t) => Poll::Ready(Some(t)),
+            None if !c.has_user(jid) => Poll::Ready(None),
+            None => Poll::Pending,
+        };
+        self.next_in(|| MailboxKey::User(jid.clone()), pop).await
     }
 
     /// Lets an idle user actor go if nothing is queued for it.

@@ -805,7 +805,7 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
         let r = shard.cluster.replication;
         let owner_now = |user: &jid::BareJid| view.place_user(user).0;
         let gained = |user: &jid::BareJid| rules::replicas_gained(old_ring, &view.ring, user.as_str(), r);
-        shard.moved_sessions(rejoined, gone, owner_now, gained)
+        shard.core().moved_sessions(rejoined, gone, owner_now, gained)
     };
     for id in moved {
         tracing::info!(
