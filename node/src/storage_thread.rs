@@ -31,6 +31,16 @@ pub enum StorageReq {
     ListAccounts {
         reply: Reply<Vec<String>>,
     },
+    /// Whether the account exists, and the version of the user's state (`Storage::copy_version`).
+    Version {
+        user: String,
+        reply: Reply<(bool, u64)>,
+    },
+    /// The user's whole state as writes, with its version (`Storage::snapshot`).
+    Snapshot {
+        user: String,
+        reply: Reply<Option<(u64, Vec<Write>)>>,
+    },
     Shutdown,
 }
 
@@ -70,6 +80,13 @@ impl StorageHandle {
     /// Returns once the writes are durable.
     pub async fn list_accounts(&self) -> Result<Vec<String>, StorageError> {
         self.ask(|reply| StorageReq::ListAccounts { reply }).await
+    }
+
+    pub async fn copy_version(&self, user: String) -> Result<(bool, u64), StorageError> {
+        self.ask(|reply| StorageReq::Version { user, reply }).await
+    }
+    pub async fn snapshot(&self, user: String) -> Result<Option<(u64, Vec<Write>)>, StorageError> {
+        self.ask(|reply| StorageReq::Snapshot { user, reply }).await
     }
 
     pub async fn write(&self, writes: Vec<Write>) -> Result<(), StorageError> {
@@ -135,6 +152,12 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
                 }
                 StorageReq::ListAccounts { reply } => {
                     let _ = reply.send(store.list_accounts());
+                }
+                StorageReq::Version { user, reply } => {
+                    let _ = reply.send(store.copy_version(&user));
+                }
+                StorageReq::Snapshot { user, reply } => {
+                    let _ = reply.send(store.snapshot(&user));
                 }
                 StorageReq::Shutdown => stop = true,
             }

@@ -2,10 +2,12 @@
 //! runs the real foca membership (`starling_gossip::Membership`) over simulated UDP (delay,
 //! reordering, loss, duplication, partitions), routes by its own view of the ring, and talks
 //! to the other nodes over simulated links with the node's semantics (link.rs): envelopes
-//! encoded with the real wire codec, account reads at the owner, writes replicated to the
-//! next `REPLICATION - 1` nodes and acknowledged on a majority of copies, handoffs on ring
-//! changes, `NodeDown` to the actors when a node dies or restarts, sessions whose user moved
-//! closed so that their clients reconnect.
+//! encoded with the real wire codec, and the node's own cluster protocol
+//! (`starling_actors::system::replication`, one per shard: account reads at the owner, writes
+//! replicated to the next `REPLICATION - 1` nodes and acknowledged on a majority of copies,
+//! read repair, handoffs on ring changes, the serving of requests), whose effects this host
+//! carries out over the simulated links, timers and disk; `NodeDown` to the actors when a
+//! node dies or restarts, sessions whose user moved closed so that their clients reconnect.
 //!
 //! A link is one TCP connection per (sending node, sending shard, receiving node): frames
 //! arrive in order. While a partition separates the two nodes its frames wait (TCP
@@ -20,17 +22,16 @@ use starling_actors::address::{NodeId, Placement, SessionAddr, ShardId};
 use starling_actors::c2s::Input;
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::system::cluster as rules;
+use starling_actors::system::replication::{Act, Count, Got, Local, Members, Op, Outcome, Replication, Res};
 use starling_actors::wire;
 use starling_gossip::{Membership, NodeIdentity, Output, Ring, Timer, Timings};
-use starling_storage::{Account, Storage, Write};
+use starling_storage::{Storage, Write};
 
-use crate::host::{Origin, Waiter};
+use crate::host::{Origin, Read, Waiter};
 use crate::world::{Ev, World};
 
 /// `cluster.replication` in the simulated deployment (the node's default).
 pub const REPLICATION: usize = 2;
-/// How long a node waits for another node's answer (link.rs `ACCOUNT_TIMEOUT`).
-pub const ACCOUNT_TIMEOUT_US: u64 = starling_actors::system::limits::ACCOUNT_TIMEOUT_MS * 1000;
 /// Frames a link holds while its peer is unreachable (link.rs `LINK_QUEUE`).
 pub const LINK_QUEUE: usize = starling_actors::system::limits::LINK_QUEUE;
 /// The driver's membership tick.
@@ -54,8 +55,11 @@ fn identity(i: u32, generation: u64) -> NodeIdentity {
 }
 
 /// A node's cluster state (node/src/cluster: `View` and `Links`).
+/// A node's cluster state (node/src/cluster: `View` and `Links`).
 pub struct NodeCluster {
     pub id: u32,
+    /// Its name on the ring.
+    pub name: String,
     /// Bumped by every start of the process (its TCP connections die with it).
     pub generation: u64,
     pub member: Option<Membership>,
@@ -63,40 +67,17 @@ pub struct NodeCluster {
     pub ring: Ring,
     /// The other members up, with their generations.
     pub peers: BTreeMap<u32, u64>,
-    pub pending: BTreeMap<u64, Pending>,
-    next_req: u64,
-    /// Replicated writes waiting for their copies.
-    pub writes: BTreeMap<u64, RepWrite>,
-    next_write: u64,
-    /// User actors waiting for the other replicas' versions before they start.
-    pulls: BTreeMap<u64, PullState>,
-}
-
-/// A read repair in progress: the newest copy seen so far, and the versions the replicas
-/// answered with (0: no account there).
-pub struct PullState {
-    epoch: u64,
-    shard: u16,
-    jid: BareJid,
-    left: usize,
-    repair: rules::Repair<Vec<Write>>,
-    /// Bringing the replicas found older level before the actor starts.
-    pushing: bool,
 }
 
 impl NodeCluster {
     pub fn new(id: u32) -> Self {
         NodeCluster {
             id,
+            name: name(id),
             generation: 0,
             member: None,
             ring: Ring::new([name(id)]),
             peers: BTreeMap::new(),
-            pending: BTreeMap::new(),
-            next_req: 1,
-            writes: BTreeMap::new(),
-            next_write: 1,
-            pulls: BTreeMap::new(),
         }
     }
 
@@ -104,9 +85,6 @@ impl NodeCluster {
         self.member = None;
         self.ring = Ring::new([name(self.id)]);
         self.peers.clear();
-        self.pending.clear();
-        self.writes.clear();
-        self.pulls.clear();
     }
 
     /// `View::place_user`: the owner node, and the shard when it is this one.
@@ -115,75 +93,66 @@ impl NodeCluster {
     }
 }
 
-/// What a node waits an answer for.
-pub enum Pending {
-    /// A session's SASL account lookup at the owner.
-    Account { shard: u16, sid: u64 },
-    /// One copy of a replicated write.
-    Replicate { write: u64 },
-    /// A user's state handed to a new replica.
-    Handoff,
-    /// Another replica's copy, for a read repair.
-    Pull { pull: u64, from: u32 },
+/// A shard's view of the membership for its protocol: a single node (`--nodes 1`) is no
+/// cluster member, as a node without `cluster.node_name`.
+pub struct View<'a> {
+    c: &'a NodeCluster,
+    name: &'a str,
 }
 
-/// A user actor's write batch on its way to the owner's storage and the replicas
-/// (`Shard::write_replicated`).
-pub struct RepWrite {
-    epoch: u64,
-    shard: u16,
-    shard_epoch: u64,
-    jid: BareJid,
-    writes: Vec<Write>,
-    /// The offline messages its `DeleteOffline` removes (oracle: redelivery excused while
-    /// the deletion is not acknowledged).
-    deleting: Vec<String>,
-    /// The batch went to this node's storage (after the replicas took it).
-    local_sent: bool,
-    local_done: bool,
-    /// This node's copy refused it: another base (a handoff or repair replaced it).
-    local_failed: bool,
-    remote_left: usize,
-    remote_ok: usize,
+impl Members for View<'_> {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn me(&self) -> NodeId {
+        self.c.id
+    }
+    fn ring(&self) -> &Ring {
+        &self.c.ring
+    }
+    fn alone(&self) -> bool {
+        self.c.peers.is_empty()
+    }
+    fn node_id(&self, name: &str) -> Option<NodeId> {
+        index(name)
+    }
 }
 
-/// Where an answer goes: the requesting node (in the life that asked) and shard.
+/// Who waits on a shard's protocol.
+pub enum SimWaiter {
+    Account {
+        sid: u64,
+    },
+    Created {
+        sid: u64,
+    },
+    Password {
+        sid: u64,
+    },
+    /// A user actor's batch, with the offline messages its `DeleteOffline` removes (oracle:
+    /// their redelivery is excused while the deletion is not acknowledged).
+    Persist {
+        jid: BareJid,
+        deleting: Vec<String>,
+    },
+    /// The read repair of one incarnation (`UserHost::pulling`).
+    Pull {
+        jid: BareJid,
+        id: u64,
+    },
+}
+
+/// The cluster protocol of one simulated shard.
+pub type Protocol = Replication<SimWaiter, Reply>;
+
+/// Where an answer goes: the requesting node (in the life that asked), shard and shard life.
+#[derive(Debug)]
 pub struct Reply {
     to: u32,
     to_gen: u64,
     from_shard: u16,
+    shard_epoch: u64,
     id: u64,
-}
-
-#[derive(Debug)]
-pub enum Op {
-    Load {
-        user: String,
-    },
-    Replicate {
-        writes: Vec<Write>,
-    },
-    Handoff {
-        user: String,
-        version: u64,
-        writes: Vec<Write>,
-    },
-    /// The whole state of a user, if this node has its account.
-    Pull {
-        user: String,
-    },
-}
-
-#[derive(Debug)]
-pub enum Res {
-    Loaded(Option<Account>),
-    Snapshot {
-        version: u64,
-        writes: Vec<Write>,
-    },
-    Done,
-    #[allow(dead_code)] // read through Debug in the trace
-    Failed(String),
 }
 
 #[derive(Debug)]
@@ -196,13 +165,16 @@ pub enum Frame {
         /// they stay stored and come again (at-least-once).
         confirms: Vec<String>,
     },
+    /// A request of the shard `shard_epoch` names (its answer is lost if that shard crashed).
     Req {
         id: u64,
         from_gen: u64,
+        shard_epoch: u64,
         op: Op,
     },
     Resp {
         id: u64,
+        shard_epoch: u64,
         res: Res,
     },
 }
@@ -266,13 +238,6 @@ impl World {
         } else {
             n.placement.place_user(user)
         }
-    }
-
-    /// The node holding `user`'s account when it is not `node`.
-    pub fn account_home(&self, node: u32, user: &str) -> Option<u32> {
-        let bare: BareJid = user.parse().ok()?;
-        let (n, _) = self.place_user(node, &bare);
-        (n != node).then_some(n)
     }
 
     pub fn separated(&self, a: u32, b: u32) -> bool {
@@ -447,6 +412,7 @@ impl World {
                 .moved_sessions(false, &gone, owner_now, gained);
             for id in moved {
                 self.stats.moved_kicks += 1;
+                self.excuse_confirmed(id);
                 let env = Envelope::to_session(
                     SessionAddr {
                         node: n,
@@ -462,9 +428,19 @@ impl World {
                 let _ = self.deliver_local(n, s, env, Origin::Actor);
             }
         }
-        if new_ring != old_ring && !old_ring.is_empty() {
-            self.handoff(n, &old_ring, &new_ring);
-        }
+        // One shard per node walks the stored users (link.rs `follow_membership`).
+        self.protocol(n, 0, |p, _| p.ring_changed(old_ring, new_ring));
+    }
+
+    /// The server closes session `sid` for a membership change: what it confirmed and is not
+    /// yet deleted for good may come again (`Messages::allow_redelivery_undeleted`).
+    fn excuse_confirmed(&mut self, sid: u64) {
+        let ids: Vec<String> = self
+            .confirming
+            .range((sid, 0)..=(sid, u64::MAX))
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect();
+        self.msgs.allow_redelivery_undeleted(&ids);
     }
 
     /// `Resync` to every user actor on the node (`Ev::Resync`).
@@ -490,6 +466,7 @@ impl World {
                 .binding_sessions()
                 .collect();
             for id in ids {
+                self.excuse_confirmed(id);
                 let env = Envelope::to_session(
                     SessionAddr {
                         node: n,
@@ -507,167 +484,258 @@ impl World {
         }
     }
 
-    /// `link.rs handoff`: for every user stored here whose replica set gained a node, the
-    /// first previous replica still up sends it the whole state.
-    fn handoff(&mut self, n: u32, old: &Ring, new: &Ring) {
-        let me = name(n);
-        let users = self.nodes[n as usize].storage.list_accounts().unwrap_or_default();
-        let mut jobs = Vec::new();
-        for user in users {
-            for to in rules::handoff_targets(old, new, &me, &user, REPLICATION)
-                .into_iter()
-                .filter_map(index)
-            {
-                jobs.push((user.clone(), to));
+    // ---- the cluster protocol (`system::replication`) ------------------------------------
+
+    /// Calls the shard's protocol with its view of the membership, then carries out what it
+    /// asks for.
+    pub(crate) fn protocol(&mut self, node: u32, shard: u16, f: impl FnOnce(&mut Protocol, &View<'_>)) {
+        let clustered = self.clustered();
+        let n = &mut self.nodes[node as usize];
+        let view = View {
+            c: &n.cluster,
+            name: if clustered { &n.cluster.name } else { "" },
+        };
+        f(&mut n.shards[shard as usize].protocol, &view);
+        while let Some(act) = self.nodes[node as usize].shards[shard as usize].protocol.pop() {
+            match act {
+                Act::Ask { to, id, op, timeout_ms } => self.request(node, shard, to, id, op, timeout_ms),
+                Act::Storage { task, op } => self.storage_call(node, shard, task, op),
+                Act::Reply { to, res } => self.answer(node, to, res),
+                Act::Done { to, outcome } => self.outcome(node, shard, to, outcome),
+                Act::Count(c) => match c {
+                    Count::Handoff => self.stats.handoffs += 1,
+                    Count::Repair => self.stats.repairs += 1,
+                    Count::LevelPush => self.stats.level_pushes += 1,
+                    Count::ReplicaRefused => self.stats.replicas_refused += 1,
+                    Count::ReplicationFailure => {}
+                },
             }
         }
-        for (user, to) in jobs {
-            let Some((version, writes)) = self.snapshot(n, &user) else {
-                continue;
-            };
-            self.stats.handoffs += 1;
-            let op = Op::Handoff { user, version, writes };
-            self.request(n, 0, to, op, Pending::Handoff);
-        }
     }
 
-    /// A user's whole state here as writes (`hand_one`), with its version.
-    fn snapshot(&self, n: u32, user: &str) -> Option<(u64, Vec<Write>)> {
-        let st = &self.nodes[n as usize].storage;
-        let account = st.account(user).ok()??;
-        let data = st.load_user(user).ok()?;
-        let version = data.version;
-        Some((version, data.into_writes(user, account)))
-    }
-
-    /// The version stored here for `user` (0 when nothing is).
-    fn stored_version(&self, n: u32, user: &str) -> u64 {
-        self.nodes[n as usize].storage.load_user(user).map_or(0, |d| d.version)
-    }
-
-    /// This node's version of `user`, if it has the account.
-    fn version_here(&self, n: u32, user: &str) -> Option<u64> {
-        let st = &self.nodes[n as usize].storage;
-        match st.account(user) {
-            Ok(Some(_)) => st.load_user(user).ok().map(|d| d.version),
-            _ => None,
-        }
-    }
-
-    /// The other nodes of `user`'s replica set as `node` sees it.
-    fn other_replicas(&self, node: u32, user: &str) -> Vec<u32> {
-        let c = &self.nodes[node as usize].cluster;
-        rules::other_replicas(&c.ring, &name(node), c.peers.is_empty(), user, REPLICATION)
-            .into_iter()
-            .filter_map(index)
-            .collect()
-    }
-
-    /// Read repair before a user actor starts: the other replicas' copies are asked for, and
-    /// the newest (by version) replaces this node's if it is newer. A node that owns a user
-    /// after a join, a heal or a death thus serves the latest acknowledged state even before
-    /// its handoff arrives.
-    ///
-    /// A read needs as many copies as a write (`pull_newest`): too few reachable or
-    /// answering, and the actor does not start.
-    pub fn pull(&mut self, node: u32, shard: u16, jid: BareJid) {
-        let others = self.other_replicas(node, jid.as_str());
-        if others.len() + 1 < rules::copies_needed(REPLICATION) {
-            return self.activation_failed(node, shard, &jid);
-        }
-        if others.is_empty() {
-            return self.activate_user(node, shard, jid);
+    /// `Act::Ask`: a request on the shard's link, with its timeout.
+    fn request(&mut self, node: u32, shard: u16, to: u32, id: u64, op: Op, timeout_ms: u64) {
+        let from_gen = self.nodes[node as usize].cluster.generation;
+        let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
+        let frame = Frame::Req {
+            id,
+            from_gen,
+            shard_epoch,
+            op,
+        };
+        if !self.link_send(node, shard, to, frame) {
+            // Not a member: the node fails at once.
+            return self.protocol(node, shard, |p, _| p.answer(id, Res::Failed("not a member".into())));
         }
         let epoch = self.nodes[node as usize].epoch;
-        let c = &mut self.nodes[node as usize].cluster;
-        let id = c.next_write;
-        c.next_write += 1;
-        if let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(&jid) {
-            h.pulling = Some(id);
-        }
-        let c = &mut self.nodes[node as usize].cluster;
-        c.pulls.insert(
-            id,
-            PullState {
+        self.after(
+            timeout_ms * 1000,
+            Ev::ReqTimeout {
+                node,
                 epoch,
                 shard,
-                jid: jid.clone(),
-                left: others.len(),
-                repair: rules::Repair::default(),
-                pushing: false,
+                shard_epoch,
+                id,
             },
         );
-        for o in others {
-            let op = Op::Pull { user: jid.to_string() };
-            self.request(node, shard, o, op, Pending::Pull { pull: id, from: o });
+    }
+
+    pub fn req_timeout(&mut self, node: u32, epoch: u64, shard: u16, shard_epoch: u64, id: u64) {
+        if self.shard_live(node, epoch, shard, shard_epoch) {
+            self.protocol(node, shard, |p, _| p.timeout(id));
         }
     }
 
-    fn pulled(&mut self, node: u32, id: u64, from: u32, res: Res) {
-        let Some(p) = self.nodes[node as usize].cluster.pulls.get_mut(&id) else {
-            return;
-        };
-        p.left -= 1;
-        if !p.pushing {
-            match res {
-                Res::Snapshot { version, writes } => p.repair.copy(from, version, writes),
-                Res::Done => p.repair.none_there(from),
-                _ => {}
+    /// `Act::Storage`: writes go to the storage thread (group commit), reads take a moment.
+    fn storage_call(&mut self, node: u32, shard: u16, task: u64, op: Local) {
+        let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
+        match op {
+            Local::Write(writes) => self.submit(
+                node,
+                writes,
+                Some(Waiter::Task {
+                    shard,
+                    shard_epoch,
+                    task,
+                }),
+            ),
+            Local::Create { user, account } => {
+                let n = &mut self.nodes[node as usize];
+                match n.storage.create_account(&user, &account) {
+                    Ok(created) => {
+                        n.commit.after((
+                            Some(Waiter::Created {
+                                shard,
+                                shard_epoch,
+                                task,
+                                created,
+                            }),
+                            Vec::new(),
+                        ));
+                        self.start_flush(node);
+                    }
+                    Err(e) => self.protocol(node, shard, |p, v| p.storage(task, Err(e), v)),
+                }
+            }
+            op => {
+                let epoch = self.nodes[node as usize].epoch;
+                let d = self.rng.exp(self.faults.read_us) + 1;
+                let what = Read::Protocol { shard_epoch, task, op };
+                self.after(
+                    d,
+                    Ev::Read {
+                        node,
+                        epoch,
+                        shard,
+                        what,
+                    },
+                );
             }
         }
-        if p.left > 0 {
+    }
+
+    /// A protocol read done (`Read::Protocol`).
+    pub(crate) fn protocol_read(&mut self, node: u32, shard: u16, shard_epoch: u64, task: u64, op: Local) {
+        if self.nodes[node as usize].shards[shard as usize].epoch != shard_epoch {
             return;
         }
-        let mut p = self.nodes[node as usize].cluster.pulls.remove(&id).expect("present");
-        if !self.live(node, p.epoch) {
-            return;
-        }
-        // The incarnation that asked may have ended (its shard crashed, it failed otherwise)
-        // and another be waiting on its own read repair, or running.
-        let current = self.nodes[node as usize].shards[p.shard as usize]
-            .users
-            .get(&p.jid)
-            .is_some_and(|h| h.pulling == Some(id) && h.runner.is_none());
-        if !current {
-            return;
-        }
-        if p.pushing {
-            return self.activate_user(node, p.shard, p.jid);
-        }
-        if !p.repair.enough(REPLICATION) {
-            return self.activation_failed(node, p.shard, &p.jid);
-        }
-        let user = p.jid.to_string();
-        if let Some((version, writes)) = p.repair.best.take() {
-            if rules::replaces(self.version_here(node, &user), version) {
-                self.stats.repairs += 1;
-                let all = rules::replacement(&user, self.stored_version(node, &user), writes, version);
-                // Applied at once (later reads see it); durable with the next flush.
-                self.submit(node, all, None);
-            }
-        }
-        // The replicas found older get the newest copy before the actor's first write,
-        // which they would refuse on its base (`pull_newest`).
-        let Some((version, writes)) = self.snapshot(node, &user) else {
-            return self.activate_user(node, p.shard, p.jid);
+        let st = &self.nodes[node as usize].storage;
+        let got = match op {
+            Local::Account(user) => st.account(&user).map(Got::Account),
+            Local::Version(user) => st
+                .copy_version(&user)
+                .map(|(exists, version)| Got::Version { exists, version }),
+            Local::Snapshot(user) => st.snapshot(&user).map(Got::Snapshot),
+            Local::Users => st.list_accounts().map(Got::Users),
+            Local::Create { .. } | Local::Write(_) => unreachable!("not a read"),
         };
-        let behind = p.repair.behind(version);
-        if behind.is_empty() {
-            return self.activate_user(node, p.shard, p.jid);
+        self.protocol(node, shard, |p, v| p.storage(task, got, v));
+    }
+
+    /// `Act::Done`: work this shard asked the protocol for ended.
+    fn outcome(&mut self, node: u32, shard: u16, to: SimWaiter, outcome: Outcome) {
+        match (to, outcome) {
+            (SimWaiter::Account { sid }, Outcome::Account(r)) => {
+                let Some(h) = self.session_mut(node, shard, sid) else {
+                    return;
+                };
+                match r {
+                    Ok(acc) => self.session_input(node, shard, sid, Input::Account(acc)),
+                    Err(_) => {
+                        h.stream_error("internal-server-error", "storage unavailable");
+                        self.session_flush(node, shard, sid);
+                    }
+                }
+                self.carry_out(node, shard, sid);
+            }
+            (SimWaiter::Created { sid }, Outcome::Created(r)) => {
+                if self.session_mut(node, shard, sid).is_some() {
+                    self.session_input(node, shard, sid, Input::AccountCreated(r.ok()));
+                    self.carry_out(node, shard, sid);
+                }
+            }
+            (SimWaiter::Password { sid }, Outcome::Written(r)) => {
+                if self.session_mut(node, shard, sid).is_some() {
+                    self.session_input(node, shard, sid, Input::PasswordSet(r.is_ok()));
+                    self.carry_out(node, shard, sid);
+                }
+            }
+            (SimWaiter::Persist { jid, deleting }, Outcome::Written(r)) => {
+                self.msgs.deletes_pending(&deleting, false);
+                if r.is_ok() {
+                    self.msgs.deleted(&deleting);
+                }
+                if r.is_err() {
+                    // Not durable on enough copies: nothing that depended on it is claimed
+                    // (user_host.rs). Offline messages handed over whose deletion failed stay
+                    // stored and come again: at-least-once, as after a crash.
+                    self.stats.write_failures += 1;
+                    self.msgs.allow_redelivery(&deleting);
+                }
+                let epoch = self.nodes[node as usize].epoch;
+                let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
+                self.persisted(node, epoch, shard, shard_epoch, &jid, r.is_ok());
+            }
+            (SimWaiter::Pull { jid, id }, Outcome::Pulled(r)) => {
+                // The incarnation that asked may have ended and another be waiting on its own
+                // read repair, or running.
+                let current = self.nodes[node as usize].shards[shard as usize]
+                    .users
+                    .get(&jid)
+                    .is_some_and(|h| h.pulling == Some(id) && h.runner.is_none());
+                if !current {
+                    return;
+                }
+                match r {
+                    Ok(()) => self.activate_user(node, shard, jid),
+                    Err(_) => self.activation_failed(node, shard, &jid),
+                }
+            }
+            (_, outcome) => self.fail(
+                0,
+                format!("the protocol ended with {outcome:?} for another kind of work"),
+            ),
         }
-        self.stats.level_pushes += behind.len() as u64;
-        let shard = p.shard;
-        p.pushing = true;
-        p.left = behind.len();
-        self.nodes[node as usize].cluster.pulls.insert(id, p);
-        for to in behind {
-            let op = Op::Handoff {
-                user: user.clone(),
-                version,
-                writes: writes.clone(),
-            };
-            self.request(node, shard, to, op, Pending::Pull { pull: id, from: to });
+    }
+
+    /// A user actor's `Persist` (`Shard::write_replicated`): on its version, `base`.
+    pub fn persist(&mut self, node: u32, shard: u16, jid: BareJid, writes: Vec<Write>, base: u64) {
+        let deleting = if self.clustered() {
+            self.offline_ids_upto(node, &writes)
+        } else {
+            Vec::new()
+        };
+        self.msgs.deletes_pending(&deleting, true);
+        let user = jid.to_string();
+        let w = SimWaiter::Persist { jid, deleting };
+        self.protocol(node, shard, |p, v| p.write(w, user, writes, Some(base), v));
+    }
+
+    /// Read repair before a user actor starts (`pull_newest`); only this incarnation's
+    /// answer starts or fails it.
+    pub fn pull(&mut self, node: u32, shard: u16, jid: BareJid) {
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        sh.pulls += 1;
+        let id = sh.pulls;
+        if let Some(h) = sh.users.get_mut(&jid) {
+            h.pulling = Some(id);
         }
+        let user = jid.to_string();
+        self.protocol(node, shard, |p, v| p.pull(SimWaiter::Pull { jid, id }, user, v));
+    }
+
+    /// Answers go back on the connection the request came on.
+    pub fn answer(&mut self, node: u32, r: Reply, res: Res) {
+        if self.separated(node, r.to) {
+            return; // the requester times out
+        }
+        let key = (node, u16::MAX - r.from_shard, r.to);
+        let d = self.rng.exp(self.faults.link_delay_us) + 1;
+        let link = self.links.entry(key).or_insert(Link {
+            to_gen: r.to_gen,
+            to_life: Some(r.to_gen),
+            last_at: 0,
+            held: VecDeque::new(),
+        });
+        link.to_life = Some(r.to_gen);
+        let t = link.last_at.max(self.now_us + d);
+        link.last_at = t;
+        let from_gen = self.nodes[node as usize].cluster.generation;
+        self.at(
+            t,
+            Ev::Link {
+                from: node,
+                from_gen,
+                shard: r.from_shard,
+                to: r.to,
+                to_gen: r.to_gen,
+                frame: Frame::Resp {
+                    id: r.id,
+                    shard_epoch: r.shard_epoch,
+                    res,
+                },
+            },
+        );
     }
 
     // ---- links --------------------------------------------------------------------------
@@ -820,200 +888,29 @@ impl World {
                     Err(e) => self.fail(0, format!("an envelope did not survive the wire: {e}")),
                 }
             }
-            Frame::Req { id, from_gen: g, op } => {
+            Frame::Req {
+                id,
+                from_gen: g,
+                shard_epoch,
+                op,
+            } => {
                 debug_assert_eq!(g, from_gen);
                 let reply = Reply {
                     to: from,
                     to_gen: from_gen,
                     from_shard: shard,
+                    shard_epoch,
                     id,
                 };
-                self.serve(to, reply, op);
+                self.protocol(to, rshard, |p, v| p.serve(op, Some(from), reply, v));
             }
-            Frame::Resp { id, res } => {
-                let _ = from_gen;
-                if let Some(p) = self.nodes[to as usize].cluster.pending.remove(&id) {
-                    self.answered(to, p, res);
+            Frame::Resp { id, shard_epoch, res } => {
+                // The answer lands on the shard that asked, if it is the life that asked.
+                if self.nodes[to as usize].shards[shard as usize].epoch == shard_epoch {
+                    self.protocol(to, shard, |p, _| p.answer(id, res));
                 }
             }
         }
-    }
-
-    // ---- requests between nodes ---------------------------------------------------------
-
-    /// `ask_remote`: a request with a timeout.
-    fn request(&mut self, node: u32, shard: u16, to: u32, op: Op, p: Pending) {
-        let c = &mut self.nodes[node as usize].cluster;
-        let id = c.next_req;
-        c.next_req += 1;
-        let from_gen = c.generation;
-        let frame = Frame::Req { id, from_gen, op };
-        if !self.link_send(node, shard, to, frame) {
-            // Not a member: the node fails at once.
-            return self.answered(node, p, Res::Failed("not a member".into()));
-        }
-        self.nodes[node as usize].cluster.pending.insert(id, p);
-        let epoch = self.nodes[node as usize].epoch;
-        self.after(ACCOUNT_TIMEOUT_US, Ev::ReqTimeout { node, epoch, id });
-    }
-
-    pub fn req_timeout(&mut self, node: u32, epoch: u64, id: u64) {
-        if !self.live(node, epoch) {
-            return;
-        }
-        if let Some(p) = self.nodes[node as usize].cluster.pending.remove(&id) {
-            self.answered(node, p, Res::Failed("timed out".into()));
-        }
-    }
-
-    /// Answers go back on the connection the request came on.
-    pub fn answer(&mut self, node: u32, r: Reply, res: Res) {
-        if self.separated(node, r.to) {
-            return; // the requester times out
-        }
-        let key = (node, u16::MAX - r.from_shard, r.to);
-        let d = self.rng.exp(self.faults.link_delay_us) + 1;
-        let link = self.links.entry(key).or_insert(Link {
-            to_gen: r.to_gen,
-            to_life: Some(r.to_gen),
-            last_at: 0,
-            held: VecDeque::new(),
-        });
-        link.to_life = Some(r.to_gen);
-        let t = link.last_at.max(self.now_us + d);
-        link.last_at = t;
-        let from_gen = self.nodes[node as usize].cluster.generation;
-        self.at(
-            t,
-            Ev::Link {
-                from: node,
-                from_gen,
-                shard: r.from_shard,
-                to: r.to,
-                to_gen: r.to_gen,
-                frame: Frame::Resp { id: r.id, res },
-            },
-        );
-    }
-
-    /// `serve_account`: another node's request against this node's storage.
-    fn serve(&mut self, node: u32, r: Reply, op: Op) {
-        match op {
-            Op::Load { user } => {
-                let acc = self.nodes[node as usize].storage.account(&user).ok().flatten();
-                self.answer(node, r, Res::Loaded(acc));
-            }
-            Op::Replicate { writes } => {
-                // Only from the node this one sees as the user's owner (`serve_account`).
-                let owner = writes
-                    .first()
-                    .and_then(|w| w.user().parse::<BareJid>().ok())
-                    .map(|j| self.place_user(node, &j).0);
-                if owner != Some(r.to) {
-                    return self.answer(node, r, Res::Failed("not the owner here".into()));
-                }
-                self.submit(node, writes, Some(Waiter::Answer(r)))
-            }
-            Op::Pull { user } => {
-                let res = match self.snapshot(node, &user) {
-                    Some((version, writes)) => Res::Snapshot { version, writes },
-                    None => Res::Done,
-                };
-                self.answer(node, r, res);
-            }
-            Op::Handoff { user, version, writes } => {
-                if !rules::replaces(self.version_here(node, &user), version) {
-                    return self.answer(node, r, Res::Done);
-                }
-                let all = rules::replacement(&user, self.stored_version(node, &user), writes, version);
-                self.submit(node, all, Some(Waiter::Answer(r)));
-            }
-        }
-    }
-
-    fn answered(&mut self, node: u32, p: Pending, res: Res) {
-        match p {
-            Pending::Account { shard, sid } => {
-                if self.session_mut(node, shard, sid).is_none() {
-                    return;
-                }
-                match res {
-                    Res::Loaded(acc) => self.session_input(node, shard, sid, Input::Account(acc)),
-                    _ => {
-                        let h = self.session_mut(node, shard, sid).expect("present");
-                        h.stream_error("internal-server-error", "storage unavailable");
-                        self.session_flush(node, shard, sid);
-                    }
-                }
-                self.carry_out(node, shard, sid);
-            }
-            Pending::Replicate { write } => {
-                let ok = matches!(res, Res::Done);
-                if !ok {
-                    self.stats.replicas_refused += 1;
-                }
-                if let Some(w) = self.nodes[node as usize].cluster.writes.get_mut(&write) {
-                    w.remote_left -= 1;
-                    w.remote_ok += ok as usize;
-                }
-                self.replicated_step(node, write);
-            }
-            Pending::Handoff => {}
-            Pending::Pull { pull, from } => self.pulled(node, pull, from, res),
-        }
-    }
-
-    /// A session's account lookup at the owner (`Shard::load_account`).
-    pub fn load_account_remote(&mut self, node: u32, shard: u16, sid: u64, home: u32, user: String) {
-        self.request(node, shard, home, Op::Load { user }, Pending::Account { shard, sid });
-    }
-
-    // ---- replicated writes ------------------------------------------------------------
-
-    /// `Shard::write_replicated` for a user actor's `Persist`: the batch (on the actor's
-    /// version, `base`) goes to the other replicas, then to this node's storage; it is
-    /// acknowledged when durable on a majority of all copies, this one included.
-    pub fn persist_replicated(
-        &mut self,
-        node: u32,
-        shard: u16,
-        shard_epoch: u64,
-        jid: BareJid,
-        mut writes: Vec<Write>,
-        base: u64,
-    ) {
-        writes.push(Write::NextVersion {
-            user: jid.to_string(),
-            base,
-        });
-        let deleting = self.offline_ids_upto(node, &writes);
-        self.msgs.deletes_pending(&deleting, true);
-        let others = self.other_replicas(node, jid.as_str());
-        let epoch = self.nodes[node as usize].epoch;
-        let c = &mut self.nodes[node as usize].cluster;
-        let id = c.next_write;
-        c.next_write += 1;
-        c.writes.insert(
-            id,
-            RepWrite {
-                epoch,
-                shard,
-                shard_epoch,
-                jid,
-                deleting,
-                writes: writes.clone(),
-                local_sent: false,
-                local_done: false,
-                local_failed: false,
-                remote_left: others.len(),
-                remote_ok: 0,
-            },
-        );
-        for o in &others {
-            let op = Op::Replicate { writes: writes.clone() };
-            self.request(node, shard, *o, op, Pending::Replicate { write: id });
-        }
-        self.replicated_step(node, id);
     }
 
     /// The ids of the offline messages a batch's `DeleteOffline` removes here.
@@ -1032,55 +929,6 @@ impl World {
             }
         }
         ids
-    }
-
-    pub fn replicated_local_done(&mut self, node: u32, id: u64) {
-        if let Some(w) = self.nodes[node as usize].cluster.writes.get_mut(&id) {
-            w.local_done = true;
-        }
-        self.replicated_step(node, id);
-    }
-
-    pub fn replicated_local_failed(&mut self, node: u32, id: u64) {
-        if let Some(w) = self.nodes[node as usize].cluster.writes.get_mut(&id) {
-            w.local_failed = true;
-        }
-        self.replicated_step(node, id);
-    }
-
-    fn replicated_step(&mut self, node: u32, id: u64) {
-        let c = &mut self.nodes[node as usize].cluster;
-        let Some(w) = c.writes.get_mut(&id) else { return };
-        if w.remote_left > 0 {
-            return;
-        }
-        let enough = rules::durable(!w.local_failed, w.remote_ok, REPLICATION);
-        if enough {
-            // The replicas have it: now this node's copy (remote first, so that a batch that
-            // failed never raises this copy's version above the others').
-            if !w.local_sent {
-                w.local_sent = true;
-                let writes = w.writes.clone();
-                return self.submit(node, writes, Some(Waiter::Replicated(id)));
-            }
-            if !w.local_done {
-                return;
-            }
-        }
-        let w = c.writes.remove(&id).expect("present");
-        self.msgs.deletes_pending(&w.deleting, false);
-        if enough {
-            return self.persisted(node, w.epoch, w.shard, w.shard_epoch, &w.jid, true);
-        }
-        // Not durable on enough copies: nothing that depended on it is claimed (user_host.rs).
-        self.stats.write_failures += 1;
-        // Offline messages handed over whose deletion failed stay stored and come again:
-        // at-least-once, as after a crash.
-        self.msgs.allow_redelivery(&w.deleting);
-        if !self.shard_live(node, w.epoch, w.shard, w.shard_epoch) {
-            return;
-        }
-        self.persisted(node, w.epoch, w.shard, w.shard_epoch, &w.jid, false);
     }
 
     // ---- convergence --------------------------------------------------------------------

@@ -1,10 +1,10 @@
 //! Hosting the real actors on simulated shards. Routing, mailboxes, overflow, held control
 //! messages and activation are the node's own (`starling_actors::system::shard::ShardCore`,
-//! one per simulated shard, its effects carried out by `drive`); what is still mirrored from
-//! node/src (conn.rs, user_host.rs, storage_thread.rs) is the connection's and the user
-//! actor's effect loops — one message at a time per actor with its effects carried out in
-//! order, a `Persist` awaited (flushed, with group commit) before the messages that depend on
-//! it — and the storage thread (issue 16 moves those next).
+//! one per simulated shard, its effects carried out by `drive`), and so are the effect loops
+//! of a user actor (`system::runner`), of a connection (`system::conn`), group commit
+//! (`system::commit`) and the cluster protocol (`system::replication`, `cluster.rs`). What
+//! this file adds is I/O in virtual time: when each actor and connection runs, the storage
+//! thread's delays, and the bookkeeping the oracles need.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -24,13 +24,21 @@ use starling_actors::user::UserActor;
 use starling_actors::xml::Element;
 use starling_storage::{MemoryStorage, Storage, Write};
 
+use crate::cluster::SimWaiter;
 use crate::oracle::xml_id;
 use crate::world::{Ev, World, MAX_OFFLINE};
+use starling_actors::system::replication::Got;
 
 #[derive(Debug)]
 pub enum Read {
-    Account { sid: u64, user: String },
+    /// A user actor's state, before it starts.
     User { jid: BareJid },
+    /// A storage read of the shard's cluster protocol.
+    Protocol {
+        shard_epoch: u64,
+        task: u64,
+        op: starling_actors::system::replication::Local,
+    },
 }
 
 pub struct Node {
@@ -49,7 +57,7 @@ pub struct Node {
     mailbox: usize,
     /// Write batches waiting for a flush (the node's group commit): who waits on each, and
     /// the (user, message id) of the offline messages it stores.
-    commit: GroupCommit<(Option<Waiter>, Stored)>,
+    pub(crate) commit: GroupCommit<(Option<Waiter>, Stored)>,
 }
 
 /// The (user, message id) of the offline messages a write batch stores.
@@ -57,12 +65,15 @@ type Stored = Vec<(String, String)>;
 
 /// Who waits for a flush.
 pub enum Waiter {
-    /// A user actor waiting for its writes.
-    User { shard: u16, shard_epoch: u64, jid: BareJid },
-    /// The local copy of a replicated write (cluster.rs).
-    Replicated(u64),
-    /// A request from another node answered once its writes are durable here.
-    Answer(crate::cluster::Reply),
+    /// A write of the shard's cluster protocol (`system::replication`).
+    Task { shard: u16, shard_epoch: u64, task: u64 },
+    /// An account the protocol created (durable with the flush).
+    Created {
+        shard: u16,
+        shard_epoch: u64,
+        task: u64,
+        created: bool,
+    },
 }
 
 pub struct Shard {
@@ -73,6 +84,10 @@ pub struct Shard {
     /// The user actors whose mailbox `core` holds.
     pub users: BTreeMap<BareJid, UserHost>,
     throttle: AuthThrottle,
+    /// The shard's cluster protocol (the node's, `system::replication`).
+    pub protocol: crate::cluster::Protocol,
+    /// Read repairs started (`UserHost::pulling`).
+    pub pulls: u64,
 }
 
 pub enum ConnInput {
@@ -131,6 +146,8 @@ impl Shard {
             sessions: BTreeMap::new(),
             users: BTreeMap::new(),
             throttle: AuthThrottle::new(1000, 60_000, 100_000),
+            protocol: starling_actors::system::replication::Replication::new(crate::cluster::REPLICATION),
+            pulls: 0,
         }
     }
 }
@@ -459,32 +476,16 @@ impl World {
                 ConnStep::StartTls => h.c.broken(),
                 ConnStep::Close { bytes, routes } => return self.finish_session(node, shard, sid, bytes, routes),
                 ConnStep::LoadAccount(user) => {
-                    if let Some(home) = self.account_home(node, &user) {
-                        self.load_account_remote(node, shard, sid, home, user);
-                        return;
-                    }
-                    let epoch = self.nodes[node as usize].epoch;
-                    let d = self.rng.exp(self.faults.read_us) + 1;
-                    self.after(
-                        d,
-                        Ev::Read {
-                            node,
-                            epoch,
-                            shard,
-                            what: Read::Account { sid, user },
-                        },
-                    );
-                    return;
+                    let w = SimWaiter::Account { sid };
+                    return self.protocol(node, shard, |p, v| p.load_account(w, user, v));
                 }
                 ConnStep::CreateAccount { user, account } => {
-                    let st = &mut self.nodes[node as usize].storage;
-                    let created = st.create_account(&user, &account).ok().filter(|_| st.flush().is_ok());
-                    self.session_input(node, shard, sid, Input::AccountCreated(created));
+                    let w = SimWaiter::Created { sid };
+                    return self.protocol(node, shard, |p, v| p.create_account(w, user, account, v));
                 }
                 ConnStep::SetPassword { user, account } => {
-                    let st = &mut self.nodes[node as usize].storage;
-                    let ok = st.apply(&[Write::PutAccount { user, account }]).is_ok() && st.flush().is_ok();
-                    self.session_input(node, shard, sid, Input::PasswordSet(ok));
+                    let w = SimWaiter::Password { sid };
+                    return self.protocol(node, shard, |p, v| p.put_account(w, user, account, v));
                 }
             }
         }
@@ -527,21 +528,9 @@ impl World {
             return;
         }
         match what {
-            Read::Account { sid, user } => {
-                let acc = self.nodes[node as usize].storage.account(&user).ok().flatten();
-                if self.session_mut(node, shard, sid).is_none() {
-                    return;
-                }
-                self.session_input(node, shard, sid, Input::Account(acc));
-                self.carry_out(node, shard, sid);
-            }
-            Read::User { jid } => {
-                if self.clustered() {
-                    // The cluster's read repair first (cluster.rs `pull`).
-                    return self.pull(node, shard, jid);
-                }
-                self.activate_user(node, shard, jid);
-            }
+            // The cluster's read repair first (a single node has none to do).
+            Read::User { jid } => self.pull(node, shard, jid),
+            Read::Protocol { shard_epoch, task, op } => self.protocol_read(node, shard, shard_epoch, task, op),
         }
     }
 
@@ -801,7 +790,6 @@ impl World {
                 return self.fail(0, format!("user actor {jid} panicked"));
             }
         }
-        let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
         loop {
             let sh = &mut self.nodes[node as usize].shards[shard as usize];
             let r = sh.users.get_mut(&jid).and_then(|h| h.runner.as_mut()).expect("present");
@@ -825,23 +813,7 @@ impl World {
                         }
                         continue;
                     }
-                    if self.cfg.nodes > 1 {
-                        self.persist_replicated(node, shard, shard_epoch, jid, writes, base);
-                        return;
-                    }
-                    // One node: the batch still raises the version (`write_replicated`).
-                    let mut writes = writes;
-                    writes.push(Write::NextVersion {
-                        user: jid.to_string(),
-                        base,
-                    });
-                    let w = Waiter::User {
-                        shard,
-                        shard_epoch,
-                        jid: jid.clone(),
-                    };
-                    self.submit(node, writes, Some(w));
-                    return;
+                    return self.persist(node, shard, jid, writes, base);
                 }
                 Step::Waiting => return,
                 Step::Done { idle } => {
@@ -884,8 +856,11 @@ impl World {
             // once, as the storage thread answers it.
             Err(((waiter, _), e @ starling_storage::StorageError::Conflict { .. })) => {
                 return match waiter {
-                    Some(Waiter::Replicated(id)) => self.replicated_local_failed(node, id),
-                    Some(Waiter::Answer(r)) => self.answer(node, r, crate::cluster::Res::Failed(e.to_string())),
+                    Some(Waiter::Task {
+                        shard,
+                        shard_epoch: _,
+                        task,
+                    }) => self.protocol(node, shard, |p, v| p.storage(task, Err(e), v)),
                     _ => self.fail(0, format!("an unconditional write met a conflict: {e}")),
                 };
             }
@@ -898,7 +873,7 @@ impl World {
     }
 
     /// Starts a flush if none is in progress and a batch waits (`GroupCommit::start`).
-    fn start_flush(&mut self, node: u32) {
+    pub(crate) fn start_flush(&mut self, node: u32) {
         let n = &mut self.nodes[node as usize];
         if !n.commit.start() {
             return;
@@ -934,22 +909,22 @@ impl World {
             }
         }
         for w in waiters {
-            let (shard, shard_epoch, jid) = match w {
-                Waiter::User {
+            let (shard, shard_epoch, task, got) = match w {
+                Waiter::Task {
                     shard,
                     shard_epoch,
-                    jid,
-                } => (shard, shard_epoch, jid),
-                Waiter::Replicated(id) => {
-                    self.replicated_local_done(node, id);
-                    continue;
-                }
-                Waiter::Answer(r) => {
-                    self.answer(node, r, crate::cluster::Res::Done);
-                    continue;
-                }
+                    task,
+                } => (shard, shard_epoch, task, Got::Stored),
+                Waiter::Created {
+                    shard,
+                    shard_epoch,
+                    task,
+                    created,
+                } => (shard, shard_epoch, task, Got::Created(created)),
             };
-            self.persisted(node, epoch, shard, shard_epoch, &jid, true);
+            if self.shard_live(node, epoch, shard, shard_epoch) {
+                self.protocol(node, shard, |p, v| p.storage(task, Ok(got), v));
+            }
         }
         self.start_flush(node);
     }
@@ -986,6 +961,15 @@ impl World {
             &mut self.nodes[node as usize].shards[shard as usize],
             Shard::new(epoch, node, shard, mailbox),
         );
+        // Its cluster protocol's work is lost with it: batches whose deletion of offline
+        // messages was in flight leave them stored (they come again).
+        let mut old = old;
+        for w in old.protocol.crash() {
+            if let SimWaiter::Persist { deleting, .. } = w {
+                self.msgs.deletes_pending(&deleting, false);
+                self.msgs.allow_redelivery(&deleting);
+            }
+        }
         // In-flight work on it is lost: excuse what has no fate yet.
         // Storage survives a shard crash: offline messages handed over but not yet deleted
         // are still there and come again.

@@ -49,6 +49,8 @@ pub struct MsgRec {
     /// Replicated deletions of it from offline storage not yet acknowledged (cluster): until
     /// one is, a node that takes the user over may hand it again from a copy that has it.
     pub deletes_pending: u32,
+    /// A replicated deletion of it from offline storage was acknowledged.
+    pub deleted: bool,
 }
 
 #[derive(Default)]
@@ -178,6 +180,30 @@ impl Messages {
                 } else {
                     r.deletes_pending.saturating_sub(1)
                 };
+            }
+        }
+    }
+
+    /// A replicated deletion of these was acknowledged.
+    pub fn deleted(&mut self, ids: &[String]) {
+        for id in ids {
+            if let Some(r) = self.recs.get_mut(id) {
+                r.deleted = true;
+            }
+        }
+    }
+
+    /// These were confirmed by a session the server closed for a membership change before
+    /// their deletion was acknowledged: the user's next actor, elsewhere, may read them from
+    /// a copy that still has them and hand them to the reconnected client once more
+    /// (at-least-once, as after a crash). Those whose deletion was acknowledged are not
+    /// excused: a stale copy bringing them back is a defect.
+    pub fn allow_redelivery_undeleted(&mut self, ids: &[String]) {
+        for id in ids {
+            if let Some(r) = self.recs.get_mut(id) {
+                if !r.deleted {
+                    r.redelivery_allowed += 1;
+                }
             }
         }
     }

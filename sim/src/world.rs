@@ -125,6 +125,8 @@ pub enum Ev {
     ReqTimeout {
         node: u32,
         epoch: u64,
+        shard: u16,
+        shard_epoch: u64,
         id: u64,
     },
     Partition,
@@ -533,10 +535,16 @@ impl World {
                     .record(self.now_us, format!("link n{from}/s{shard} → n{to} {frame:?}"));
                 self.link_arrives(from, from_gen, shard, to, to_gen, frame);
             }
-            Ev::ReqTimeout { node, epoch, id } => {
+            Ev::ReqTimeout {
+                node,
+                epoch,
+                shard,
+                shard_epoch,
+                id,
+            } => {
                 self.trace
-                    .record(self.now_us, format!("request {id} of n{node} times out?"));
-                self.req_timeout(node, epoch, id);
+                    .record(self.now_us, format!("request {id} of n{node}/s{shard} times out?"));
+                self.req_timeout(node, epoch, shard, shard_epoch, id);
             }
             Ev::Partition => {
                 let up: Vec<u32> = self.nodes.iter().filter(|n| n.up).map(|n| n.id).collect();

@@ -45,6 +45,22 @@ pub trait Storage {
     fn flush(&mut self) -> Result<()>;
     /// All accounts, sorted.
     fn list_accounts(&self) -> Result<Vec<String>>;
+    /// Whether the account exists, and the version of the user's state here (a handoff or
+    /// read repair compares it, and conditions its replacement on it).
+    fn copy_version(&self, user: &str) -> Result<(bool, u64)> {
+        let exists = self.account(user)?.is_some();
+        Ok((exists, self.load_user(user)?.version))
+    }
+    /// The user's whole state here as writes that recreate it elsewhere, with its version;
+    /// `None` without an account (cluster handoff and read repair).
+    fn snapshot(&self, user: &str) -> Result<Option<(u64, Vec<Write>)>> {
+        let Some(account) = self.account(user)? else {
+            return Ok(None);
+        };
+        let data = self.load_user(user)?;
+        let version = data.version;
+        Ok(Some((version, data.into_writes(user, account))))
+    }
     /// Offline messages stored for all users (applied writes included), for the metrics.
     fn offline_total(&self) -> u64;
     /// Offline messages set aside as unreadable (`Write::SetAsideOffline`), for the metrics.

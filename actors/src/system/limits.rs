@@ -14,6 +14,14 @@ pub const LINK_QUEUE: usize = 4096;
 /// fails.
 pub const ACCOUNT_TIMEOUT_MS: u64 = 5_000;
 
+/// Users handed to their new replicas at once after a ring change (each is one request and
+/// one flush on the receiver).
+pub const HANDOFF_PARALLEL: usize = 32;
+
+/// Tries of a handoff's conditional replacement before it gives up (a replicated batch
+/// landing between its read and its write makes it fail and compare again).
+pub const HANDOFF_TRIES: usize = 3;
+
 /// The pause per earlier failure before an inbound stanza whose write failed is handed to
 /// the actor's next incarnation (`UserMsg::Again`).
 pub const AGAIN_AFTER_MS: u64 = 1_000;

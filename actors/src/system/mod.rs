@@ -1,13 +1,14 @@
-//! The actor system both hosts run (DESIGN.md "One actor system, two hosts"). It is being
-//! moved here from `node/` and `sim/` step by step (issue 16); so far: the actor trait and the
-//! effect loop of a placed actor's life (`runner`: one message at a time, effects in order,
-//! writes awaited, the end after a failed write), each shard's mailboxes,
-//! routing, backpressure and held control messages, activation and passivation of user
-//! actors (`shard`: `ShardCore`), every limit and timeout of routing, links and storage in
-//! one place (`limits`), the rules around an actor's life (`life`: an actor that cannot
-//! start, that ends early, what it sends instead), and those for a stanza that reaches a
-//! vanished session or cannot be delivered (`crate::msg::session_gone`,
-//! `crate::msg::undeliverable`).
+//! The actor system both hosts run (DESIGN.md "One actor system, two hosts"): the actor trait
+//! and the effect loop of a placed actor's life (`runner`: one message at a time, effects in
+//! order, writes awaited, the end after a failed write), each shard's mailboxes, routing,
+//! backpressure and held control messages, activation and passivation (`shard`:
+//! `ShardCore`), a connection's effect loop (`conn`), group commit (`commit`), the cluster
+//! protocol's rules (`cluster`) and its state machine (`replication`: requests between nodes,
+//! replicated writes, read repair, handoffs, serving), every limit and timeout in one place
+//! (`limits`), the rules around an actor's life (`life`), and those for a stanza that reaches
+//! a vanished session or cannot be delivered (`crate::msg::session_gone`,
+//! `crate::msg::undeliverable`). The node (`node/`) and the simulator (`sim/`) only move bytes
+//! and time around them.
 
 pub mod cluster;
 pub mod commit;
@@ -15,5 +16,6 @@ pub mod conn;
 pub mod life;
 pub mod limits;
 pub mod queues;
+pub mod replication;
 pub mod runner;
 pub mod shard;

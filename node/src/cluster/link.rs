@@ -15,7 +15,7 @@
 //! cannot deadlock on each other's full queues.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -26,6 +26,7 @@ use glommio::net::{TcpListener, TcpStream};
 use starling_actors::address::NodeId;
 use starling_actors::msg::Envelope;
 use starling_actors::system::cluster as rules;
+use starling_actors::system::replication::{Act, Count, Got, Local, Members, Op, Outcome, Replication, Res};
 use starling_actors::system::shard::Unsent;
 use starling_actors::wire::{self, AccountOp, AccountResult, Frame};
 use starling_storage::{Account, Write};
@@ -38,8 +39,6 @@ pub const LINK_QUEUE: usize = starling_actors::system::limits::LINK_QUEUE;
 /// Bytes gathered into one write.
 const BATCH: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a session waits for a remote account answer.
-const ACCOUNT_TIMEOUT: Duration = Duration::from_millis(starling_actors::system::limits::ACCOUNT_TIMEOUT_MS);
 
 /// A shard's cluster state: its view of the membership and its links.
 pub struct Links {
@@ -54,8 +53,41 @@ pub struct Links {
     pub view: RefCell<View>,
     /// Outgoing links by node, with the peer generation they were opened for.
     out: RefCell<HashMap<NodeId, (u64, flume::Sender<Frame>)>>,
-    pending: RefCell<HashMap<u64, flume::Sender<AccountResult>>>,
-    next_req: Cell<u64>,
+    /// The cluster protocol's state on this shard.
+    protocol: RefCell<Protocol>,
+    /// Its requests' deadlines, in order, and whether a task expires them.
+    deadlines: RefCell<VecDeque<(std::time::Instant, u64)>>,
+    expiring: Cell<bool>,
+}
+
+/// Who waits for the protocol's outcome on this shard.
+type Waiter = futures::channel::oneshot::Sender<Outcome>;
+/// Where an answer to a served request goes: the connection it came on, and its id.
+type ReplyTo = (flume::WeakSender<Frame>, u64);
+type Protocol = Replication<Waiter, ReplyTo>;
+
+/// A shard's view of the membership, for its protocol.
+pub struct NodeMembers<'a> {
+    view: &'a View,
+    name: &'a str,
+}
+
+impl Members for NodeMembers<'_> {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn me(&self) -> NodeId {
+        self.view.me
+    }
+    fn ring(&self) -> &starling_gossip::Ring {
+        &self.view.ring
+    }
+    fn alone(&self) -> bool {
+        self.view.peers.is_empty()
+    }
+    fn node_id(&self, name: &str) -> Option<NodeId> {
+        Some(starling_gossip::node_id(name))
+    }
 }
 
 impl Links {
@@ -67,8 +99,9 @@ impl Links {
             replication,
             view: RefCell::new(view),
             out: RefCell::new(HashMap::new()),
-            pending: RefCell::new(HashMap::new()),
-            next_req: Cell::new(1),
+            protocol: RefCell::new(Replication::new(replication)),
+            deadlines: RefCell::new(VecDeque::new()),
+            expiring: Cell::new(false),
         }
     }
 
@@ -158,425 +191,257 @@ impl Shard {
         }
     }
 
-    /// Where `user`'s account lives: this node, or the owner's node.
-    fn account_home(&self, user: &str) -> Option<NodeId> {
-        let bare: jid::BareJid = user.parse().ok()?;
-        let (node, _) = self.cluster.view.borrow().place_user(&bare);
-        (node != self.node).then_some(node)
-    }
-
-    async fn ask_remote(self: &Rc<Self>, node: NodeId, op: AccountOp) -> Result<AccountResult, String> {
-        let tx = self.link(node).ok_or("the account's node is not a member")?;
-        let id = self.cluster.next_req.get();
-        self.cluster.next_req.set(id + 1);
-        let (reply_tx, reply_rx) = flume::bounded(1);
-        self.cluster.pending.borrow_mut().insert(id, reply_tx);
-        let asked = tx.send_async(Frame::AccountReq { id, op }).await.is_ok();
-        let answer = if asked {
-            futures::future::select(
-                Box::pin(reply_rx.recv_async()),
-                Box::pin(glommio::timer::sleep(ACCOUNT_TIMEOUT)),
-            )
-            .await
-        } else {
-            futures::future::Either::Right(((), Box::pin(reply_rx.recv_async())))
-        };
-        self.cluster.pending.borrow_mut().remove(&id);
-        match answer {
-            futures::future::Either::Left((Ok(r), _)) => Ok(r),
-            _ => Err(format!("no answer from node {node}")),
-        }
-    }
-
-    /// The account, from wherever it lives.
-    pub async fn load_account(self: &Rc<Self>, user: String) -> Result<Option<Account>, String> {
-        let Some(node) = self.account_home(&user) else {
-            return self.storage.account(user).await.map_err(|e| e.to_string());
-        };
-        match self.ask_remote(node, AccountOp::Load { user }).await? {
-            AccountResult::Loaded(a) => Ok(a.map(wire::account_in)),
-            AccountResult::Failed(e) => Err(e),
-            other => Err(format!("unexpected answer {other:?}")),
-        }
-    }
-
-    pub async fn create_account(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
-        let Some(node) = self.account_home(&user) else {
-            return self.create_account_here(user, account).await;
-        };
-        let account = wire::account_out(&account);
-        match self.ask_remote(node, AccountOp::Create { user, account }).await? {
-            AccountResult::Created(c) => Ok(c),
-            AccountResult::Failed(e) => Err(e),
-            other => Err(format!("unexpected answer {other:?}")),
-        }
-    }
-
-    pub async fn put_account(self: &Rc<Self>, user: String, account: Account) -> Result<(), String> {
-        let Some(node) = self.account_home(&user) else {
-            let w = vec![Write::PutAccount {
-                user: user.clone(),
-                account,
-            }];
-            return self.write_replicated(&user, w, None).await;
-        };
-        let account = wire::account_out(&account);
-        match self.ask_remote(node, AccountOp::Put { user, account }).await? {
-            AccountResult::Done => Ok(()),
-            AccountResult::Failed(e) => Err(e),
-            other => Err(format!("unexpected answer {other:?}")),
-        }
-    }
-
-    /// Creates an account owned by this node, on this node and its replicas.
-    async fn create_account_here(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
-        if self.in_cluster() {
-            // Refused before anything is written when too few copies can be reached: an
-            // account is acknowledged like every other write, on a majority of copies.
-            self.reachable_copies(&self.replica_nodes(&user))?;
-        }
-        let created = self
-            .storage
-            .create_account(user.clone(), account.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        if created && self.in_cluster() {
-            // A new account's history starts here: its first batch, on base 0 everywhere.
-            let first = Write::NextVersion {
-                user: user.clone(),
-                base: 0,
-            };
-            let batch = [
-                Write::PutAccount {
-                    user: user.clone(),
-                    account,
-                },
-                first.clone(),
-            ];
-            // Here the local copy goes first: "create if absent" is decided by this node.
-            self.storage.write(vec![first]).await.map_err(|e| e.to_string())?;
-            self.replicate(&user, &batch).await?;
-        }
-        Ok(created)
-    }
-
     /// Configured as a cluster member (`cluster.node_name`), whether alone just now or not.
     pub(crate) fn in_cluster(&self) -> bool {
         !self.cluster.name.is_empty()
     }
 
-    /// The other nodes that keep copies of `user`'s state: the next `cluster.replication - 1`
-    /// nodes in the ring's order for that key.
-    fn replica_nodes(&self, user: &str) -> Vec<NodeId> {
-        let view = self.cluster.view.borrow();
-        let (me, alone, r) = (&self.cluster.name, view.peers.is_empty(), self.cluster.replication);
-        rules::other_replicas(&view.ring, me, alone, user, r)
-            .into_iter()
-            .map(starling_gossip::node_id)
-            .collect()
-    }
-
-    /// Copies a write needs: a majority of `cluster.replication` (with the default 2: both),
-    /// whatever the number of members seen just now — a node cut off from the others must
-    /// not acknowledge alone what the other side of a partition may be writing too.
-    fn copies_needed(&self) -> usize {
-        rules::copies_needed(self.cluster.replication)
-    }
-
-    /// `Err` when this node and the replicas it can reach (`others`) are fewer than a write
-    /// needs: alone in the cluster, nothing is acknowledged.
-    fn reachable_copies(&self, others: &[NodeId]) -> Result<(), String> {
-        if others.len() + 1 >= self.copies_needed() {
-            return Ok(());
+    /// Calls the shard's cluster protocol (`system::replication`) with its view of the
+    /// membership, then carries out what it asks for.
+    pub(crate) fn protocol(self: &Rc<Self>, f: impl FnOnce(&mut Protocol, &NodeMembers<'_>)) {
+        {
+            let view = self.cluster.view.borrow();
+            let m = NodeMembers {
+                view: &view,
+                name: &self.cluster.name,
+            };
+            f(&mut self.cluster.protocol.borrow_mut(), &m);
         }
-        self.metrics.cluster_replication_failures.increment(1);
-        Err(format!(
-            "{} of the {} copies needed are reachable (cluster.replication = {})",
-            others.len() + 1,
-            self.copies_needed(),
-            self.cluster.replication
-        ))
+        loop {
+            let act = self.cluster.protocol.borrow_mut().pop();
+            let Some(act) = act else { return };
+            self.protocol_act(act);
+        }
     }
 
-    /// Writes `user`'s batch on its replicas, then here; `Ok` once it is durable on a
-    /// majority of `cluster.replication` copies, this node's included — it serves the reads.
-    /// What a client is told is durable survives the loss of any one node. The replicas go
-    /// first so that a batch that failed never raises this copy's version above theirs (the
-    /// simulator found acknowledged writes lost to such a copy after a partition healed).
-    ///
-    /// `base` is the version the writer's state was loaded at plus its batches since (a
-    /// user actor's); every copy applies the batch only at that version
-    /// (`Write::NextVersion`), and a replica only from the node it sees as the user's owner
-    /// (`serve_account`). So two actors of one user on two nodes with different views (a
-    /// join or heal in progress) cannot both write, and a copy that missed a batch refuses
-    /// the next instead of applying it on another base; the write fails, the actor ends, and
-    /// its next incarnation's read repair (`pull_newest`) brings every copy level. `None`
-    /// for writes outside a user actor's history (a password change).
+    fn protocol_act(self: &Rc<Self>, act: Act<Waiter, ReplyTo>) {
+        match act {
+            Act::Ask { to, id, op, timeout_ms } => {
+                let frame = match op_out(&op) {
+                    Ok(op) => Frame::AccountReq { id, op },
+                    Err(e) => return self.protocol(|p, _| p.answer(id, Res::Failed(e))),
+                };
+                let Some(tx) = self.link(to) else {
+                    let e = format!("node {to} is not a member");
+                    return self.protocol(|p, _| p.answer(id, Res::Failed(e)));
+                };
+                self.deadline(id, timeout_ms);
+                match tx.try_send(frame) {
+                    Ok(()) => {}
+                    Err(flume::TrySendError::Full(frame)) => {
+                        // A request waits for room on the link (its timeout runs meanwhile).
+                        let s = self.clone();
+                        glommio::spawn_local(async move {
+                            if tx.send_async(frame).await.is_err() {
+                                s.protocol(|p, _| p.answer(id, Res::Failed("the link closed".into())));
+                            }
+                        })
+                        .detach();
+                    }
+                    Err(flume::TrySendError::Disconnected(_)) => {
+                        self.drop_link(to, &tx);
+                        self.protocol(|p, _| p.answer(id, Res::Failed("the link closed".into())));
+                    }
+                }
+            }
+            Act::Storage { task, op } => {
+                let s = self.clone();
+                glommio::spawn_local(async move {
+                    let st = &s.storage;
+                    let got = match op {
+                        Local::Account(u) => st.account(u).await.map(Got::Account),
+                        Local::Version(u) => st
+                            .copy_version(u)
+                            .await
+                            .map(|(exists, version)| Got::Version { exists, version }),
+                        Local::Snapshot(u) => st.snapshot(u).await.map(Got::Snapshot),
+                        Local::Users => st.list_accounts().await.map(Got::Users),
+                        Local::Create { user, account } => st.create_account(user, account).await.map(Got::Created),
+                        Local::Write(w) => st.write(w).await.map(|()| Got::Stored),
+                    };
+                    s.protocol(|p, m| p.storage(task, got, m));
+                })
+                .detach();
+            }
+            Act::Reply { to: (reply, id), res } => {
+                let Some(tx) = reply.upgrade() else { return };
+                let frame = Frame::AccountResp {
+                    id,
+                    result: res_out(res),
+                };
+                if let Err(flume::TrySendError::Full(frame)) = tx.try_send(frame) {
+                    glommio::spawn_local(async move {
+                        let _ = tx.send_async(frame).await;
+                    })
+                    .detach();
+                }
+            }
+            Act::Done { to, outcome } => {
+                let _ = to.send(outcome);
+            }
+            Act::Count(Count::ReplicationFailure) => self.metrics.cluster_replication_failures.increment(1),
+            Act::Count(_) => {}
+        }
+    }
+
+    /// Request `id` times out after `ms` unless answered: every request's timeout is the
+    /// same, so the deadlines queue in order, and one task per shard expires them.
+    fn deadline(self: &Rc<Self>, id: u64, ms: u64) {
+        let at = std::time::Instant::now() + Duration::from_millis(ms);
+        {
+            let mut d = self.cluster.deadlines.borrow_mut();
+            let i = d.partition_point(|(t, _)| *t <= at);
+            d.insert(i, (at, id));
+        }
+        if !self.cluster.expiring.replace(true) {
+            glommio::spawn_local(expire(self.clone())).detach();
+        }
+    }
+
+    /// Runs work on the shard's protocol and waits for its outcome.
+    async fn ask_protocol(self: &Rc<Self>, f: impl FnOnce(&mut Protocol, Waiter, &NodeMembers<'_>)) -> Outcome {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.protocol(|p, m| f(p, tx, m));
+        rx.await
+            .unwrap_or_else(|_| Outcome::Written(Err("the cluster protocol dropped the request".into())))
+    }
+
+    /// The account, from wherever it lives.
+    pub async fn load_account(self: &Rc<Self>, user: String) -> Result<Option<Account>, String> {
+        match self.ask_protocol(|p, w, m| p.load_account(w, user, m)).await {
+            Outcome::Account(r) => r,
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+
+    pub async fn create_account(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
+        match self.ask_protocol(|p, w, m| p.create_account(w, user, account, m)).await {
+            Outcome::Created(r) => r,
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+
+    pub async fn put_account(self: &Rc<Self>, user: String, account: Account) -> Result<(), String> {
+        match self.ask_protocol(|p, w, m| p.put_account(w, user, account, m)).await {
+            Outcome::Written(r) => r,
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+
+    /// A user actor's batch on its version `base`, durable on a majority of copies
+    /// (`Replication::write`).
     pub async fn write_replicated(
         self: &Rc<Self>,
         user: &str,
-        mut writes: Vec<Write>,
+        writes: Vec<Write>,
         base: Option<u64>,
     ) -> Result<(), String> {
-        if let Some(base) = base {
-            writes.push(Write::NextVersion {
-                user: user.to_string(),
-                base,
-            });
+        let user = user.to_string();
+        match self.ask_protocol(|p, w, m| p.write(w, user, writes, base, m)).await {
+            Outcome::Written(r) => r,
+            other => Err(format!("unexpected {other:?}")),
         }
-        if !self.in_cluster() {
-            // A single node: no copy of the batch, nothing encoded. The version still counts
-            // the batches: offline sequence numbers are never reused (`UserActor::new`).
-            return self.storage.write(writes).await.map_err(|e| e.to_string());
-        }
-        let others = self.replica_nodes(user);
-        self.reachable_copies(&others)?;
-        if !others.is_empty() {
-            let bytes = postcard::to_stdvec(&writes).map_err(|e| e.to_string())?;
-            self.replicate_to(user, &others, bytes).await?;
-        }
-        self.storage.write(writes).await.map_err(|e| e.to_string())
     }
 
-    /// Sends a batch to `user`'s replicas and waits for enough of them (see
-    /// `write_replicated`; this node's own copy counts as one).
-    async fn replicate(self: &Rc<Self>, user: &str, writes: &[Write]) -> Result<(), String> {
-        let others = self.replica_nodes(user);
-        self.reachable_copies(&others)?;
-        if others.is_empty() {
-            return Ok(());
-        }
-        let bytes = postcard::to_stdvec(writes).map_err(|e| e.to_string())?;
-        self.replicate_to(user, &others, bytes).await
-    }
-
-    async fn replicate_to(self: &Rc<Self>, user: &str, others: &[NodeId], bytes: Vec<u8>) -> Result<(), String> {
-        let asks = others
-            .iter()
-            .map(|n| self.ask_remote(*n, AccountOp::Replicate { writes: bytes.clone() }));
-        let answers = futures::future::join_all(asks).await;
-        // This node's copy is written after these answers (see `write_replicated`).
-        let remote_ok = answers.iter().filter(|a| matches!(a, Ok(AccountResult::Done))).count();
-        if rules::durable(true, remote_ok, self.cluster.replication) {
-            return Ok(());
-        }
-        let (copies, need) = (1 + remote_ok, self.copies_needed());
-        let why: Vec<String> = answers
-            .into_iter()
-            .filter_map(|a| match a {
-                Ok(AccountResult::Done) => None,
-                Ok(other) => Some(format!("{other:?}")),
-                Err(e) => Some(e),
-            })
-            .collect();
-        self.metrics.cluster_replication_failures.increment(1);
-        tracing::warn!(user, copies, need, ?why, "cluster: write not replicated to a majority");
-        Err(format!(
-            "durable on {copies} of {} copies, {need} needed",
-            others.len() + 1
-        ))
-    }
-
-    /// Read repair before the owner starts `user`'s actor: the other replicas send their
-    /// copies, and the newest replaces this node's if it is newer (`take_handoff`). So a node
-    /// that owns a user after a join, a heal or a death serves the latest acknowledged state
-    /// even before its handoff arrives. Then the replicas found older get the newest copy,
-    /// so that the actor's first write finds them at its base (`write_replicated`).
-    ///
-    /// A read needs as many copies as a write (`copies_needed`, this node's included): a
-    /// node cut off from the others must not serve its own, possibly stale, copy (found by
-    /// the simulator: a roster read on the minority side of a partition lacked items the
-    /// client had been told were stored). `Err` then, and the actor does not start.
+    /// Read repair before the owner starts `user`'s actor (`Replication::pull`).
     pub async fn pull_newest(self: &Rc<Self>, user: &str) -> Result<(), String> {
-        let others = self.replica_nodes(user);
-        let need = self.copies_needed() - 1;
-        if others.len() < need {
-            return Err(format!(
-                "{} copies of {user} reachable, {} needed",
-                others.len() + 1,
-                need + 1
-            ));
+        let user = user.to_string();
+        match self.ask_protocol(|p, w, m| p.pull(w, user, m)).await {
+            Outcome::Pulled(r) => r,
+            other => Err(format!("unexpected {other:?}")),
         }
-        if others.is_empty() {
-            return Ok(());
-        }
-        let asks = others
-            .iter()
-            .map(|n| self.ask_remote(*n, AccountOp::Pull { user: user.to_string() }));
-        let mut repair: rules::Repair<Vec<u8>> = rules::Repair::default();
-        for (n, a) in others.iter().zip(futures::future::join_all(asks).await) {
-            match a {
-                Ok(AccountResult::Snapshot { version, writes }) => repair.copy(*n, version, writes),
-                Ok(AccountResult::Done) => repair.none_there(*n),
-                other => tracing::warn!(user, answer = ?other, "cluster: read repair without a replica's copy"),
-            }
-        }
-        if !repair.enough(self.cluster.replication) {
-            return Err(format!(
-                "{} copies of {user} answered, {} needed",
-                repair.seen.len() + 1,
-                need + 1
-            ));
-        }
-        if let Some((version, writes)) = repair.best.take() {
-            if let AccountResult::Failed(e) = self.take_handoff(user.to_string(), version, &writes).await {
-                tracing::warn!(user, error = %e, "cluster: read repair failed");
-            }
-        }
-        let Ok(Some((writes, version))) = self.snapshot(user).await else {
-            return Ok(());
-        };
-        let behind = repair.behind(version);
-        let pushes = behind.iter().map(|n| {
-            let op = AccountOp::Handoff {
-                user: user.to_string(),
-                version,
-                writes: writes.clone(),
-            };
-            self.ask_remote(*n, op)
-        });
-        for (n, a) in behind.iter().zip(futures::future::join_all(pushes).await) {
-            if !matches!(a, Ok(AccountResult::Done)) {
-                tracing::warn!(user, node = n, answer = ?a, "cluster: a replica was not brought level");
-            }
-        }
-        Ok(())
     }
+}
 
-    /// A user's whole state here as postcard-encoded writes, with its version; `None` when
-    /// there is no account.
-    async fn snapshot(&self, user: &str) -> Result<Option<(Vec<u8>, u64)>, String> {
-        let Some(account) = self
-            .storage
-            .account(user.to_string())
-            .await
-            .map_err(|e| e.to_string())?
-        else {
-            return Ok(None);
+/// Expires the shard's request deadlines, then ends when none is left.
+async fn expire(shard: Rc<Shard>) {
+    loop {
+        let next = shard.cluster.deadlines.borrow().front().map(|(t, _)| *t);
+        let Some(next) = next else {
+            shard.cluster.expiring.set(false);
+            return;
         };
-        let (_, data) = self
-            .storage
-            .load_user(user.to_string())
-            .await
-            .map_err(|e| e.to_string())?;
-        let version = data.version;
-        let w = data.into_writes(user, account);
-        postcard::to_stdvec(&w)
-            .map(|b| Some((b, version)))
-            .map_err(|e| e.to_string())
-    }
-
-    /// A whole user from the node that held it: it replaces the copy here only if that one
-    /// is older (fewer write batches) or absent, so a node back from the dead never has its
-    /// stale copy win, nor does a late handoff undo newer writes. The replacement is
-    /// conditional on the version read (`Write::NextVersion` as a condition): a replicated
-    /// batch that lands between the read and the write makes it fail, and the comparison
-    /// is made again — unconditional, it overwrote that batch with the versions tied.
-    async fn take_handoff(self: &Rc<Self>, user: String, version: u64, writes: &[u8]) -> AccountResult {
-        let w = match postcard::from_bytes::<Vec<Write>>(writes) {
-            Ok(w) if w.iter().all(|w| w.user() == user) => w,
-            Ok(_) => return AccountResult::Failed("handoff writes for another user".into()),
-            Err(e) => {
-                self.metrics.cluster_bad_frames.increment(1);
-                return AccountResult::Failed(format!("undecodable writes: {e}"));
-            }
-        };
-        for _ in 0..3 {
-            let here = async {
-                let account = self.storage.account(user.clone()).await?;
-                let (_, data) = self.storage.load_user(user.clone()).await?;
-                Ok::<_, starling_storage::StorageError>((account.is_some(), data.version))
-            };
-            let have = match here.await {
-                Err(e) => return AccountResult::Failed(e.to_string()),
-                Ok((exists, v)) if !rules::replaces(exists.then_some(v), version) => {
-                    tracing::debug!(
-                        user,
-                        here = v,
-                        offered = version,
-                        "cluster: handoff not newer; kept ours"
-                    );
-                    return AccountResult::Done;
-                }
-                Ok((_, v)) => v,
-            };
-            let all = rules::replacement(&user, have, w.iter().cloned(), version);
-            match self.storage.write(all).await {
-                Ok(()) => return AccountResult::Done,
-                Err(starling_storage::StorageError::Conflict { .. }) => continue,
-                Err(e) => return AccountResult::Failed(e.to_string()),
-            }
+        let now = std::time::Instant::now();
+        if next > now {
+            glommio::timer::sleep(next - now).await;
+            continue;
         }
-        AccountResult::Failed(format!("{user}: the copy here kept changing during the handoff"))
-    }
-
-    /// Serves an account request from another node (`from`, as its hello named it) against
-    /// this node's storage.
-    async fn serve_account(self: &Rc<Self>, op: AccountOp, from: Option<NodeId>) -> AccountResult {
-        match op {
-            AccountOp::Load { user } => match self.storage.account(user).await {
-                Ok(a) => AccountResult::Loaded(a.as_ref().map(wire::account_out)),
-                Err(e) => AccountResult::Failed(e.to_string()),
-            },
-            AccountOp::Create { user, account } => {
-                match self.create_account_here(user, wire::account_in(account)).await {
-                    Ok(c) => AccountResult::Created(c),
-                    Err(e) => AccountResult::Failed(e),
-                }
-            }
-            AccountOp::Put { user, account } => {
-                let account = wire::account_in(account);
-                let w = vec![Write::PutAccount {
-                    user: user.clone(),
-                    account,
-                }];
-                match self.write_replicated(&user, w, None).await {
-                    Ok(()) => AccountResult::Done,
-                    Err(e) => AccountResult::Failed(e),
-                }
-            }
-            AccountOp::Handoff { user, version, writes } => self.take_handoff(user, version, &writes).await,
-            AccountOp::Pull { user } => match self.snapshot(&user).await {
-                Ok(Some((writes, version))) => AccountResult::Snapshot { version, writes },
-                Ok(None) => AccountResult::Done,
-                Err(e) => AccountResult::Failed(e),
-            },
-            AccountOp::Replicate { writes } => match postcard::from_bytes::<Vec<Write>>(&writes) {
-                Ok(w) => {
-                    let Some(user) = w.first().map(|w| w.user().to_string()) else {
-                        return AccountResult::Done;
-                    };
-                    if w.iter().any(|x| x.user() != user) {
-                        return AccountResult::Failed("a replicated batch for several users".into());
-                    }
-                    // Only the owner this node sees writes: during a join or a heal two
-                    // nodes may each think they own the user; neither gets this copy until
-                    // the views agree (found by the simulator: two actors of one user, each
-                    // acknowledged by the other's copy, overfilled the offline queue).
-                    let owner = jid::BareJid::new(&user)
-                        .ok()
-                        .map(|j| self.cluster.view.borrow().place_user(&j).0);
-                    if from.is_none() || owner != from {
-                        tracing::debug!(
-                            user,
-                            ?from,
-                            ?owner,
-                            "cluster: replicated batch from a node not the owner here"
-                        );
-                        return AccountResult::Failed("not the owner here".into());
-                    }
-                    match self.storage.write(w).await {
-                        Ok(()) => AccountResult::Done,
-                        Err(e) => AccountResult::Failed(e.to_string()),
-                    }
-                }
-                Err(e) => {
-                    self.metrics.cluster_bad_frames.increment(1);
-                    AccountResult::Failed(format!("undecodable writes: {e}"))
-                }
-            },
+        let id = shard.cluster.deadlines.borrow_mut().pop_front().map(|(_, id)| id);
+        if let Some(id) = id {
+            shard.protocol(|p, _| p.timeout(id));
         }
     }
+}
+
+/// A request in the node's wire form: write batches postcard-encoded.
+fn op_out(op: &Op) -> Result<AccountOp, String> {
+    let enc = |w: &Vec<Write>| postcard::to_stdvec(w).map_err(|e| e.to_string());
+    Ok(match op {
+        Op::Load { user } => AccountOp::Load { user: user.clone() },
+        Op::Create { user, account } => AccountOp::Create {
+            user: user.clone(),
+            account: wire::account_out(account),
+        },
+        Op::Put { user, account } => AccountOp::Put {
+            user: user.clone(),
+            account: wire::account_out(account),
+        },
+        Op::Replicate { writes } => AccountOp::Replicate { writes: enc(writes)? },
+        Op::Handoff { user, version, writes } => AccountOp::Handoff {
+            user: user.clone(),
+            version: *version,
+            writes: enc(writes)?,
+        },
+        Op::Pull { user } => AccountOp::Pull { user: user.clone() },
+    })
+}
+
+fn op_in(op: AccountOp) -> Result<Op, String> {
+    let dec = |b: &[u8]| postcard::from_bytes::<Vec<Write>>(b).map_err(|e| format!("undecodable writes: {e}"));
+    Ok(match op {
+        AccountOp::Load { user } => Op::Load { user },
+        AccountOp::Create { user, account } => Op::Create {
+            user,
+            account: wire::account_in(account),
+        },
+        AccountOp::Put { user, account } => Op::Put {
+            user,
+            account: wire::account_in(account),
+        },
+        AccountOp::Replicate { writes } => Op::Replicate { writes: dec(&writes)? },
+        AccountOp::Handoff { user, version, writes } => Op::Handoff {
+            user,
+            version,
+            writes: dec(&writes)?,
+        },
+        AccountOp::Pull { user } => Op::Pull { user },
+    })
+}
+
+fn res_out(res: Res) -> AccountResult {
+    match res {
+        Res::Loaded(a) => AccountResult::Loaded(a.as_ref().map(wire::account_out)),
+        Res::Created(c) => AccountResult::Created(c),
+        Res::Done => AccountResult::Done,
+        Res::Failed(e) => AccountResult::Failed(e),
+        Res::Snapshot { version, writes } => match postcard::to_stdvec(&writes) {
+            Ok(writes) => AccountResult::Snapshot { version, writes },
+            Err(e) => AccountResult::Failed(e.to_string()),
+        },
+    }
+}
+
+fn res_in(res: AccountResult) -> Result<Res, String> {
+    Ok(match res {
+        AccountResult::Loaded(a) => Res::Loaded(a.map(wire::account_in)),
+        AccountResult::Created(c) => Res::Created(c),
+        AccountResult::Done => Res::Done,
+        AccountResult::Failed(e) => Res::Failed(e),
+        AccountResult::Snapshot { version, writes } => Res::Snapshot {
+            version,
+            writes: postcard::from_bytes(&writes).map_err(|e| format!("undecodable writes: {e}"))?,
+        },
+    })
 }
 
 /// Opens this shard's link to `node` and runs it until the node leaves the membership, the
@@ -702,22 +567,27 @@ async fn read_frames(shard: Rc<Shard>, mut r: ReadHalf<TcpStream>, reply: flume:
                     shard.metrics.cluster_bad_frames.increment(1);
                 }
             },
-            Frame::AccountReq { id, op } => {
-                let s = shard.clone();
-                let reply = reply.clone();
-                glommio::spawn_local(async move {
-                    let result = s.serve_account(op, from).await;
+            Frame::AccountReq { id, op } => match op_in(op) {
+                Ok(op) => shard.protocol(|p, m| p.serve(op, from, (reply.clone(), id), m)),
+                Err(e) => {
+                    shard.metrics.cluster_bad_frames.increment(1);
+                    tracing::warn!(%peer, error = %e, "cluster: request refused");
                     if let Some(tx) = reply.upgrade() {
-                        let _ = tx.send_async(Frame::AccountResp { id, result }).await;
+                        let _ = tx.try_send(Frame::AccountResp {
+                            id,
+                            result: AccountResult::Failed(e),
+                        });
                     }
-                })
-                .detach();
-            }
-            Frame::AccountResp { id, result } => {
-                if let Some(tx) = shard.cluster.pending.borrow_mut().remove(&id) {
-                    let _ = tx.try_send(result);
                 }
-            }
+            },
+            Frame::AccountResp { id, result } => match res_in(result) {
+                Ok(res) => shard.protocol(|p, _| p.answer(id, res)),
+                Err(e) => {
+                    shard.metrics.cluster_bad_frames.increment(1);
+                    tracing::warn!(%peer, error = %e, "cluster: answer refused");
+                    shard.protocol(|p, _| p.answer(id, Res::Failed(e)));
+                }
+            },
         }
     }
 }
@@ -771,8 +641,8 @@ pub async fn follow_membership(
         after_change(&shard, &gone, &old_ring, rejoined);
         let new_ring = shard.cluster.view.borrow().ring.clone();
         // One shard per node walks the stored users (they are the node's, not the shard's).
-        if shard.id == 0 && new_ring != old_ring && !old_ring.is_empty() {
-            glommio::spawn_local(handoff(shard.clone(), old_ring, new_ring)).detach();
+        if shard.id == 0 {
+            shard.protocol(|p, _| p.ring_changed(old_ring.clone(), new_ring));
         }
         if updates.recv_async().await.is_err() {
             return;
@@ -817,69 +687,5 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
             "undefined-condition",
             "this account's cluster node changed; please reconnect",
         );
-    }
-}
-
-/// Users handed off at once (each is one request and one flush on the receiver).
-const HANDOFF_PARALLEL: usize = 32;
-
-/// After a membership change: for every user stored here whose replica set gained a node,
-/// the first of its previous replicas still up sends that node the user's whole state
-/// (account, roster, offline queue, write version). The receiver keeps the newer of the two
-/// (`take_handoff`).
-async fn handoff(shard: Rc<Shard>, old: starling_gossip::Ring, new: starling_gossip::Ring) {
-    let users = match shard.storage.list_accounts().await {
-        Ok(u) => u,
-        Err(e) => return tracing::error!(error = %e, "cluster: handoff cannot list accounts"),
-    };
-    let me = shard.cluster.name.clone();
-    let r = shard.cluster.replication;
-    let mut jobs: Vec<(String, NodeId)> = Vec::new();
-    for user in users {
-        for n in rules::handoff_targets(&old, &new, &me, &user, r) {
-            jobs.push((user.clone(), starling_gossip::node_id(n)));
-        }
-    }
-    if jobs.is_empty() {
-        return;
-    }
-    tracing::info!(users = jobs.len(), "cluster: handing users to their new replicas");
-    let mut failed = 0usize;
-    for chunk in jobs.chunks(HANDOFF_PARALLEL) {
-        let sends = chunk.iter().map(|(user, node)| hand_one(&shard, user, *node));
-        failed += futures::future::join_all(sends)
-            .await
-            .into_iter()
-            .filter(|ok| !ok)
-            .count();
-    }
-    if failed > 0 {
-        tracing::warn!(failed, "cluster: some handoffs failed");
-    }
-}
-
-async fn hand_one(shard: &Rc<Shard>, user: &str, node: NodeId) -> bool {
-    let (writes, version) = match shard.snapshot(user).await {
-        Ok(Some(w)) => w,
-        Ok(None) => {
-            tracing::warn!(user, "cluster: no snapshot to hand off: account gone");
-            return false;
-        }
-        Err(e) => {
-            tracing::warn!(user, error = %e, "cluster: no snapshot to hand off");
-            return false;
-        }
-    };
-    let op = AccountOp::Handoff {
-        user: user.to_string(),
-        version,
-        writes,
-    };
-    match shard.ask_remote(node, op).await {
-        Ok(AccountResult::Done) => true,
-        other => {
-            tracing::warn!(user, node, answer = ?other, "cluster: handoff failed");
-            false
-        }
     }
 }
