@@ -1,9 +1,9 @@
 //! Location-transparent addresses and placement (DESIGN.md "Addresses and placement").
 //!
-//! A user actor is addressed by its bare JID wherever it lives; a session by the shard that
-//! accepted its connection. The [`Placement`] answers where a key lives; with one node it always
-//! answers "this node" and a stable hash of the key picks the shard. The cluster will swap in a
-//! ring without changing any caller.
+//! A placed actor is addressed by its key ([`ActorKey`]: its kind and which one) wherever it
+//! lives; a session by the shard that accepted its connection. The [`Placement`] answers where
+//! a key lives; with one node it always answers "this node" and a stable hash of the key picks
+//! the shard; in a cluster, the ring's owner of the key.
 
 use jid::BareJid;
 
@@ -22,6 +22,33 @@ pub struct SessionAddr {
     pub id: u64,
 }
 
+/// A placed actor: its kind, and which one of that kind. It lives where [`Placement`] puts
+/// its [`ActorKey::ring_key`], is activated by its first message, passivated when idle and
+/// handed to its new owner when the ring changes (ARCHITECTURE.md "Adding an actor kind":
+/// a new kind is a new variant here, and the compiler shows every place that must learn it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ActorKey {
+    /// A user's actor (`crate::user`): its sessions, presence, roster and offline messages.
+    User(BareJid),
+}
+
+impl ActorKey {
+    /// The bytes the ring and the shard hash place it by.
+    pub fn ring_key(&self) -> &[u8] {
+        match self {
+            ActorKey::User(j) => j.as_str().as_bytes(),
+        }
+    }
+}
+
+impl std::fmt::Display for ActorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActorKey::User(j) => write!(f, "user {j}"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
     User(BareJid),
@@ -32,13 +59,26 @@ pub enum Address {
 /// `Envelope::mailbox_key`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MailboxKey {
-    User(BareJid),
+    Actor(ActorKey),
     Session(u64),
 }
 
+impl MailboxKey {
+    /// A user actor's mailbox.
+    pub fn user(jid: &BareJid) -> Self {
+        MailboxKey::Actor(ActorKey::User(jid.clone()))
+    }
+}
+
 pub trait Placement {
+    /// The (node, shard) hosting the placed actor whose ring key is `key`
+    /// ([`ActorKey::ring_key`]).
+    fn place(&self, key: &[u8]) -> (NodeId, ShardId);
+
     /// The (node, shard) hosting the actor for `user`.
-    fn place_user(&self, user: &BareJid) -> (NodeId, ShardId);
+    fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
+        self.place(user.as_str().as_bytes())
+    }
 }
 
 /// One node: every key is local; the shard is a stable hash of the key (xxh3, the same on
@@ -50,9 +90,8 @@ pub struct SingleNode {
 }
 
 impl Placement for SingleNode {
-    fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
-        let h = xxhash_rust::xxh3::xxh3_64(user.as_str().as_bytes());
-        (self.node, (h % self.shards.max(1) as u64) as ShardId)
+    fn place(&self, key: &[u8]) -> (NodeId, ShardId) {
+        (self.node, crate::system::cluster::shard_of(key, self.shards))
     }
 }
 

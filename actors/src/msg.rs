@@ -142,7 +142,7 @@ impl Envelope {
     /// The target's mailbox on its shard.
     pub fn mailbox_key(&self) -> MailboxKey {
         match self {
-            Envelope::User { to, .. } => MailboxKey::User(to.clone()),
+            Envelope::User { to, .. } => MailboxKey::user(to),
             Envelope::Session { to, .. } => MailboxKey::Session(to.id),
         }
     }

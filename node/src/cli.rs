@@ -307,6 +307,7 @@ fn serve(cfg: Config) -> Result<(), String> {
         tls,
         storage: StorageHandle::new(storage_tx.clone()),
         mailbox: cfg.c2s.mailbox,
+        passivate_after: std::time::Duration::from_millis(cfg.actors.passivate_after_ms),
         max_auth_failures: cfg.auth.max_failures_per_minute,
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
         negotiation_timeout: Duration::from_secs(cfg.c2s.negotiation_timeout_secs),

@@ -16,7 +16,7 @@ use glommio::{GlommioError, ResourceType};
 use jid::BareJid;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use starling_actors::address::{MailboxKey, NodeId, SessionAddr, ShardId};
+use starling_actors::address::{ActorKey, MailboxKey, NodeId, SessionAddr, ShardId};
 use starling_actors::c2s::C2sConfig;
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 pub use starling_actors::system::shard::Origin;
@@ -50,6 +50,8 @@ pub struct ShardParams {
     pub tls: Arc<rustls::ServerConfig>,
     pub storage: StorageHandle,
     pub mailbox: usize,
+    /// How long an idle placed actor stays before it is let go (`actors.passivate_after_ms`).
+    pub passivate_after: Duration,
     pub max_auth_failures: u32,
     pub grace: Duration,
     pub negotiation_timeout: Duration,
@@ -77,6 +79,7 @@ pub struct Shard {
     next_session: Cell<u64>,
     pub negotiation_timeout: Duration,
     pub write_timeout: Duration,
+    pub passivate_after: Duration,
     pub metrics: crate::metrics::ShardMetrics,
     rng: RefCell<ChaCha20Rng>,
 }
@@ -123,7 +126,7 @@ impl Shard {
                         w.wake();
                     }
                 }
-                Out::Activate(jid) => crate::user_host::start(self, jid),
+                Out::Activate(ActorKey::User(jid)) => crate::user_host::start(self, jid),
                 Out::RetryHeld { key, after_ms } => {
                     let me = self.clone();
                     glommio::spawn_local(async move {
@@ -321,21 +324,23 @@ impl Shard {
             None if !c.has_user(jid) => Poll::Ready(None),
             None => Poll::Pending,
         };
-        self.next_in(|| MailboxKey::User(jid.clone()), pop).await
+        self.next_in(|| MailboxKey::user(jid), pop).await
     }
 
     /// Lets an idle user actor go if nothing is queued for it.
     pub fn passivate(self: &Rc<Self>, jid: &BareJid) -> bool {
         let gone = self.core.borrow_mut().passivate(jid);
         if gone {
-            self.wakers.borrow_mut().remove(&MailboxKey::User(jid.clone()));
+            self.wakers.borrow_mut().remove(&MailboxKey::user(jid));
+            self.forget_change_waiter(jid);
         }
         gone
     }
 
     /// The user actor could not start (`ShardCore::not_started`).
     pub fn not_started(self: &Rc<Self>, jid: &BareJid) {
-        self.wakers.borrow_mut().remove(&MailboxKey::User(jid.clone()));
+        self.wakers.borrow_mut().remove(&MailboxKey::user(jid));
+        self.forget_change_waiter(jid);
         self.with_core(|c| c.not_started(jid));
     }
 
@@ -347,7 +352,8 @@ impl Shard {
         why: starling_actors::system::life::Ending,
         instead: Vec<Envelope>,
     ) {
-        self.wakers.borrow_mut().remove(&MailboxKey::User(jid.clone()));
+        self.wakers.borrow_mut().remove(&MailboxKey::user(jid));
+        self.forget_change_waiter(jid);
         self.with_core(|c| c.end_user(jid, sessions, why, instead));
     }
 
@@ -420,6 +426,7 @@ pub async fn run(
         next_session: Cell::new(1),
         negotiation_timeout: params.negotiation_timeout,
         write_timeout: params.write_timeout,
+        passivate_after: params.passivate_after,
         metrics: crate::metrics::ShardMetrics::new(id),
         rng: RefCell::new(ChaCha20Rng::from_seed(seed)),
     });

@@ -6,7 +6,7 @@
 use std::rc::Rc;
 
 use jid::BareJid;
-use starling_actors::system::life::Ending;
+use starling_actors::system::life::{self, Ending};
 use starling_actors::system::runner::{Runner, Step};
 use starling_actors::user::UserActor;
 
@@ -31,6 +31,9 @@ pub fn start(shard: &Rc<Shard>, jid: BareJid) {
 }
 
 async fn run(shard: Rc<Shard>, jid: BareJid) {
+    // The membership when it started: after a change, its state may be stale (another node
+    // may serve the user meanwhile), so it is not kept idle in memory past one.
+    let born = shard.membership_changes();
     let loaded = async {
         if shard.in_cluster() {
             shard.pull_newest(jid.as_str()).await?;
@@ -55,7 +58,32 @@ async fn run(shard: Rc<Shard>, jid: BareJid) {
     let data_version = data.version;
     let actor = UserActor::new(jid.clone(), exists, data, shard.user_cfg.clone());
     let mut runner = Runner::new(actor, data_version);
-    while let Some(t) = shard.next_user_msg(&jid).await {
+    // Idle since its last message (no sessions): let go once `passivate_after` passes
+    // without another (the shard's core refuses while something is queued for it).
+    let mut idle = false;
+    loop {
+        let next = if idle && !shard.passivate_after.is_zero() {
+            // Or at once when the membership changes (then as soon as it is idle again
+            // with nothing queued: what the change queued for it comes first).
+            let since = shard.membership_changes();
+            let wait = futures::future::select(
+                Box::pin(glommio::timer::sleep(shard.passivate_after)),
+                Box::pin(shard.membership_changed(&jid, since)),
+            );
+            match futures::future::select(Box::pin(shard.next_user_msg(&jid)), wait).await {
+                futures::future::Either::Left((m, _)) => m,
+                futures::future::Either::Right(_) => {
+                    if shard.passivate(&jid) {
+                        tracing::trace!(user = %jid, "user actor idle; dropped");
+                        return;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            shard.next_user_msg(&jid).await
+        };
+        let Some(t) = next else { return };
         shard.metrics.route.record(since(t.at));
         let msg = t.msg;
         tracing::trace!(user = %jid, ?msg, "user actor input");
@@ -87,14 +115,17 @@ async fn run(shard: Rc<Shard>, jid: BareJid) {
                     tracing::error!(user = %jid, "user actor asked to wait with no write in flight");
                     break;
                 }
-                Step::Done { idle } => {
+                Step::Done { idle: idle_now } => {
                     shard.metrics.user_handle.record(started.elapsed().as_secs_f64());
-                    // Idle and nothing queued: let go; the durable state reloads on the next
-                    // message.
-                    if idle && shard.passivate(&jid) {
+                    // Idle and nothing queued: let go (now, or after `passivate_after`); the
+                    // durable state reloads on the next message.
+                    let after = shard.passivate_after.as_millis() as u64;
+                    let now = life::passivate_now(after, born, shard.membership_changes());
+                    if idle_now && now && shard.passivate(&jid) {
                         tracing::trace!(user = %jid, "user actor idle; dropped");
                         return;
                     }
+                    idle = idle_now;
                     break;
                 }
                 Step::End { sessions, instead } => {

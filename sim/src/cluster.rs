@@ -67,6 +67,8 @@ pub struct NodeCluster {
     pub ring: Ring,
     /// The other members up, with their generations.
     pub peers: BTreeMap<u32, u64>,
+    /// Membership changes applied (`Links::changes`).
+    pub changes: u64,
 }
 
 impl NodeCluster {
@@ -78,6 +80,7 @@ impl NodeCluster {
             member: None,
             ring: Ring::new([name(id)]),
             peers: BTreeMap::new(),
+            changes: 0,
         }
     }
 
@@ -87,9 +90,9 @@ impl NodeCluster {
         self.peers.clear();
     }
 
-    /// `View::place_user`: the owner node, and the shard when it is this one.
-    pub fn place_user(&self, user: &BareJid, shards: ShardId) -> (NodeId, ShardId) {
-        rules::place_user(&self.ring, self.id, self.peers.is_empty(), shards, user, index)
+    /// `View::place`: the owner node of a ring key, and the shard when it is this one.
+    pub fn place(&self, key: &[u8], shards: ShardId) -> (NodeId, ShardId) {
+        rules::place(&self.ring, self.id, self.peers.is_empty(), shards, key, index)
     }
 }
 
@@ -234,7 +237,7 @@ impl World {
     pub fn place_user(&self, node: u32, user: &BareJid) -> (NodeId, ShardId) {
         let n = &self.nodes[node as usize];
         if self.clustered() {
-            n.cluster.place_user(user, self.cfg.shards)
+            n.cluster.place(user.as_str().as_bytes(), self.cfg.shards)
         } else {
             n.placement.place_user(user)
         }
@@ -391,6 +394,9 @@ impl World {
             self.nodes[n as usize].shards[s as usize].core.node_down(&gone, at);
             self.drive(n, s);
         }
+        // Idle actors kept in memory go, now or once idle again (`passivate_idle`).
+        self.nodes[n as usize].cluster.changes += 1;
+        self.passivate_idle(n);
         // A moment later, `Resync` to the actors then here (link.rs `after_change`).
         if !gone.is_empty() {
             let epoch = self.nodes[n as usize].epoch;

@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use jid::BareJid;
-use starling_actors::address::{MailboxKey, NodeId, Placement, SessionAddr, ShardId, SingleNode};
+use starling_actors::address::{ActorKey, MailboxKey, NodeId, Placement, SessionAddr, ShardId, SingleNode};
 use starling_actors::c2s::{C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
 use starling_actors::system::commit::GroupCommit;
 use starling_actors::system::conn::{Conn, ConnStep};
-use starling_actors::system::life::Ending;
+use starling_actors::system::life::{self, Ending};
 use starling_actors::system::runner::{Runner, Step};
 pub(crate) use starling_actors::system::shard::Origin;
 use starling_actors::system::shard::{Out, Routed as CoreRouted, ShardCore};
@@ -110,6 +110,13 @@ pub struct UserHost {
     /// The actor and its effect loop (the node's, `system::runner`); `None` while its state
     /// loads.
     pub runner: Option<Runner<UserActor>>,
+    /// Messages it handled (an idle check is void if it handled one since).
+    handled: u64,
+    /// Idle and kept in memory (`passivate_after_ms`) since its last message.
+    idle: bool,
+    /// Its node's membership changes when it started (`NodeCluster::changes`): after one,
+    /// it is not kept idle in memory (user_host.rs).
+    born: u64,
     scheduled: bool,
     /// The read repair this incarnation waits for (`cluster.rs pull`). An answer to an older
     /// one (an incarnation since ended) must not start or fail this one: in the node each
@@ -120,12 +127,12 @@ pub struct UserHost {
 /// A route a connection must wait for gives its envelope back (boxed: it is large).
 pub(crate) type Routed = Result<(), Box<Envelope>>;
 
-/// Where a cluster node places a user (`NodeCluster::place_user` with the shard count).
+/// Where a cluster node places an actor (`NodeCluster::place` with the shard count).
 struct ClusterPlace<'a>(&'a crate::cluster::NodeCluster, ShardId);
 
 impl Placement for ClusterPlace<'_> {
-    fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
-        self.0.place_user(user, self.1)
+    fn place(&self, key: &[u8]) -> (NodeId, ShardId) {
+        self.0.place(key, self.1)
     }
 }
 
@@ -546,6 +553,44 @@ impl World {
         self.drive(node, shard);
     }
 
+    /// `passivate_after_ms` after a user actor went idle (`Ev::Idle`): let it go if it has
+    /// handled nothing since and nothing is queued.
+    pub fn idle_check(&mut self, node: u32, epoch: u64, shard: u16, jid: BareJid, handled: u64) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        let Some(h) = sh.users.get(&jid) else { return };
+        if h.handled != handled || h.runner.is_none() {
+            self.stats.idle_reused += 1;
+            return;
+        }
+        if !h.scheduled && sh.core.passivate(&jid) {
+            sh.users.remove(&jid);
+            self.stats.passivated_late += 1;
+        }
+    }
+
+    /// A membership change lets every idle actor kept in memory go, now or once it is idle
+    /// again (user_host.rs: another node may have served its user meanwhile).
+    pub(crate) fn passivate_idle(&mut self, node: u32) {
+        for sh in self.nodes[node as usize].shards.iter_mut() {
+            let idle: Vec<BareJid> = sh
+                .users
+                .iter()
+                .filter(|(_, h)| h.idle && h.runner.is_some())
+                .map(|(j, _)| j.clone())
+                .collect();
+            for j in idle {
+                let h = sh.users.get(&j).expect("present");
+                if !h.scheduled && sh.core.passivate(&j) {
+                    sh.users.remove(&j);
+                    self.stats.passivated_late += 1;
+                }
+            }
+        }
+    }
+
     /// The user's state is read: its actor starts.
     pub(crate) fn activate_user(&mut self, node: u32, shard: u16, jid: BareJid) {
         {
@@ -643,13 +688,17 @@ impl World {
                     let _ = self.route(node, shard, env, Origin::Actor);
                 }
                 Out::Wake(MailboxKey::Session(id)) => self.schedule_session(node, shard, id),
-                Out::Wake(MailboxKey::User(j)) => self.schedule_user(node, shard, &j),
-                Out::Activate(j) => {
+                Out::Wake(MailboxKey::Actor(ActorKey::User(j))) => self.schedule_user(node, shard, &j),
+                Out::Activate(ActorKey::User(j)) => {
+                    let born = self.nodes[node as usize].cluster.changes;
                     let users = &mut self.nodes[node as usize].shards[shard as usize].users;
                     users.insert(
                         j.clone(),
                         UserHost {
                             runner: None,
+                            handled: 0,
+                            idle: false,
+                            born,
                             scheduled: false,
                             pulling: None,
                         },
@@ -780,6 +829,8 @@ impl World {
             let Some(m) = sh.core.pop_user(&jid) else {
                 return;
             };
+            h.handled += 1;
+            h.idle = false;
             if self.cfg.keep_events > 0 {
                 let what = format!("user {jid} handles {:?}", m.msg);
                 self.trace.note(self.now_us, what);
@@ -817,12 +868,33 @@ impl World {
                 }
                 Step::Waiting => return,
                 Step::Done { idle } => {
-                    if idle && sh.core.passivate(&jid) {
+                    let delay = self.cfg.passivate_after_ms;
+                    let changes = self.nodes[node as usize].cluster.changes;
+                    let sh = &mut self.nodes[node as usize].shards[shard as usize];
+                    let born = sh.users.get(&jid).map_or(changes, |h| h.born);
+                    if idle && life::passivate_now(delay, born, changes) && sh.core.passivate(&jid) {
                         // Idle and nothing queued: let go; the durable state reloads on the
                         // next message.
                         sh.users.remove(&jid);
                     } else if sh.core.user_queued(&jid) > 0 {
                         self.schedule_user(node, shard, &jid);
+                    } else if idle {
+                        // Let go after `delay` unless a message comes first (user_host.rs).
+                        let handled = sh.users.get_mut(&jid).map_or(0, |h| {
+                            h.idle = true;
+                            h.handled
+                        });
+                        let epoch = self.nodes[node as usize].epoch;
+                        self.after(
+                            delay * 1000,
+                            Ev::Idle {
+                                node,
+                                epoch,
+                                shard,
+                                jid,
+                                handled,
+                            },
+                        );
                     }
                     return;
                 }

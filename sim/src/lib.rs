@@ -40,6 +40,9 @@ pub struct Config {
     /// With N > 1: the cluster faults allowed (`loss`, `partitions`, `joins`, `crashes`);
     /// `None` allows every one.
     pub cluster_faults: Option<Vec<String>>,
+    /// How long an idle user actor stays before it is let go (the node's
+    /// `actors.passivate_after_ms`; 0 at once, the default).
+    pub passivate_after_ms: u64,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
             keep_events: 40,
             churn: true,
             cluster_faults: None,
+            passivate_after_ms: 0,
         }
     }
 }
@@ -105,6 +109,10 @@ pub struct Stats {
     /// User actors that did not start: too few copies answered their read repair.
     pub activations_failed: u64,
     pub write_failures: u64,
+    /// Idle user actors let go after `passivate_after_ms`, and those that got a message
+    /// before it passed (kept, with their state in memory).
+    pub passivated_late: u64,
+    pub idle_reused: u64,
 }
 
 /// Runs one simulation.
@@ -160,6 +168,13 @@ impl Outcome {
                 st.replicas_refused,
                 st.write_failures,
                 st.activations_failed
+            );
+        }
+        if st.passivated_late + st.idle_reused > 0 {
+            let _ = writeln!(
+                s,
+                "  actors: passivated-late {} idle-reused {}",
+                st.passivated_late, st.idle_reused
             );
         }
         let _ = writeln!(s, "  faults {:?}", self.faults);

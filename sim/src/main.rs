@@ -40,6 +40,9 @@ struct Args {
     /// joins, crashes; `none` for none of them); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// How long an idle user actor stays before it is let go (0: at once, as by default).
+    #[arg(long, default_value_t = 0)]
+    passivate_after_ms: u64,
     /// Events to show before a failure.
     #[arg(long, default_value_t = 40)]
     last: usize,
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         keep_events: a.last,
         churn: !a.no_churn,
         cluster_faults: a.only.clone(),
+        passivate_after_ms: a.passivate_after_ms,
     };
     for o in a.only.iter().flatten() {
         if !["loss", "partitions", "joins", "crashes", "none"].contains(&o.as_str()) {
@@ -111,6 +115,9 @@ fn main() -> ExitCode {
     }
     if a.no_churn {
         flags += " --no-churn";
+    }
+    if a.passivate_after_ms != 0 {
+        flags += &format!(" --passivate-after-ms {}", a.passivate_after_ms);
     }
     if let Some(o) = &a.only {
         flags += &format!(" --only {}", o.join(","));

@@ -129,6 +129,14 @@ pub enum Ev {
         shard_epoch: u64,
         id: u64,
     },
+    /// `passivate_after_ms` after a user actor went idle, having handled `handled` messages.
+    Idle {
+        node: u32,
+        epoch: u64,
+        shard: u16,
+        jid: BareJid,
+        handled: u64,
+    },
     Partition,
     Heal,
     ShardCrash(u32, u16),
@@ -545,6 +553,17 @@ impl World {
                 self.trace
                     .record(self.now_us, format!("request {id} of n{node}/s{shard} times out?"));
                 self.req_timeout(node, epoch, shard, shard_epoch, id);
+            }
+            Ev::Idle {
+                node,
+                epoch,
+                shard,
+                jid,
+                handled,
+            } => {
+                self.trace
+                    .record(self.now_us, format!("user {jid} on n{node} s{shard} idle check"));
+                self.idle_check(node, epoch, shard, jid, handled);
             }
             Ev::Partition => {
                 let up: Vec<u32> = self.nodes.iter().filter(|n| n.up).map(|n| n.id).collect();

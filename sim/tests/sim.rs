@@ -221,6 +221,34 @@ fn the_cluster_runs_that_found_fixes_hold_every_invariant() {
     }
 }
 
+/// `actors.passivate_after_ms` on one node: idle user actors kept in memory for 300 ms (and
+/// let go at a membership change) hold every invariant, and both happen — some are let go
+/// late, some get a message while kept.
+#[test]
+fn idle_actors_kept_in_memory_hold_every_invariant() {
+    let cfg = Config {
+        passivate_after_ms: 300,
+        ..quiet()
+    };
+    let (mut late, mut reused) = (0, 0);
+    let mut failed = Vec::new();
+    for seed in 0..100 {
+        let out = run(seed, &cfg);
+        if out.violation.is_some() {
+            failed.push(out.report());
+        }
+        late += out.stats.passivated_late;
+        reused += out.stats.idle_reused;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} seeds failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(late > 0 && reused > 0, "let go late {late}, reused while idle {reused}");
+}
+
 /// Each planted bug is caught by the invariant meant to catch it, within the CI sweep's
 /// seeds.
 #[test]

@@ -762,3 +762,45 @@ async fn an_unreadable_stored_message_is_set_aside_counted_and_listed() {
     );
     assert_eq!(listed.lines().count(), 1, "{listed}");
 }
+
+/// `actors.passivate_after_ms`: an idle user actor (no sessions) stays in memory that long,
+/// serving what comes for its user meanwhile, then goes; its state reloads at the next login.
+#[tokio::test]
+async fn an_idle_user_actor_is_kept_for_passivate_after_ms_then_let_go() {
+    use std::time::{Duration, Instant};
+    let server = Server::start(
+        &[CLEAR, "actors.passivate_after_ms=3000"],
+        &[("alice@localhost", "a"), ("bob@localhost", "b")],
+    );
+    let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
+    alice.send("<presence/>").await;
+    alice.until("<presence").await;
+    let sent = Instant::now();
+    alice.send("</stream:stream>").await;
+    alice.until_closed().await;
+    let text = scrape_until(&server, |t| metric_sum(t, "starling_sessions") == 0.0);
+    if sent.elapsed() < Duration::from_secs(2) {
+        assert_eq!(
+            metric_sum(&text, "starling_user_actors"),
+            1.0,
+            "kept while idle:\n{text}"
+        );
+    }
+    // While it is kept, a message for alice is stored offline by it.
+    let mut bob = Raw::login_plain(server.port, "bob", "b", "r").await;
+    bob.send("<message to='alice@localhost' type='chat' id='k1'><body>kept</body></message>")
+        .await;
+    bob.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
+    bob.until("id=\"p\"").await;
+    bob.send("</stream:stream>").await;
+    bob.until_closed().await;
+    // Then both go, not before the delay.
+    scrape_until(&server, |t| {
+        metric_sum(t, "starling_user_actors") == 0.0 && metric_sum(t, "starling_offline_messages") == 1.0
+    });
+    assert!(sent.elapsed() >= Duration::from_secs(3), "let go before the delay");
+    let mut alice = Raw::login_plain(server.port, "alice", "a", "r").await;
+    alice.send("<presence/>").await;
+    alice.until("kept").await;
+}

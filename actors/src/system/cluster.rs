@@ -8,7 +8,6 @@
 //! Nodes are named on the ring; each host maps a name to its `NodeId` (the node hashes the
 //! name, the simulator numbers its nodes), so the rules speak names and take that map.
 
-use jid::BareJid;
 use starling_gossip::Ring;
 use starling_storage::Write;
 
@@ -27,32 +26,33 @@ pub fn durable(local_ok: bool, remote_ok: usize, replication: usize) -> bool {
     local_ok && 1 + remote_ok >= copies_needed(replication)
 }
 
-/// The shard of this node a user's actor lives on: a stable hash of the bare JID (xxh3, the
-/// same on every platform and run).
-pub fn shard_of(user: &BareJid, shards: ShardId) -> ShardId {
-    let h = xxhash_rust::xxh3::xxh3_64(user.as_str().as_bytes());
+/// The shard of this node a placed actor lives on: a stable hash of its ring key (for a user,
+/// the bare JID; xxh3, the same on every platform and run).
+pub fn shard_of(key: &[u8], shards: ShardId) -> ShardId {
+    let h = xxhash_rust::xxh3::xxh3_64(key);
     (h % shards.max(1) as u64) as ShardId
 }
 
-/// Where `user`'s actor lives: on the ring's owner of the key (`id` maps a name to a node),
-/// on the shard [`shard_of`] when that is this node (`me`); another node's shard is that
-/// node's business (0). `alone`: no other member is up, every key is here.
-pub fn place_user(
+/// Where the placed actor with ring key `key` lives (`ActorKey::ring_key`): on the ring's
+/// owner of the key (`id` maps a name to a node), on the shard [`shard_of`] when that is this
+/// node (`me`); another node's shard is that node's business (0). `alone`: no other member is
+/// up, every key is here.
+pub fn place(
     ring: &Ring,
     me: NodeId,
     alone: bool,
     shards: ShardId,
-    user: &BareJid,
+    key: &[u8],
     id: impl Fn(&str) -> Option<NodeId>,
 ) -> (NodeId, ShardId) {
     if !alone {
-        if let Some(owner) = ring.owner(user.as_str().as_bytes()).and_then(id) {
+        if let Some(owner) = ring.owner(key).and_then(id) {
             if owner != me {
                 return (owner, 0);
             }
         }
     }
-    (me, shard_of(user, shards))
+    (me, shard_of(key, shards))
 }
 
 /// The other nodes that keep copies of `user`'s state: the next `replication - 1` in the
@@ -181,6 +181,7 @@ impl<W> Repair<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jid::BareJid;
 
     fn ring(names: &[&str]) -> Ring {
         Ring::new(names.iter().map(|n| n.to_string()))
@@ -206,16 +207,17 @@ mod tests {
         let users: Vec<BareJid> = (0..60).map(|i| format!("u{i}@x").parse().unwrap()).collect();
         let mut owners = [0usize; 3];
         for u in &users {
-            let (n, s) = place_user(&r, 0, false, 4, u, id);
+            let k = u.as_str().as_bytes();
+            let (n, s) = place(&r, 0, false, 4, k, id);
             owners[n as usize] += 1;
             if n == 0 {
-                assert_eq!(s, shard_of(u, 4));
+                assert_eq!(s, shard_of(k, 4));
             } else {
                 assert_eq!(s, 0);
             }
             assert_eq!(
-                place_user(&r, 0, true, 4, u, id),
-                (0, shard_of(u, 4)),
+                place(&r, 0, true, 4, k, id),
+                (0, shard_of(k, 4)),
                 "alone: every key here"
             );
             let others = other_replicas(&r, "n0", false, u.as_str(), 2);

@@ -7,6 +7,15 @@ use jid::BareJid;
 use crate::address::SessionAddr;
 use crate::msg::{Envelope, SessionMsg, UserMsg};
 
+/// Whether an idle actor (no sessions, nothing queued) is let go now rather than kept in
+/// memory for `passivate_after_ms` (`actors.passivate_after_ms`): at once when that is 0, or
+/// when the membership changed since it started (`born`, `changes`: the host's count of
+/// membership changes) — another node may have served its user meanwhile, so its state may
+/// be stale. A host keeping it also lets it go at the next membership change.
+pub fn passivate_now(passivate_after_ms: u64, born: u64, changes: u64) -> bool {
+    passivate_after_ms == 0 || born != changes
+}
+
 /// Why an actor ended before its time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {

@@ -369,7 +369,8 @@ impl<T, R> Replication<T, R> {
     /// The node that owns `user` (its actor and its account) as this shard sees it.
     pub fn owner(m: &impl Members, user: &str) -> Option<NodeId> {
         let bare: BareJid = user.parse().ok()?;
-        Some(rules::place_user(m.ring(), m.me(), m.alone(), 1, &bare, |n| m.node_id(n)).0)
+        let key = bare.as_str().as_bytes();
+        Some(rules::place(m.ring(), m.me(), m.alone(), 1, key, |n| m.node_id(n)).0)
     }
 
     fn remote_owner(m: &impl Members, user: &str) -> Option<NodeId> {

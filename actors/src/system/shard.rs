@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use jid::BareJid;
 
-use crate::address::{MailboxKey, NodeId, Placement, SessionAddr, ShardId};
+use crate::address::{ActorKey, MailboxKey, NodeId, Placement, SessionAddr, ShardId};
 use crate::msg::{self, Envelope, SessionMsg, To, UserMsg};
 use crate::planted::{self, Bug};
 use crate::system::life::{self, Ending, NotStarted};
@@ -87,10 +87,10 @@ pub enum Out {
     Route(Envelope),
     /// A message was queued in this mailbox: the task that drains it has work.
     Wake(MailboxKey),
-    /// A user actor's mailbox was created by its first message: load its state and start it
-    /// (then [`ShardCore::pop_user`] until [`ShardCore::passivate`], or
+    /// A placed actor's mailbox was created by its first message: load its state and start
+    /// it (for a user: then [`ShardCore::pop_user`] until [`ShardCore::passivate`], or
     /// [`ShardCore::not_started`] / [`ShardCore::end_user`]).
-    Activate(BareJid),
+    Activate(ActorKey),
     /// Call [`ShardCore::retry_held`] for this mailbox after `after_ms`.
     RetryHeld { key: MailboxKey, after_ms: u64 },
     /// Route `env` after `after_ms` (a control message that met a full channel, a stanza for
@@ -240,7 +240,7 @@ impl ShardCore {
             }
             Envelope::User { to: j, msg: m } => {
                 if !self.users.contains_key(&j) {
-                    self.emit(Out::Activate(j.clone()));
+                    self.emit(Out::Activate(ActorKey::User(j.clone())));
                     self.users.insert(j.clone(), Queue::default());
                 }
                 let q = self.users.get_mut(&j).expect("inserted");
@@ -253,7 +253,7 @@ impl ShardCore {
                     return Routed::Done;
                 }
                 self.user_mail.push_back(q, Queued { at, msg: m });
-                self.emit(Out::Wake(MailboxKey::User(j)));
+                self.emit(Out::Wake(MailboxKey::Actor(ActorKey::User(j))));
             }
         }
         Routed::Done
@@ -301,7 +301,7 @@ impl ShardCore {
             };
             let full = match key {
                 MailboxKey::Session(id) => self.sessions.get(id).is_some_and(|q| q.len() >= self.cap),
-                MailboxKey::User(j) => self.users.get(j).is_some_and(|q| q.len() >= self.cap),
+                MailboxKey::Actor(ActorKey::User(j)) => self.users.get(j).is_some_and(|q| q.len() >= self.cap),
             };
             if full {
                 self.held.get_mut(key).expect("present").push_front(t);
@@ -564,7 +564,7 @@ impl ShardCore {
     pub fn deepest(&self) -> Option<(MailboxKey, usize)> {
         let u = self.users.iter().max_by_key(|(_, q)| q.len());
         let s = self.sessions.iter().max_by_key(|(_, q)| q.len());
-        let user = |(j, q): (&BareJid, &Queue)| (MailboxKey::User(j.clone()), q.len());
+        let user = |(j, q): (&BareJid, &Queue)| (MailboxKey::user(j), q.len());
         let session = |(id, q): (&u64, &Queue)| (MailboxKey::Session(*id), q.len());
         match (u, s) {
             (Some(u), Some(s)) if u.1.len() >= s.1.len() => Some(user(u)),

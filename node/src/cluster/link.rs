@@ -55,6 +55,10 @@ pub struct Links {
     out: RefCell<HashMap<NodeId, (u64, flume::Sender<Frame>)>>,
     /// The cluster protocol's state on this shard.
     protocol: RefCell<Protocol>,
+    /// Bumped by every membership change, and the idle actors waiting for one
+    /// (`Shard::membership_changed`).
+    changes: Cell<u64>,
+    change_waiters: RefCell<HashMap<jid::BareJid, std::task::Waker>>,
     /// Its requests' deadlines, in order, and whether a task expires them.
     deadlines: RefCell<VecDeque<(std::time::Instant, u64)>>,
     expiring: Cell<bool>,
@@ -100,6 +104,8 @@ impl Links {
             view: RefCell::new(view),
             out: RefCell::new(HashMap::new()),
             protocol: RefCell::new(Replication::new(replication)),
+            changes: Cell::new(0),
+            change_waiters: RefCell::new(HashMap::new()),
             deadlines: RefCell::new(VecDeque::new()),
             expiring: Cell::new(false),
         }
@@ -189,6 +195,34 @@ impl Shard {
         if out.get(&node).is_some_and(|(_, t)| t.same_channel(tx)) {
             out.remove(&node);
         }
+    }
+
+    /// Membership changes this shard has seen.
+    pub(crate) fn membership_changes(&self) -> u64 {
+        self.cluster.changes.get()
+    }
+
+    /// Resolves once the membership changes after `since` (`membership_changes`): an idle
+    /// actor kept in memory (`actors.passivate_after_ms`) is let go then, since another node
+    /// may have served its user meanwhile and its state be stale.
+    pub(crate) async fn membership_changed(&self, jid: &jid::BareJid, since: u64) {
+        std::future::poll_fn(|cx| {
+            if self.cluster.changes.get() != since {
+                self.cluster.change_waiters.borrow_mut().remove(jid);
+                return std::task::Poll::Ready(());
+            }
+            self.cluster
+                .change_waiters
+                .borrow_mut()
+                .insert(jid.clone(), cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// The actor of `jid` is gone: it waits for no membership change.
+    pub(crate) fn forget_change_waiter(&self, jid: &jid::BareJid) {
+        self.cluster.change_waiters.borrow_mut().remove(jid);
     }
 
     /// Configured as a cluster member (`cluster.node_name`), whether alone just now or not.
@@ -639,6 +673,12 @@ pub async fn follow_membership(
         my_generation = now;
         shard.cluster.generation.set(now);
         after_change(&shard, &gone, &old_ring, rejoined);
+        // Idle actors kept in memory let go (`membership_changed`).
+        shard.cluster.changes.set(shard.cluster.changes.get() + 1);
+        let waiters: Vec<_> = shard.cluster.change_waiters.borrow_mut().drain().collect();
+        for (_, w) in waiters {
+            w.wake();
+        }
         let new_ring = shard.cluster.view.borrow().ring.clone();
         // One shard per node walks the stored users (they are the node's, not the shard's).
         if shard.id == 0 {

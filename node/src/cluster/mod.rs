@@ -53,8 +53,8 @@ pub struct View {
 }
 
 impl starling_actors::address::Placement for View {
-    fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
-        View::place_user(self, user)
+    fn place(&self, key: &[u8]) -> (NodeId, ShardId) {
+        View::place(self, key)
     }
 }
 
@@ -88,11 +88,16 @@ impl View {
             .collect();
     }
 
-    /// The node that owns `user`'s actor, and the shard when it is this node (another node
-    /// picks its own shard).
-    pub fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
+    /// The node that owns the placed actor with ring key `key`, and the shard when it is this
+    /// node (another node picks its own shard).
+    pub fn place(&self, key: &[u8]) -> (NodeId, ShardId) {
         let (ring, alone) = (&self.ring, self.peers.is_empty());
-        starling_actors::system::cluster::place_user(ring, self.me, alone, self.shards, user, |n| Some(node_id(n)))
+        starling_actors::system::cluster::place(ring, self.me, alone, self.shards, key, |n| Some(node_id(n)))
+    }
+
+    /// The node that owns `user`'s actor, and the shard when it is this node.
+    pub fn place_user(&self, user: &BareJid) -> (NodeId, ShardId) {
+        self.place(user.as_str().as_bytes())
     }
 }
 

@@ -46,7 +46,9 @@ fn first_message_activates_and_wakes() {
     let r = c.route(inbound("bob@x", "m1"), 10, Origin::Actor, &one_shard());
     assert!(matches!(r, Routed::Done));
     let o = outs(&mut c);
-    assert!(matches!(&o[..], [Out::Activate(j), Out::Wake(MailboxKey::User(k))] if j == &jid("bob@x") && k == j));
+    assert!(
+        matches!(&o[..], [Out::Activate(ActorKey::User(j)), Out::Wake(MailboxKey::Actor(ActorKey::User(k)))] if j == &jid("bob@x") && k == j)
+    );
     assert_eq!(c.user_queued(&jid("bob@x")), 1);
     // A second message only wakes.
     c.route(inbound("bob@x", "m2"), 11, Origin::Actor, &one_shard());
