@@ -98,8 +98,9 @@ impl Shard {
         ChaCha20Rng::from_seed(seed)
     }
 
-    /// Runs `f` on the shard's core, then carries out what it decided.
-    fn with_core<R>(self: &Rc<Self>, f: impl FnOnce(&mut ShardCore) -> R) -> R {
+    /// Runs `f` on the shard's core, then carries out what it decided (every change to the
+    /// core goes through here, so that its effects are carried out).
+    pub(crate) fn with_core<R>(self: &Rc<Self>, f: impl FnOnce(&mut ShardCore) -> R) -> R {
         let r = f(&mut self.core.borrow_mut());
         self.carry_out();
         r
@@ -244,12 +245,6 @@ impl Shard {
         }
         let (owner, _) = self.cluster.view.borrow().place_user(user);
         self.core.borrow_mut().binding(id, user.clone(), owner);
-    }
-
-    /// The shard's core, to read (what changes it goes through `with_core`, so that its
-    /// effects are carried out).
-    pub fn core(&self) -> std::cell::Ref<'_, ShardCore> {
-        self.core.borrow()
     }
 
     /// Nodes went: the user actors here unbind their sessions (`ShardCore::node_down`).

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use jid::BareJid;
-use starling_actors::address::{NodeId, Placement, SessionAddr, ShardId};
+use starling_actors::address::{NodeId, Placement, ShardId};
 use starling_actors::c2s::Input;
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::system::cluster as rules;
@@ -288,12 +288,14 @@ impl World {
         if out.rejoined {
             self.trace
                 .record(self.now_us, format!("n{n} was declared down and rejoined"));
-            self.rejoined(n);
+            self.stats.rejoins += 1;
         }
         if !out.changes.is_empty() {
             let what = format!("n{n} membership: {:?}", out.changes);
             self.trace.record(self.now_us, what);
-            self.apply_view(n);
+        }
+        if out.rejoined || !out.changes.is_empty() {
+            self.apply_view(n, out.rejoined);
         }
     }
 
@@ -355,7 +357,7 @@ impl World {
     /// The driver pushed a membership to the shards (`follow_membership`): the ring changes,
     /// links to nodes gone close, the actors learn which nodes died, sessions whose user
     /// moved are closed, and users whose replica set gained a node are handed to it.
-    fn apply_view(&mut self, n: u32) {
+    fn apply_view(&mut self, n: u32, rejoined: bool) {
         let Some(m) = self.nodes[n as usize].cluster.member.as_ref() else {
             return;
         };
@@ -410,29 +412,19 @@ impl World {
         // set gained a node (after a heal or a rejoin, that node may have
         // served the user meanwhile: the actor must reload, with read repair).
         let gained = |user: &BareJid| rules::replicas_gained(&old_ring, &new_ring, user.as_str(), REPLICATION);
-        for s in 0..self.cfg.shards {
-            // A rejoin is handled before (`rejoined`), every session then closed.
-            let owner_now = |u: &BareJid| self.place_user(n, u).0;
-            let moved = self.nodes[n as usize].shards[s as usize]
+        let (generation, shards, at) = (self.node_gen(n), self.cfg.shards, self.now_us);
+        for s in 0..shards {
+            let node = &mut self.nodes[n as usize];
+            let cluster = &node.cluster;
+            let owner_now = |u: &BareJid| cluster.place(u.as_str().as_bytes(), shards).0;
+            let moved = node.shards[s as usize]
                 .core
-                .moved_sessions(false, &gone, owner_now, gained);
+                .close_moved(generation, rejoined, &gone, owner_now, gained, at);
             for id in moved {
                 self.stats.moved_kicks += 1;
                 self.excuse_confirmed(id);
-                let env = Envelope::to_session(
-                    SessionAddr {
-                        node: n,
-                        node_gen: self.node_gen(n),
-                        shard: s,
-                        id,
-                    },
-                    SessionMsg::Kick {
-                        condition: "undefined-condition",
-                        text: "this account's cluster node changed; please reconnect".into(),
-                    },
-                );
-                let _ = self.deliver_local(n, s, env, Origin::Actor);
             }
+            self.drive(n, s);
         }
         // One shard per node walks the stored users (link.rs `follow_membership`).
         self.protocol(n, 0, |p, _| p.ring_changed(old_ring, new_ring));
@@ -458,35 +450,6 @@ impl World {
             let at = self.now_us;
             self.nodes[n as usize].shards[s as usize].core.resync(at);
             self.drive(n, s);
-        }
-    }
-
-    /// Declared down by the others, this node rejoined: they unbound its sessions and may
-    /// have served its users meanwhile. Like a restarted node, it closes every session (the
-    /// clients reconnect and bind again; user actors here go idle and reload).
-    fn rejoined(&mut self, n: u32) {
-        self.stats.rejoins += 1;
-        for s in 0..self.cfg.shards {
-            let ids: Vec<u64> = self.nodes[n as usize].shards[s as usize]
-                .core
-                .binding_sessions()
-                .collect();
-            for id in ids {
-                self.excuse_confirmed(id);
-                let env = Envelope::to_session(
-                    SessionAddr {
-                        node: n,
-                        node_gen: self.node_gen(n),
-                        shard: s,
-                        id,
-                    },
-                    SessionMsg::Kick {
-                        condition: "undefined-condition",
-                        text: "this cluster node rejoined; please reconnect".into(),
-                    },
-                );
-                let _ = self.deliver_local(n, s, env, Origin::Actor);
-            }
         }
     }
 

@@ -186,15 +186,7 @@ enum Task<T, R> {
     /// Another node's pull: this node's copy.
     Snapshot(R),
     /// A whole copy offered (a handoff, the newest copy of a read repair): kept if newer.
-    Take {
-        whom: TakeFor<R>,
-        user: String,
-        version: u64,
-        writes: Vec<Write>,
-        tries: usize,
-        /// The version read here, once read (the replacement is conditional on it).
-        have: Option<u64>,
-    },
+    Take(Take<R>),
     Pull {
         whom: T,
         user: String,
@@ -220,6 +212,16 @@ enum Kind {
     Account,
     Created,
     Written,
+}
+
+struct Take<R> {
+    whom: TakeFor<R>,
+    user: String,
+    version: u64,
+    writes: Vec<Write>,
+    tries: usize,
+    /// The version read here, once read (the replacement is conditional on it).
+    have: Option<u64>,
 }
 
 enum TakeFor<R> {
@@ -635,14 +637,14 @@ impl<T, R> Replication<T, R> {
     }
 
     fn take(&mut self, whom: TakeFor<R>, user: String, version: u64, writes: Vec<Write>) {
-        let task = self.task(Task::Take {
+        let task = self.task(Task::Take(Take {
             whom,
             user: user.clone(),
             version,
             writes,
             tries: 0,
             have: None,
-        });
+        }));
         self.storage_call(task, Local::Version(user));
     }
 
@@ -782,17 +784,7 @@ impl<T, R> Replication<T, R> {
                 }
                 self.finish(whom, Outcome::Written(outcome));
             }
-            (
-                Task::Take {
-                    whom,
-                    user,
-                    version,
-                    writes,
-                    tries,
-                    have,
-                },
-                got,
-            ) => self.take_step(task, whom, user, version, writes, tries, have, got),
+            (Task::Take(t), got) => self.take_step(task, t, got),
             (t @ Task::Pull { .. }, got) => {
                 self.tasks.insert(task, t);
                 match got {
@@ -977,18 +969,8 @@ impl<T, R> Replication<T, R> {
     /// read (`Write::NextVersion` as a condition): a replicated batch that lands between the
     /// read and the write makes it fail, and the comparison is made again — unconditional, it
     /// overwrote that batch with the versions tied.
-    #[allow(clippy::too_many_arguments)]
-    fn take_step(
-        &mut self,
-        task: u64,
-        whom: TakeFor<R>,
-        user: String,
-        version: u64,
-        writes: Vec<Write>,
-        tries: usize,
-        have: Option<u64>,
-        got: Result<Got, StorageError>,
-    ) {
+    fn take_step(&mut self, task: u64, t: Take<R>, got: Result<Got, StorageError>) {
+        let have = t.have;
         let done = |s: &mut Self, whom: TakeFor<R>, res: Res| match whom {
             TakeFor::There(to) => s.out.push_back(Act::Reply { to, res }),
             TakeFor::Pull(pull) => {
@@ -1002,50 +984,32 @@ impl<T, R> Replication<T, R> {
         };
         match (have, got) {
             (None, Ok(Got::Version { exists, version: v })) => {
-                if !rules::replaces(exists.then_some(v), version) {
+                if !rules::replaces(exists.then_some(v), t.version) {
                     tracing::debug!(
-                        user,
+                        user = t.user,
                         here = v,
-                        offered = version,
+                        offered = t.version,
                         "cluster: copy offered not newer; kept ours"
                     );
-                    return done(self, whom, Res::Done);
+                    return done(self, t.whom, Res::Done);
                 }
-                let all = rules::replacement(&user, v, writes.iter().cloned(), version);
-                self.tasks.insert(
-                    task,
-                    Task::Take {
-                        whom,
-                        user,
-                        version,
-                        writes,
-                        tries,
-                        have: Some(v),
-                    },
-                );
+                let all = rules::replacement(&t.user, v, t.writes.iter().cloned(), t.version);
+                self.tasks.insert(task, Task::Take(Take { have: Some(v), ..t }));
                 self.storage_call(task, Local::Write(all));
             }
-            (Some(_), Ok(_)) => done(self, whom, Res::Done),
-            (Some(_), Err(StorageError::Conflict { .. })) if tries + 1 < limits::HANDOFF_TRIES => {
-                self.tasks.insert(
-                    task,
-                    Task::Take {
-                        whom,
-                        user: user.clone(),
-                        version,
-                        writes,
-                        tries: tries + 1,
-                        have: None,
-                    },
-                );
+            (Some(_), Ok(_)) => done(self, t.whom, Res::Done),
+            (Some(_), Err(StorageError::Conflict { .. })) if t.tries + 1 < limits::HANDOFF_TRIES => {
+                let user = t.user.clone();
+                let tries = t.tries + 1;
+                self.tasks.insert(task, Task::Take(Take { tries, have: None, ..t }));
                 self.storage_call(task, Local::Version(user));
             }
             (Some(_), Err(StorageError::Conflict { .. })) => {
-                let e = format!("{user}: the copy here kept changing during the handoff");
-                done(self, whom, Res::Failed(e))
+                let e = format!("{}: the copy here kept changing during the handoff", t.user);
+                done(self, t.whom, Res::Failed(e))
             }
-            (_, Err(e)) => done(self, whom, Res::Failed(e.to_string())),
-            (None, Ok(other)) => done(self, whom, Res::Failed(format!("unexpected {other:?}"))),
+            (_, Err(e)) => done(self, t.whom, Res::Failed(e.to_string())),
+            (None, Ok(other)) => done(self, t.whom, Res::Failed(format!("unexpected {other:?}"))),
         }
     }
 

@@ -397,28 +397,45 @@ impl ShardCore {
         self.bound.contains_key(&id)
     }
 
-    /// The sessions whose bind is recorded, by id.
-    pub fn binding_sessions(&self) -> impl Iterator<Item = u64> + '_ {
-        self.bound.keys().copied()
-    }
-
-    /// After a membership change: the sessions here that must reconnect
-    /// (`cluster::session_moved`), by id. `owner_now` places a user; `gained` says whether
-    /// its replica set gained a node.
-    pub fn moved_sessions(
-        &self,
+    /// After a membership change: closes the sessions here that must reconnect
+    /// (`cluster::session_moved`: each is sent a `Kick`, its client binds again where its user
+    /// lives now) and returns their ids, for the host's log. `generation`: this node's
+    /// membership generation now; `rejoined`: this node was declared down and came back;
+    /// `owner_now` places a user; `gained` says whether its replica set gained a node.
+    #[allow(clippy::too_many_arguments)]
+    pub fn close_moved(
+        &mut self,
+        generation: u64,
         rejoined: bool,
         gone: &[(NodeId, u64)],
         owner_now: impl Fn(&BareJid) -> NodeId,
         gained: impl Fn(&BareJid) -> bool,
+        at: u64,
     ) -> Vec<u64> {
-        self.bound
+        let ids: Vec<u64> = self
+            .bound
             .iter()
             .filter(|(_, (user, then))| {
                 crate::system::cluster::session_moved(rejoined, *then, owner_now(user), gone, gained(user))
             })
             .map(|(id, _)| *id)
-            .collect()
+            .collect();
+        for id in &ids {
+            let addr = SessionAddr {
+                node: self.node,
+                node_gen: generation,
+                shard: self.shard,
+                id: *id,
+            };
+            let kick = SessionMsg::Kick {
+                condition: "undefined-condition",
+                text: "this account's cluster node changed; please reconnect".into(),
+            };
+            // A control message: held if the mailbox is full, never refused.
+            let _ = self.deliver_here(Envelope::to_session(addr, kick), at, Origin::Actor);
+        }
+        self.done();
+        ids
     }
 
     /// Nodes went (`gone`: each with the generation that went): every user actor here

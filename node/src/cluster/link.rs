@@ -710,22 +710,17 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
         })
         .detach();
     }
-    let moved = {
-        let view = shard.cluster.view.borrow();
-        let r = shard.cluster.replication;
-        let owner_now = |user: &jid::BareJid| view.place_user(user).0;
-        let gained = |user: &jid::BareJid| rules::replicas_gained(old_ring, &view.ring, user.as_str(), r);
-        shard.core().moved_sessions(rejoined, gone, owner_now, gained)
-    };
+    let view = shard.cluster.view.borrow().clone();
+    let r = shard.cluster.replication;
+    let owner_now = |user: &jid::BareJid| view.place_user(user).0;
+    let gained = |user: &jid::BareJid| rules::replicas_gained(old_ring, &view.ring, user.as_str(), r);
+    let generation = shard.cluster.generation.get();
+    let at = crate::shard::stamp();
+    let moved = shard.with_core(|c| c.close_moved(generation, rejoined, gone, owner_now, gained, at));
     for id in moved {
         tracing::info!(
             session = id,
             "cluster: the session's user moved to another node; closing it"
-        );
-        shard.kick(
-            id,
-            "undefined-condition",
-            "this account's cluster node changed; please reconnect",
         );
     }
 }

@@ -164,6 +164,14 @@ impl Net {
         }
     }
 
+    /// The node other than `owner` that holds `user`'s account (replication 2).
+    fn replica_of(&self, user: &str, owner: NodeId) -> NodeId {
+        (0..self.nodes.len() as NodeId)
+            .filter(|n| *n != owner)
+            .find(|n| self.nodes[*n as usize].st.account(user).unwrap().is_some())
+            .expect("a replica")
+    }
+
     fn version(&self, n: NodeId, user: &str) -> u64 {
         self.nodes[n as usize].st.load_user(user).unwrap().version
     }
@@ -236,9 +244,7 @@ fn a_write_without_its_replica_fails_and_leaves_this_copy_alone() {
     let mut net = Net::new(3, 2);
     let user = net.user_owned_by(0);
     created(&mut net, &user);
-    let replica = (1..3)
-        .find(|n| net.nodes[*n as usize].st.account(&user).unwrap().is_some())
-        .unwrap();
+    let replica = net.replica_of(&user, 0);
     net.cut = vec![replica];
     net.call(0, |p, v| p.write(1, user.clone(), vec![push(&user, 1)], Some(1), v));
     assert!(matches!(net.outcome(1), Outcome::Written(Err(_))));
@@ -260,9 +266,7 @@ fn a_replica_takes_batches_only_from_the_owner_it_sees() {
     let mut net = Net::new(3, 2);
     let user = net.user_owned_by(0);
     created(&mut net, &user);
-    let replica = (1..3)
-        .find(|n| net.nodes[*n as usize].st.account(&user).unwrap().is_some())
-        .unwrap();
+    let replica = net.replica_of(&user, 0);
     let stranger = 3 - replica;
     // The stranger believes it owns the user (its view lags): the replica refuses it.
     let r = &mut net.nodes[replica as usize];

@@ -402,16 +402,29 @@ fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
     c.binding(1, bob.clone(), 7);
     c.binding(1, bob.clone(), 9);
     c.binding(2, eve.clone(), 8);
-    assert_eq!(c.binding_sessions().collect::<Vec<_>>(), [1, 2]);
+    assert!(c.is_binding(1) && c.is_binding(2));
     // bob's actor stays on 7; eve's lived on 8, which went.
     let gone = [(8, 3)];
-    let moved = c.moved_sessions(false, &gone, |_| 7, |_| false);
+    let moved = c.close_moved(1, false, &gone, |_| 7, |_| false, 0);
     assert_eq!(moved, [2], "the first record holds: bob bound while his actor was on 7");
+    let kicked = |c: &mut ShardCore, id| {
+        matches!(
+            c.pop_session(id).map(|t| t.msg),
+            Some(SessionMsg::Kick {
+                condition: "undefined-condition",
+                ..
+            })
+        )
+    };
+    assert!(kicked(&mut c, 2) && c.pop_session(1).is_none());
+    assert!(matches!(&outs(&mut c)[..], [Out::Wake(MailboxKey::Session(2))]));
     assert_eq!(
-        c.moved_sessions(true, &[], |_| 7, |_| false),
+        c.close_moved(1, true, &[], |_| 7, |_| false, 0),
         [1, 2],
         "a rejoin closes all"
     );
+    assert!(kicked(&mut c, 1) && kicked(&mut c, 2));
+    outs(&mut c);
     c.close_session(addr(2));
     assert!(!c.is_binding(2));
 
