@@ -19,3 +19,4 @@ pub mod queues;
 pub mod replication;
 pub mod runner;
 pub mod shard;
+pub mod slot;
