@@ -23,8 +23,9 @@ pub const ELECTION_TICKS: usize = 10;
 /// Ticks between a leader's heartbeats.
 pub const HEARTBEAT_TICKS: usize = 2;
 
-/// A Raft message in our own form.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A Raft message in our own form: an rkyv archive, validated on receipt like every frame
+/// (`wire.rs`), then checked again by [`RaftMsg::into_raft`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RaftMsg {
     pub kind: i32,
     pub to: u64,
@@ -43,7 +44,7 @@ pub struct RaftMsg {
     pub priority: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RaftEntry {
     pub kind: i32,
     pub term: u64,
@@ -52,7 +53,7 @@ pub struct RaftEntry {
     pub context: Vec<u8>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RaftSnapshot {
     pub data: Vec<u8>,
     pub index: u64,

@@ -206,6 +206,18 @@ fn a_snapshot_message_survives_our_form() {
         context: Vec::new(),
         priority: 0,
     };
+    // Through an archive, as between nodes, and validated on the way in.
+    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&ours).unwrap();
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    aligned.extend_from_slice(&bytes);
+    let read = rkyv::from_bytes::<RaftMsg, rkyv::rancor::Error>(&aligned).unwrap();
+    assert_eq!(read, ours);
+    let mut half = rkyv::util::AlignedVec::<16>::new();
+    half.extend_from_slice(&aligned[..aligned.len() / 2]);
+    assert!(
+        rkyv::from_bytes::<RaftMsg, rkyv::rancor::Error>(&half).is_err(),
+        "a truncated archive is refused"
+    );
     let raft = ours.clone().into_raft().unwrap();
     assert_eq!(raft.get_snapshot().get_metadata().index, 9);
     assert_eq!(RaftMsg::from(&raft), ours);
