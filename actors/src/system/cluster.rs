@@ -33,6 +33,22 @@ pub fn shard_of(key: &[u8], shards: ShardId) -> ShardId {
     (h % shards.max(1) as u64) as ShardId
 }
 
+/// The slot a placed actor's state belongs to (issue 17: each slot one Raft group): a stable
+/// hash of its ring key, over `slots` (`cluster.slots`, fixed when the cluster is made —
+/// changing it would move every key). A different hash from the shard's, so a node's shards
+/// do not each get a fixed subset of slots.
+pub fn slot_of(key: &[u8], slots: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64_with_seed(key, SLOT_SEED) % slots.max(1) as u64) as u32
+}
+
+const SLOT_SEED: u64 = 0x5107_5107;
+
+/// The voters of a slot's group: the ring's first `replication` members for the slot (by
+/// its number, so every key of a slot has the same voters).
+pub fn slot_voters(ring: &Ring, slot: u32, replication: usize) -> Vec<&str> {
+    ring.replicas(&slot.to_be_bytes(), replication)
+}
+
 /// Where the placed actor with ring key `key` lives (`ActorKey::ring_key`): on the ring's
 /// owner of the key (`id` maps a name to a node), on the shard [`shard_of`] when that is this
 /// node (`me`); another node's shard is that node's business (0). `alone`: no other member is
@@ -189,6 +205,32 @@ mod tests {
 
     fn id(n: &str) -> Option<NodeId> {
         n.strip_prefix('n')?.parse().ok()
+    }
+
+    #[test]
+    fn slots_spread_keys_and_their_voters_follow_the_ring() {
+        let mut seen = vec![0usize; 64];
+        for i in 0..6400 {
+            seen[slot_of(format!("u{i}@x").as_bytes(), 64) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 50), "{seen:?}");
+        assert_eq!(slot_of(b"alice@localhost", 64), slot_of(b"alice@localhost", 64));
+        let three = ring(&["n0", "n1", "n2"]);
+        let four = ring(&["n0", "n1", "n2", "n3"]);
+        let mut moved = 0;
+        for slot in 0..64 {
+            let v = slot_voters(&three, slot, 2);
+            assert_eq!(v.len(), 2);
+            assert_ne!(v[0], v[1]);
+            let w = slot_voters(&four, slot, 2);
+            // A join changes a slot's voters only by taking the newcomer in.
+            if v != w {
+                moved += 1;
+                assert!(w.contains(&"n3"), "{v:?} -> {w:?}");
+            }
+        }
+        assert!(moved > 0 && moved < 64, "{moved}");
+        assert_eq!(slot_voters(&ring(&["n0"]), 5, 3), vec!["n0"]);
     }
 
     #[test]
