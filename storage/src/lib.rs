@@ -7,10 +7,12 @@
 //! thread applies every queued batch, flushes once (group commit) and only then replies.
 
 mod memory;
+mod raft_log;
 mod sled_store;
 mod types;
 
 pub use memory::MemoryStorage;
+pub use raft_log::{RaftStored, RaftWrite};
 pub use sled_store::SledStorage;
 pub use types::*;
 
@@ -61,6 +63,34 @@ pub trait Storage {
         let version = data.version;
         Ok(Some((version, data.into_writes(user, account))))
     }
+    /// The slots whose Raft state is stored here (issue 17).
+    fn raft_slots(&self) -> Result<Vec<u32>>;
+    /// One slot's stored Raft log and state; `None` when nothing is stored for it.
+    fn raft_stored(&self, slot: u32) -> Result<Option<RaftStored>>;
+    /// Changes one slot's stored log (not durable until [`Storage::flush`]).
+    fn raft_write(&mut self, w: &RaftWrite) -> Result<()>;
+    /// Applies a committed entry's writes — all or none, as [`Storage::apply`]: a
+    /// `Conflict` leaves them out — and records `index` as the slot's applied entry either
+    /// way, together with them.
+    fn apply_committed(&mut self, slot: u32, index: u64, writes: &[Write]) -> Result<()>;
+    /// Everything stored for the users `in_slot` selects, as writes that recreate it (a
+    /// Raft snapshot's data): each user's account, roster, offline queue and version.
+    fn slot_state(&self, in_slot: &dyn Fn(&str) -> bool) -> Result<Vec<Write>> {
+        let mut out = Vec::new();
+        for user in self.list_accounts()? {
+            if !in_slot(&user) {
+                continue;
+            }
+            if let Some((version, writes)) = self.snapshot(&user)? {
+                out.extend(writes);
+                out.push(Write::SetVersion { user, version });
+            }
+        }
+        Ok(out)
+    }
+    /// Replaces what is stored for the users `in_slot` selects with `writes` (a snapshot
+    /// installed), and records `index` as the slot's applied entry, together.
+    fn install_slot(&mut self, slot: u32, index: u64, in_slot: &dyn Fn(&str) -> bool, writes: &[Write]) -> Result<()>;
     /// Offline messages stored for all users (applied writes included), for the metrics.
     fn offline_total(&self) -> u64;
     /// Offline messages set aside as unreadable (`Write::SetAsideOffline`), for the metrics.

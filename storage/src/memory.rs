@@ -1,11 +1,12 @@
 use std::collections::BTreeMap;
 
-use crate::{Account, OfflineMessage, Result, Storage, UserData, Write};
+use crate::{Account, OfflineMessage, RaftStored, RaftWrite, Result, Storage, UserData, Write};
 
 #[derive(Clone, Debug, Default)]
 struct State {
     accounts: BTreeMap<String, Account>,
     users: BTreeMap<String, UserData>,
+    raft: BTreeMap<u32, RaftStored>,
 }
 
 /// In-memory storage with a durable part (what `flush` made durable) and a volatile part
@@ -110,6 +111,33 @@ impl Storage for MemoryStorage {
     }
     fn flush(&mut self) -> Result<()> {
         self.durable = self.current.clone();
+        Ok(())
+    }
+    fn raft_slots(&self) -> Result<Vec<u32>> {
+        Ok(self.current.raft.keys().copied().collect())
+    }
+    fn raft_stored(&self, slot: u32) -> Result<Option<RaftStored>> {
+        Ok(self.current.raft.get(&slot).cloned())
+    }
+    fn raft_write(&mut self, w: &RaftWrite) -> Result<()> {
+        self.current.raft.entry(w.slot).or_default().write(w);
+        Ok(())
+    }
+    fn apply_committed(&mut self, slot: u32, index: u64, writes: &[Write]) -> Result<()> {
+        let r = self.apply(writes);
+        self.current.raft.entry(slot).or_default().applied = index;
+        r
+    }
+    fn install_slot(&mut self, slot: u32, index: u64, in_slot: &dyn Fn(&str) -> bool, writes: &[Write]) -> Result<()> {
+        let gone: Vec<String> = self.current.accounts.keys().filter(|u| in_slot(u)).cloned().collect();
+        for user in gone {
+            apply_one(&mut self.current, &Write::DeleteUser { user });
+        }
+        self.current.users.retain(|u, _| !in_slot(u));
+        for w in writes {
+            apply_one(&mut self.current, w);
+        }
+        self.current.raft.entry(slot).or_default().applied = index;
         Ok(())
     }
     fn list_accounts(&self) -> Result<Vec<String>> {

@@ -7,6 +7,9 @@
 //! - `unreadable`: same keys and values as `offline`: stored stanzas that could not be parsed
 //!   back when they were to be delivered, set aside (`Write::SetAsideOffline`) for the
 //!   operator (`starling user unreadable`) rather than deleted
+//! - `raft`: each slot's Raft group (`crate::raft_log`): `l slot(u32 BE) index(u64 BE)` →
+//!   log entry, `s slot` → state, `a slot` → applied index (u64 BE), all as the caller
+//!   encodes them; an entry's writes and the applied index commit in one transaction
 //!
 //! Batches are atomic: `apply` works out a batch's changes to every tree (reading through
 //! what is pending and what the batch itself changed) and adds them to the pending changes;
@@ -20,7 +23,9 @@ use std::path::Path;
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{Account, OfflineMessage, Result, RosterItem, Storage, StorageError, UserData, Write};
+use crate::{
+    Account, OfflineMessage, RaftStored, RaftWrite, Result, RosterItem, Storage, StorageError, UserData, Write,
+};
 
 pub struct SledStorage {
     db: sled::Db,
@@ -29,6 +34,7 @@ pub struct SledStorage {
     meta: sled::Tree,
     offline: sled::Tree,
     unreadable: sled::Tree,
+    raft: sled::Tree,
     /// Applied and not yet committed (see the module's doc). A `RefCell`: reads (`&self`)
     /// commit it first. Only the storage thread uses a store.
     pending: RefCell<Changes>,
@@ -46,7 +52,8 @@ const ROSTER: usize = 1;
 const META: usize = 2;
 const OFFLINE: usize = 3;
 const UNREADABLE: usize = 4;
-const TREES: usize = 5;
+const RAFT: usize = 5;
+const TREES: usize = 6;
 
 /// One batch's changes, over what is pending, over the trees. Reads go through all three,
 /// so a write sees what earlier writes of its batch and earlier batches did.
@@ -214,6 +221,26 @@ fn wver_key(user: &str) -> Vec<u8> {
     k
 }
 
+fn raft_key(kind: u8, slot: u32) -> Vec<u8> {
+    let mut k = vec![kind];
+    k.extend_from_slice(&slot.to_be_bytes());
+    k
+}
+
+fn log_key(slot: u32, index: u64) -> Vec<u8> {
+    let mut k = raft_key(b'l', slot);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn be_u64(key: &[u8], v: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = v.try_into().map_err(|_| StorageError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: "not 8 bytes".into(),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 fn read_u64(tree: &sled::Tree, key: &[u8], what: &str) -> Result<u64> {
     match tree.get(key).map_err(backend)? {
         None => Ok(0),
@@ -258,6 +285,7 @@ impl SledStorage {
             offline,
             unreadable_count: unreadable.len() as u64,
             unreadable,
+            raft: tree("raft")?,
             pending: RefCell::new(Default::default()),
             db,
         })
@@ -329,7 +357,26 @@ impl SledStorage {
             &self.meta,
             &self.offline,
             &self.unreadable,
+            &self.raft,
         ]
+    }
+
+    /// Adds a staged batch to what is pending.
+    fn merge(&mut self, (changes, offline, unreadable): (Changes, i64, i64)) {
+        let pending = self.pending.get_mut();
+        for (t, c) in changes.into_iter().enumerate() {
+            pending[t].extend(c);
+        }
+        apply_count(&mut self.offline_count, offline);
+        apply_count(&mut self.unreadable_count, unreadable);
+    }
+
+    /// `stage` with the slot's applied index set to `index` in the same changes.
+    fn stage_applied(&self, slot: u32, index: u64, writes: &[Write]) -> Result<(Changes, i64, i64)> {
+        let pending = self.pending.borrow();
+        let mut staged = self.stage(writes, &pending)?;
+        staged.0[RAFT].insert(raft_key(b'a', slot), Some(index.to_be_bytes().to_vec()));
+        Ok(staged)
     }
 
     /// Commits what is pending (before a read, and at `flush`).
@@ -400,16 +447,105 @@ impl Storage for SledStorage {
     }
 
     fn apply(&mut self, writes: &[Write]) -> Result<()> {
-        let pending = std::mem::take(self.pending.get_mut());
-        let staged = self.stage(writes, &pending);
-        *self.pending.get_mut() = pending;
-        let (changes, offline, unreadable) = staged?;
-        let pending = self.pending.get_mut();
-        for (t, c) in changes.into_iter().enumerate() {
-            pending[t].extend(c);
+        let staged = self.stage(writes, &self.pending.borrow())?;
+        self.merge(staged);
+        Ok(())
+    }
+
+    fn raft_slots(&self) -> Result<Vec<u32>> {
+        self.commit_pending()?;
+        let mut out = Vec::new();
+        for kv in self.raft.scan_prefix(b"s") {
+            let (k, _) = kv.map_err(backend)?;
+            let slot: [u8; 4] = k[1..].try_into().map_err(|_| StorageError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: "raft state key is not a slot".into(),
+            })?;
+            out.push(u32::from_be_bytes(slot));
         }
-        apply_count(&mut self.offline_count, offline);
-        apply_count(&mut self.unreadable_count, unreadable);
+        Ok(out)
+    }
+
+    fn raft_stored(&self, slot: u32) -> Result<Option<RaftStored>> {
+        self.commit_pending()?;
+        let state = self.raft.get(raft_key(b's', slot)).map_err(backend)?;
+        let applied = self.raft.get(raft_key(b'a', slot)).map_err(backend)?;
+        if state.is_none() && applied.is_none() {
+            return Ok(None);
+        }
+        let mut out = RaftStored {
+            state: state.map(|v| v.to_vec()).unwrap_or_default(),
+            entries: Vec::new(),
+            applied: match applied {
+                Some(v) => be_u64(&raft_key(b'a', slot), &v)?,
+                None => 0,
+            },
+        };
+        for kv in self.raft.scan_prefix(raft_key(b'l', slot)) {
+            let (k, v) = kv.map_err(backend)?;
+            out.entries.push((be_u64(&k, &k[5..])?, v.to_vec()));
+        }
+        Ok(Some(out))
+    }
+
+    fn raft_write(&mut self, w: &RaftWrite) -> Result<()> {
+        let mut changes = {
+            let pending = self.pending.borrow();
+            let mut o = Overlay::new(self.trees(), &pending);
+            let (lo, hi) = (log_key(w.slot, 0), log_key(w.slot, u64::MAX));
+            let drop_from = |o: &mut Overlay<'_>, lo: &[u8], hi: &[u8]| -> Result<()> {
+                for k in o.keys_in(RAFT, lo, hi)? {
+                    o.remove(RAFT, k);
+                }
+                Ok(())
+            };
+            if w.clear {
+                drop_from(&mut o, &lo, &hi)?;
+            }
+            if let Some(below) = w.compact_below.filter(|b| *b > 0) {
+                drop_from(&mut o, &lo, &log_key(w.slot, below - 1))?;
+            }
+            if let Some((first, _)) = w.entries.first() {
+                drop_from(&mut o, &log_key(w.slot, *first), &hi)?;
+            }
+            for (i, e) in &w.entries {
+                o.put(RAFT, log_key(w.slot, *i), e.clone());
+            }
+            if let Some(s) = &w.state {
+                o.put(RAFT, raft_key(b's', w.slot), s.clone());
+            }
+            o.changes
+        };
+        let pending = self.pending.get_mut();
+        pending[RAFT].append(&mut changes[RAFT]);
+        Ok(())
+    }
+
+    fn apply_committed(&mut self, slot: u32, index: u64, writes: &[Write]) -> Result<()> {
+        match self.stage_applied(slot, index, writes) {
+            Ok(staged) => {
+                self.merge(staged);
+                Ok(())
+            }
+            Err(e @ StorageError::Conflict { .. }) => {
+                let staged = self.stage_applied(slot, index, &[])?;
+                self.merge(staged);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn install_slot(&mut self, slot: u32, index: u64, in_slot: &dyn Fn(&str) -> bool, writes: &[Write]) -> Result<()> {
+        let mut all: Vec<Write> = self
+            .list_accounts()?
+            .into_iter()
+            .filter(|u| in_slot(u))
+            .map(|user| Write::DeleteUser { user })
+            .collect();
+        all.extend(writes.iter().cloned());
+        let staged = self.stage_applied(slot, index, &all)?;
+        self.merge(staged);
         Ok(())
     }
 
@@ -583,5 +719,130 @@ mod tests {
             assert_eq!(s.load_user("a@x").unwrap().version, 0);
             assert_eq!(next(0).user(), "a@x");
         }
+    }
+
+    #[test]
+    fn raft_logs_are_kept_per_slot_and_applied_with_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStorage::open(dir.path()).unwrap();
+        let stores: Vec<Box<dyn Storage>> = vec![Box::new(sled), Box::new(crate::MemoryStorage::new())];
+        for mut s in stores {
+            let e = |i: u64, t: &str| (i, format!("{t}{i}").into_bytes());
+            let w = |entries: Vec<(u64, Vec<u8>)>| RaftWrite {
+                slot: 3,
+                entries,
+                state: Some(b"hs".to_vec()),
+                ..Default::default()
+            };
+            assert_eq!(s.raft_stored(3).unwrap(), None);
+            s.raft_write(&w(vec![e(1, "a"), e(2, "a"), e(3, "a")])).unwrap();
+            // A new leader's entries replace the tail from their first index on.
+            s.raft_write(&w(vec![e(2, "b")])).unwrap();
+            s.raft_write(&RaftWrite {
+                slot: 9,
+                entries: vec![e(1, "z")],
+                state: Some(b"other".to_vec()),
+                ..Default::default()
+            })
+            .unwrap();
+            let got = s.raft_stored(3).unwrap().unwrap();
+            assert_eq!(got.entries, vec![e(1, "a"), e(2, "b")]);
+            assert_eq!((got.state.as_slice(), got.applied), (&b"hs"[..], 0));
+            assert_eq!(s.raft_slots().unwrap(), vec![3, 9]);
+            s.raft_write(&RaftWrite {
+                slot: 3,
+                compact_below: Some(2),
+                entries: vec![e(3, "c")],
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(s.raft_stored(3).unwrap().unwrap().entries, vec![e(2, "b"), e(3, "c")]);
+            // An entry's writes and its index together; a refused batch still moves the index.
+            let next = |base| Write::NextVersion {
+                user: "a@x".into(),
+                base,
+            };
+            s.apply_committed(3, 2, &[next(0)]).unwrap();
+            assert!(matches!(
+                s.apply_committed(3, 3, &[next(0)]),
+                Err(StorageError::Conflict { .. })
+            ));
+            assert_eq!(s.raft_stored(3).unwrap().unwrap().applied, 3);
+            assert_eq!(s.load_user("a@x").unwrap().version, 1);
+            assert_eq!(
+                s.raft_stored(9).unwrap().unwrap().entries,
+                vec![e(1, "z")],
+                "slots apart"
+            );
+            s.raft_write(&RaftWrite {
+                slot: 3,
+                clear: true,
+                ..Default::default()
+            })
+            .unwrap();
+            assert!(s.raft_stored(3).unwrap().unwrap().entries.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_slot_state_is_taken_and_installed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStorage::open(dir.path()).unwrap();
+        let stores: Vec<Box<dyn Storage>> = vec![Box::new(sled), Box::new(crate::MemoryStorage::new())];
+        let in_slot = |u: &str| u.starts_with('a');
+        for mut s in stores {
+            for u in ["a1@x", "a2@x", "b@x"] {
+                s.create_account(u, &account()).unwrap();
+                s.apply(&[
+                    Write::SetRosterVer { user: u.into(), ver: 4 },
+                    Write::NextVersion {
+                        user: u.into(),
+                        base: 0,
+                    },
+                ])
+                .unwrap();
+            }
+            let state = s.slot_state(&in_slot).unwrap();
+            assert!(state.iter().all(|w| w.user().starts_with('a')), "{state:?}");
+            let mut other = crate::MemoryStorage::new();
+            other.create_account("a3@x", &account()).unwrap();
+            other.create_account("b@x", &account()).unwrap();
+            other.install_slot(1, 40, &in_slot, &state).unwrap();
+            assert_eq!(
+                other.list_accounts().unwrap(),
+                vec!["a1@x".to_string(), "a2@x".into(), "b@x".into()],
+                "a3 was not in the snapshot, b is not in the slot"
+            );
+            let d = other.load_user("a2@x").unwrap();
+            assert_eq!((d.roster_ver, d.version), (4, 1));
+            assert_eq!(other.raft_stored(1).unwrap().unwrap().applied, 40);
+            // And into sled, over what it has.
+            s.install_slot(1, 41, &in_slot, &state[..state.len() / 2]).unwrap();
+            assert_eq!(s.raft_stored(1).unwrap().unwrap().applied, 41);
+        }
+    }
+
+    #[test]
+    fn raft_writes_are_durable_only_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = RaftWrite {
+            slot: 0,
+            entries: vec![(1, b"x".to_vec())],
+            state: Some(b"s".to_vec()),
+            ..Default::default()
+        };
+        {
+            let mut s = SledStorage::open(dir.path()).unwrap();
+            s.raft_write(&w).unwrap();
+            s.apply_committed(0, 1, &[]).unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        let got = s.raft_stored(0).unwrap().unwrap();
+        assert_eq!((got.entries.len(), got.applied), (1, 1));
+        let mut m = crate::MemoryStorage::new();
+        m.raft_write(&w).unwrap();
+        m.crash();
+        assert_eq!(m.raft_stored(0).unwrap(), None);
     }
 }
