@@ -1,256 +1,165 @@
-//! One slot's Raft group on one node (issue 17, first step): tikv's raft-rs `RawNode` driven
-//! sans-io like the rest of `system/`. The host ticks it, steps it with the messages other
-//! voters sent, proposes write batches on the leader, and carries out what [`Slot::ready`]
-//! returns, in order: persist the entries and hard state (here: raft-rs's in-memory log; the
-//! node's sled log is a later step), send the messages, apply the committed entries.
+//! One slot's Raft group on one node (issue 17): tikv's raft-rs `RawNode` driven sans-io like
+//! the rest of `system/`. The host ticks it, steps it with what other members sent, proposes on
+//! it, and carries out what [`Slot::ready`] returns, in order: the log write (durable before
+//! [`Slot::persisted`] is called with its number; the messages raft may only send after it are
+//! held until then), the messages to send now, a snapshot to install, the committed entries to
+//! apply (in order: the host must run its storage calls in the order given).
+//!
+//! Persistence is asynchronous (raft-rs's `advance_append_async` / `on_persist_ready`), so a
+//! group never waits for a flush to go on and one flush covers every group of a node. An
+//! entry is committed only once a majority has it durable, this node's copy counted only after
+//! its own write: what raft-rs says is committed is never lost with a minority of the members.
 //!
 //! Determinism: raft-rs draws each election timeout from the thread RNG in
-//! `[min_election_tick, max_election_tick)`; a range one tick wide, different per voter
-//! (`ELECTION_TICKS + id`), makes the draw constant, so the simulator replays a run exactly and
-//! two voters rarely campaign on the same tick.
-//!
-//! Messages cross the network in our own form ([`RaftMsg`], archived in our frames like
-//! every other node-to-node message): raft's protobuf types are only its in-memory
-//! representation here, never parsed from bytes a peer sent (DESIGN.md: protobuf 2's parser
-//! has a recursion advisory), and a message of a kind only a node makes for itself is refused.
+//! `[min_election_tick, max_election_tick)`; that range is one tick wide here, so its draw is
+//! constant, and the spread that keeps members from campaigning together comes from the ticks
+//! instead: a member that is not the leader lets each tick pass with probability one half,
+//! drawn from the group's own generator (seeded by the member and the slot). Its election
+//! timeout is then `ELECTION_TICKS` counted ticks, about twice that many host ticks, different
+//! per member and per election: runs replay exactly.
 
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot, SnapshotMetadata};
-use raft::storage::MemStorage;
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message};
 use raft::{Config, RawNode, StateRole};
 
-/// Ticks without a leader's heartbeat before a follower campaigns (plus its raft id).
+mod log;
+mod wire;
+
+pub use log::SlotLog;
+pub use wire::{RaftEntry, RaftMsg, RaftSnapshot, MAX_CONF_CHANGE};
+
+use starling_storage::{RaftStored, RaftWrite};
+
+/// Counted ticks without a leader's heartbeat before a follower campaigns (a follower counts
+/// about one host tick in two, see the module's doc).
 pub const ELECTION_TICKS: usize = 10;
 /// Ticks between a leader's heartbeats.
 pub const HEARTBEAT_TICKS: usize = 2;
-
-/// A Raft message in our own form: an rkyv archive, validated on receipt like every frame
-/// (`wire.rs`), then checked again by [`RaftMsg::into_raft`].
-#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct RaftMsg {
-    pub kind: i32,
-    pub to: u64,
-    pub from: u64,
-    pub term: u64,
-    pub log_term: u64,
-    pub index: u64,
-    pub entries: Vec<RaftEntry>,
-    pub commit: u64,
-    pub commit_term: u64,
-    pub snapshot: Option<RaftSnapshot>,
-    pub request_snapshot: u64,
-    pub reject: bool,
-    pub reject_hint: u64,
-    pub context: Vec<u8>,
-    pub priority: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct RaftEntry {
-    pub kind: i32,
-    pub term: u64,
-    pub index: u64,
-    pub data: Vec<u8>,
-    pub context: Vec<u8>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct RaftSnapshot {
-    pub data: Vec<u8>,
-    pub index: u64,
-    pub term: u64,
-    pub voters: Vec<u64>,
-    pub learners: Vec<u64>,
-    pub voters_outgoing: Vec<u64>,
-    pub learners_next: Vec<u64>,
-    pub auto_leave: bool,
-}
-
-/// The message kinds a peer may send (raft's local kinds — hup, beat, unreachable, snapshot
-/// status, check quorum — and proposals, which this code never forwards, are refused).
-const FROM_PEERS: [MessageType; 13] = [
-    MessageType::MsgAppend,
-    MessageType::MsgAppendResponse,
-    MessageType::MsgRequestVote,
-    MessageType::MsgRequestVoteResponse,
-    MessageType::MsgSnapshot,
-    MessageType::MsgHeartbeat,
-    MessageType::MsgHeartbeatResponse,
-    MessageType::MsgTransferLeader,
-    MessageType::MsgTimeoutNow,
-    MessageType::MsgReadIndex,
-    MessageType::MsgReadIndexResp,
-    MessageType::MsgRequestPreVote,
-    MessageType::MsgRequestPreVoteResponse,
-];
-
-const ENTRY_KINDS: [EntryType; 3] = [
-    EntryType::EntryNormal,
-    EntryType::EntryConfChange,
-    EntryType::EntryConfChangeV2,
-];
-
-impl From<&Entry> for RaftEntry {
-    fn from(e: &Entry) -> Self {
-        RaftEntry {
-            kind: e.entry_type as i32,
-            term: e.term,
-            index: e.index,
-            data: e.data.to_vec(),
-            context: e.context.to_vec(),
-        }
-    }
-}
-
-impl RaftEntry {
-    fn into_raft(self) -> Result<Entry, String> {
-        let kind = ENTRY_KINDS
-            .into_iter()
-            .find(|k| *k as i32 == self.kind)
-            .ok_or_else(|| format!("unknown raft entry kind {}", self.kind))?;
-        Ok(Entry {
-            entry_type: kind,
-            term: self.term,
-            index: self.index,
-            data: self.data.into(),
-            context: self.context.into(),
-            ..Default::default()
-        })
-    }
-}
-
-impl From<&Message> for RaftMsg {
-    fn from(m: &Message) -> Self {
-        let snapshot = m.snapshot.as_ref().filter(|s| !s.is_empty()).map(|s| {
-            let meta = s.get_metadata();
-            let cs = meta.get_conf_state();
-            RaftSnapshot {
-                data: s.data.to_vec(),
-                index: meta.index,
-                term: meta.term,
-                voters: cs.voters.clone(),
-                learners: cs.learners.clone(),
-                voters_outgoing: cs.voters_outgoing.clone(),
-                learners_next: cs.learners_next.clone(),
-                auto_leave: cs.auto_leave,
-            }
-        });
-        RaftMsg {
-            kind: m.msg_type as i32,
-            to: m.to,
-            from: m.from,
-            term: m.term,
-            log_term: m.log_term,
-            index: m.index,
-            entries: m.entries.iter().map(RaftEntry::from).collect(),
-            commit: m.commit,
-            commit_term: m.commit_term,
-            snapshot,
-            request_snapshot: m.request_snapshot,
-            reject: m.reject,
-            reject_hint: m.reject_hint,
-            context: m.context.to_vec(),
-            priority: m.priority,
-        }
-    }
-}
-
-impl RaftMsg {
-    /// raft's message, or why a peer's message is refused.
-    pub fn into_raft(self) -> Result<Message, String> {
-        let kind = FROM_PEERS
-            .into_iter()
-            .find(|k| *k as i32 == self.kind)
-            .ok_or_else(|| format!("raft message kind {} is not for peers", self.kind))?;
-        let entries = self
-            .entries
-            .into_iter()
-            .map(RaftEntry::into_raft)
-            .collect::<Result<Vec<_>, _>>()?;
-        let snapshot = self.snapshot.map(|s| Snapshot {
-            data: s.data.into(),
-            metadata: Some(SnapshotMetadata {
-                conf_state: Some(ConfState {
-                    voters: s.voters,
-                    learners: s.learners,
-                    voters_outgoing: s.voters_outgoing,
-                    learners_next: s.learners_next,
-                    auto_leave: s.auto_leave,
-                    ..Default::default()
-                })
-                .into(),
-                index: s.index,
-                term: s.term,
-                ..Default::default()
-            })
-            .into(),
-            ..Default::default()
-        });
-        Ok(Message {
-            msg_type: kind,
-            to: self.to,
-            from: self.from,
-            term: self.term,
-            log_term: self.log_term,
-            index: self.index,
-            entries: entries.into(),
-            commit: self.commit,
-            commit_term: self.commit_term,
-            snapshot: snapshot.into(),
-            request_snapshot: self.request_snapshot,
-            reject: self.reject,
-            reject_hint: self.reject_hint,
-            context: self.context.into(),
-            priority: self.priority,
-            ..Default::default()
-        })
-    }
-}
+/// The index a bootstrapped group's log starts after (its configuration is a snapshot there).
+pub const BOOTSTRAP_INDEX: u64 = 5;
 
 /// What the host carries out after a step, in order.
 #[derive(Debug, Default)]
 pub struct SlotOut {
-    /// Messages to send to other voters (after the entries are persisted, as raft-rs orders
-    /// them: `messages` may go at once, `persisted` only after the write).
+    /// Make this durable (with `install` before it), then call `persisted(number)`.
+    pub log: Option<RaftWrite>,
+    pub number: u64,
+    /// Messages to send now (the ones that wait for the write are held by the slot).
     pub messages: Vec<RaftMsg>,
-    /// Entries committed on a majority, to apply in order: (index, data) of normal entries.
-    pub committed: Vec<(u64, Vec<u8>)>,
+    /// A snapshot received: its index and data, to install before anything after it applies.
+    pub install: Option<(u64, Vec<u8>)>,
+    /// Committed entries to apply, in order: (index, data). Configuration changes and a new
+    /// leader's empty entry come with empty data (the applied index still moves).
+    pub apply: Vec<(u64, Vec<u8>)>,
+    /// Read indexes granted: (request context, index).
+    pub reads: Vec<(Vec<u8>, u64)>,
     /// This node became leader (`Some(true)`) or stopped being it (`Some(false)`).
     pub leader: Option<bool>,
+    /// An applied configuration change took this node out of the group.
+    pub removed: bool,
+}
+
+/// Readies waiting for their write, each with the messages to send once it is durable.
+struct Held {
+    number: u64,
+    writes: bool,
+    messages: Vec<RaftMsg>,
 }
 
 /// One slot's Raft group on this node.
 pub struct Slot {
-    rn: RawNode<MemStorage>,
+    pub slot: u32,
+    rn: RawNode<SlotLog>,
+    rng: u64,
     was_leader: bool,
+    held: std::collections::VecDeque<Held>,
+    /// The last committed entry handed to the host to apply, and its term.
+    pub submitted: (u64, u64),
+    /// The last entry the host's storage applied.
+    pub applied: u64,
+}
+
+fn config(id: u64, applied: u64) -> Config {
+    Config {
+        id,
+        election_tick: ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        min_election_tick: ELECTION_TICKS,
+        max_election_tick: ELECTION_TICKS + 1,
+        applied,
+        pre_vote: true,
+        check_quorum: true,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        ..Default::default()
+    }
 }
 
 impl Slot {
-    /// A voter `id` (raft ids start at 1) of a new group whose voters are `voters`.
-    pub fn new(id: u64, voters: &[u64]) -> Result<Self, String> {
-        let cfg = Config {
-            id,
-            election_tick: ELECTION_TICKS,
-            heartbeat_tick: HEARTBEAT_TICKS,
-            min_election_tick: ELECTION_TICKS + id as usize,
-            max_election_tick: ELECTION_TICKS + id as usize + 1,
-            pre_vote: true,
-            check_quorum: true,
+    fn with_log(slot: u32, id: u64, log: SlotLog, applied: u64) -> Result<Self, String> {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let rn = RawNode::new(&config(id, applied), log, &logger).map_err(|e| e.to_string())?;
+        let mut s = Slot {
+            slot,
+            rn,
+            rng: (id ^ (u64::from(slot) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            was_leader: false,
+            held: Default::default(),
+            submitted: (applied, 0),
+            applied,
+        };
+        s.submitted.1 = s.rn.store().term_of(applied).unwrap_or(0);
+        Ok(s)
+    }
+
+    /// A new group whose members are `voters` (raft ids start at 1), this node `id` among them;
+    /// the write that stores it.
+    pub fn bootstrap(slot: u32, id: u64, voters: &[u64]) -> Result<(Self, RaftWrite), String> {
+        let log = SlotLog::bootstrap(voters, BOOTSTRAP_INDEX);
+        let w = RaftWrite {
+            slot,
+            clear: true,
+            state: Some(log.state_bytes()),
             ..Default::default()
         };
-        let cs = ConfState::from((voters.to_vec(), Vec::<u64>::new()));
-        let store = MemStorage::new_with_conf_state(cs);
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let rn = RawNode::new(&cfg, store, &logger).map_err(|e| e.to_string())?;
-        Ok(Slot { rn, was_leader: false })
+        Ok((Self::with_log(slot, id, log, BOOTSTRAP_INDEX)?, w))
     }
 
+    /// A member with nothing yet, created for a message from the group's leader: it learns
+    /// the group from the snapshot the leader sends.
+    pub fn joining(slot: u32, id: u64) -> Result<Self, String> {
+        Self::with_log(slot, id, SlotLog::empty(), 0)
+    }
+
+    /// The group as this node stored it: the entries after the stored applied index are
+    /// applied again (the applied index commits with their writes, so exactly those).
+    pub fn restore(slot: u32, id: u64, stored: &RaftStored) -> Result<Self, String> {
+        let log = SlotLog::restore(stored)?;
+        let applied = stored.applied.max(log.first_index() - 1);
+        Self::with_log(slot, id, log, applied)
+    }
+
+    fn coin(&mut self) -> bool {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng & 1 == 1
+    }
+
+    pub fn id(&self) -> u64 {
+        self.rn.raft.id
+    }
+
+    /// The host's tick (every `limits::RAFT_TICK_MS`); a member that is not the leader
+    /// counts about one in two (see the module's doc).
     pub fn tick(&mut self) {
-        self.rn.tick();
+        if self.is_leader() || self.coin() {
+            self.rn.tick();
+        }
     }
 
-    /// A message from another voter.
+    /// A message from another member.
     pub fn step(&mut self, m: RaftMsg) -> Result<(), String> {
-        let m = m.into_raft()?;
+        let m: Message = m.into_raft()?;
         self.rn.step(m).map_err(|e| e.to_string())
     }
 
@@ -258,6 +167,7 @@ impl Slot {
         self.rn.raft.state == StateRole::Leader
     }
 
+    /// The leader's raft id as this member knows it (0: none known).
     pub fn leader(&self) -> u64 {
         self.rn.raft.leader_id
     }
@@ -266,54 +176,89 @@ impl Slot {
         self.rn.raft.term
     }
 
-    /// Proposes `data` (a write batch) on the leader; `Err` elsewhere (the host sends the
-    /// work to the leader's node instead).
+    pub fn conf(&self) -> &ConfState {
+        self.rn.store().conf()
+    }
+
+    /// Whether this member has a configuration (a joining one has none until its snapshot).
+    pub fn initialized(&self) -> bool {
+        !self.conf().voters.is_empty()
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.rn.raft.raft_log.last_index()
+    }
+
+    pub fn committed(&self) -> u64 {
+        self.rn.raft.raft_log.committed
+    }
+
+    /// How far member `id`'s log matches the leader's (on the leader).
+    pub fn matched(&self, id: u64) -> Option<u64> {
+        self.rn.raft.prs().get(id).map(|p| p.matched)
+    }
+
+    /// A configuration change is proposed and not yet applied.
+    pub fn conf_pending(&self) -> bool {
+        self.rn.raft.has_pending_conf() || !self.conf().voters_outgoing.is_empty()
+    }
+
+    pub fn transferring(&self) -> bool {
+        self.rn.raft.lead_transferee.is_some()
+    }
+
+    /// Proposes `data` (a command); a follower forwards it to its leader. `Err` when no
+    /// leader is known or it was dropped (the host tries again later).
     pub fn propose(&mut self, data: Vec<u8>) -> Result<(), String> {
-        if !self.is_leader() {
-            return Err(format!("not the leader (the leader is {})", self.leader()));
+        if self.leader() == 0 {
+            return Err("no leader".into());
         }
         self.rn.propose(Vec::new(), data).map_err(|e| e.to_string())
     }
 
-    /// What the last steps produced: persists it (the in-memory log), then gives the host the
-    /// messages to send and the entries to apply.
+    /// Proposes a configuration change (on the leader).
+    pub fn propose_conf(&mut self, cc: ConfChangeV2) -> Result<(), String> {
+        self.rn.propose_conf_change(Vec::new(), cc).map_err(|e| e.to_string())
+    }
+
+    /// Asks for a read index under `ctx` (granted in a later `SlotOut::reads`, or not at all:
+    /// the host asks again).
+    pub fn read(&mut self, ctx: Vec<u8>) {
+        self.rn.read_index(ctx);
+    }
+
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.rn.transfer_leader(to);
+    }
+
+    /// Raft asked for a snapshot to send (cleared): the host makes one from its data at
+    /// `submitted` and `offer`s it.
+    pub fn want_snapshot(&self) -> bool {
+        self.rn.store().want_snapshot()
+    }
+
+    pub fn offer(&self, index: u64, term: u64, cs: ConfState, data: Vec<u8>) {
+        self.rn.store().offer(index, term, cs, data);
+    }
+
+    /// The host's storage applied up to `index`; the log write of a compaction when the log
+    /// has grown `keep` entries past the applied point twice over.
+    pub fn applied_to(&mut self, index: u64, keep: u64) -> Option<RaftWrite> {
+        self.applied = self.applied.max(index);
+        let first = self.rn.store().first_index();
+        if self.applied < first + 2 * keep {
+            return None;
+        }
+        let slot = self.slot;
+        self.rn.mut_store().compact(slot, self.applied - keep)
+    }
+
+    /// What the last steps produced; see the module's doc for the order.
     pub fn ready(&mut self) -> SlotOut {
         let mut out = SlotOut::default();
-        let leader = self.is_leader();
-        if leader != self.was_leader {
-            self.was_leader = leader;
-            out.leader = Some(leader);
+        if self.rn.has_ready() {
+            self.ready_once(&mut out);
         }
-        if !self.rn.has_ready() {
-            return out;
-        }
-        let mut rd = self.rn.ready();
-        out.messages.extend(rd.take_messages().iter().map(RaftMsg::from));
-        if !rd.snapshot().is_empty() {
-            let s = rd.snapshot().clone();
-            if let Err(e) = self.rn.mut_store().wl().apply_snapshot(s) {
-                tracing::error!(error = %e, "raft: snapshot not applied");
-            }
-        }
-        committed(&mut out, rd.take_committed_entries());
-        if !rd.entries().is_empty() {
-            if let Err(e) = self.rn.mut_store().wl().append(rd.entries()) {
-                tracing::error!(error = %e, "raft: entries not appended");
-            }
-        }
-        if let Some(hs) = rd.hs() {
-            let hs: HardState = hs.clone();
-            self.rn.mut_store().wl().set_hardstate(hs);
-        }
-        out.messages
-            .extend(rd.take_persisted_messages().iter().map(RaftMsg::from));
-        let mut light = self.rn.advance(rd);
-        if let Some(commit) = light.commit_index() {
-            self.rn.mut_store().wl().mut_hard_state().commit = commit;
-        }
-        out.messages.extend(light.take_messages().iter().map(RaftMsg::from));
-        committed(&mut out, light.take_committed_entries());
-        self.rn.advance_apply();
         let leader = self.is_leader();
         if leader != self.was_leader {
             self.was_leader = leader;
@@ -321,15 +266,122 @@ impl Slot {
         }
         out
     }
-}
 
-fn committed(out: &mut SlotOut, entries: Vec<Entry>) {
-    for e in entries {
-        // Empty entries are the ones a new leader appends; configuration changes come with
-        // the membership step of the plan.
-        if e.entry_type == EntryType::EntryNormal && !e.data.is_empty() {
-            out.committed.push((e.index, e.data.to_vec()));
+    fn ready_once(&mut self, out: &mut SlotOut) {
+        let mut rd = self.rn.ready();
+        let number = rd.number();
+        out.messages.extend(rd.take_messages().iter().map(RaftMsg::from));
+        let mut write = RaftWrite {
+            slot: self.slot,
+            ..Default::default()
+        };
+        let mut writes = false;
+        if !rd.snapshot().is_empty() {
+            let s = rd.snapshot().clone();
+            let meta = s.get_metadata();
+            self.rn.mut_store().install(meta);
+            out.install = Some((meta.index, s.data.to_vec()));
+            self.submitted = (meta.index, meta.term);
+            write.clear = true;
+            writes = true;
         }
+        if !rd.entries().is_empty() {
+            write.entries = self.rn.mut_store().append(rd.entries());
+            writes = true;
+        }
+        if let Some(hs) = rd.hs() {
+            self.rn.mut_store().set_hard_state(hs.clone());
+            writes = true;
+        }
+        let committed = rd.take_committed_entries();
+        out.reads
+            .extend(rd.take_read_states().into_iter().map(|r| (r.request_ctx, r.index)));
+        let later: Vec<RaftMsg> = rd.take_persisted_messages().iter().map(RaftMsg::from).collect();
+        self.rn.advance_append_async(rd);
+        let conf_before = self.rn.store().conf_index;
+        self.hand_out(committed, out);
+        if writes || self.rn.store().conf_index != conf_before {
+            write.state = Some(self.rn.store().state_bytes());
+            out.log = Some(write);
+            out.number = number;
+            self.held.push_back(Held {
+                number,
+                writes: true,
+                messages: later,
+            });
+        } else if self.held.is_empty() {
+            self.rn.on_persist_ready(number);
+            out.messages.extend(later);
+        } else {
+            self.held.push_back(Held {
+                number,
+                writes: false,
+                messages: later,
+            });
+        }
+    }
+
+    fn hand_out(&mut self, entries: Vec<Entry>, out: &mut SlotOut) {
+        let Some(last) = entries.last().map(|e| (e.index, e.term)) else {
+            return;
+        };
+        for e in entries {
+            if e.entry_type == EntryType::EntryConfChangeV2 {
+                self.conf_change(&e, out);
+                out.apply.push((e.index, Vec::new()));
+            } else {
+                out.apply.push((e.index, e.data.to_vec()));
+            }
+        }
+        self.submitted = last;
+        self.rn.advance_apply_to(last.0);
+    }
+
+    fn conf_change(&mut self, e: &Entry, out: &mut SlotOut) {
+        if e.index <= self.rn.store().conf_index {
+            return; // applied before a restart: in the configuration already
+        }
+        let cc: ConfChangeV2 = match protobuf::Message::parse_from_bytes(&e.data) {
+            Ok(cc) => cc,
+            Err(err) => {
+                tracing::error!(slot = self.slot, index = e.index, error = %err, "raft: unreadable configuration change");
+                return;
+            }
+        };
+        match self.rn.apply_conf_change(&cc) {
+            Ok(cs) => {
+                let me = self.id();
+                let member = cs.voters.contains(&me)
+                    || cs.learners.contains(&me)
+                    || cs.voters_outgoing.contains(&me)
+                    || cs.learners_next.contains(&me);
+                tracing::debug!(slot = self.slot, index = e.index, ?cs, "raft: configuration changed");
+                self.rn.mut_store().set_conf(cs, e.index);
+                out.removed |= !member;
+            }
+            Err(err) => {
+                tracing::error!(slot = self.slot, index = e.index, error = %err, "raft: configuration change refused");
+            }
+        }
+    }
+
+    /// The log write of ready `number` (and every one before it) is durable: the messages
+    /// held for it, to send now.
+    pub fn persisted(&mut self, number: u64) -> Vec<RaftMsg> {
+        let mut msgs = Vec::new();
+        let mut upto = None;
+        while let Some(h) = self.held.front() {
+            if h.writes && h.number > number {
+                break;
+            }
+            let h = self.held.pop_front().expect("front");
+            upto = Some(h.number);
+            msgs.extend(h.messages);
+        }
+        if let Some(n) = upto {
+            self.rn.on_persist_ready(n);
+        }
+        msgs
     }
 }
 
