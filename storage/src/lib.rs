@@ -25,6 +25,9 @@ pub enum StorageError {
     /// A conditional batch (`Write::NextVersion`) found another version: nothing was applied.
     #[error("{user}'s state is at version {have}, the batch was for version {base}")]
     Conflict { user: String, have: u64, base: u64 },
+    /// A conditional batch (`Write::NoAccount`) found the account: nothing was applied.
+    #[error("{0} already has an account")]
+    Exists(String),
     #[error("corrupt record under key {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }

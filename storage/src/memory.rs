@@ -74,6 +74,7 @@ fn apply_one(state: &mut State, w: &Write) {
         Write::SetVersion { user, version } => {
             state.users.entry(user.clone()).or_default().version = *version;
         }
+        Write::NoAccount { .. } => {}
     }
 }
 
@@ -94,6 +95,9 @@ impl Storage for MemoryStorage {
         Ok(data)
     }
     fn apply(&mut self, writes: &[Write]) -> Result<()> {
+        if let Some(user) = crate::absent_conditions(writes).find(|u| self.current.accounts.contains_key(*u)) {
+            return Err(crate::StorageError::Exists(user.to_string()));
+        }
         for (user, base) in crate::version_conditions(writes) {
             let have = self.current.users.get(user).map_or(0, |u| u.version);
             if have != base {
@@ -125,6 +129,11 @@ impl Storage for MemoryStorage {
     }
     fn apply_committed(&mut self, slot: u32, index: u64, writes: &[Write]) -> Result<()> {
         let r = self.apply(writes);
+        if let Err(e) = &r {
+            if !matches!(e, crate::StorageError::Conflict { .. } | crate::StorageError::Exists(_)) {
+                return r;
+            }
+        }
         self.current.raft.entry(slot).or_default().applied = index;
         r
     }

@@ -295,6 +295,12 @@ impl SledStorage {
     /// adds; nothing when a condition does not hold. Checked before anything is staged: a
     /// refused batch leaves no trace. The storage thread is the only writer.
     fn stage(&self, writes: &[Write], pending: &Changes) -> Result<(Changes, i64, i64)> {
+        for user in crate::absent_conditions(writes) {
+            let o = Overlay::new(self.trees(), pending);
+            if o.get(ACCOUNTS, user.as_bytes())?.is_some() {
+                return Err(StorageError::Exists(user.to_string()));
+            }
+        }
         for (user, base) in crate::version_conditions(writes) {
             let o = Overlay::new(self.trees(), pending);
             let have = match o.get(META, &wver_key(user))? {
@@ -328,6 +334,7 @@ impl SledStorage {
                 }
                 Write::NextVersion { user, base } => o.put(META, wver_key(user), (base + 1).to_be_bytes().to_vec()),
                 Write::SetVersion { user, version } => o.put(META, wver_key(user), version.to_be_bytes().to_vec()),
+                Write::NoAccount { .. } => {}
                 Write::PutRosterItem { user, item } => o.put(ROSTER, roster_key(user, &item.jid), encode(item)),
                 Write::DeleteRosterItem { user, contact } => o.remove(ROSTER, roster_key(user, contact)),
                 Write::SetRosterVer { user, ver } => o.put(META, ver_key(user), ver.to_be_bytes().to_vec()),
@@ -527,7 +534,7 @@ impl Storage for SledStorage {
                 self.merge(staged);
                 Ok(())
             }
-            Err(e @ StorageError::Conflict { .. }) => {
+            Err(e @ (StorageError::Conflict { .. } | StorageError::Exists(_))) => {
                 let staged = self.stage_applied(slot, index, &[])?;
                 self.merge(staged);
                 Err(e)

@@ -207,6 +207,20 @@ pub enum Write {
         user: String,
         version: u64,
     },
+    /// A condition: the whole batch applies only if `user` has no account, else nothing of it
+    /// does and `apply` fails with [`crate::StorageError::Exists`] (an account created through
+    /// the replicated log: "create if absent", decided where it is applied).
+    NoAccount {
+        user: String,
+    },
+}
+
+/// The users a batch requires to have no account (its `NoAccount` writes).
+pub fn absent_conditions(writes: &[Write]) -> impl Iterator<Item = &str> {
+    writes.iter().filter_map(|w| match w {
+        Write::NoAccount { user } => Some(user.as_str()),
+        _ => None,
+    })
 }
 
 /// The conditions of a batch (its `NextVersion` writes) as `(user, base)`.
@@ -230,7 +244,8 @@ impl Write {
             | Write::DeleteOffline { user, .. }
             | Write::SetAsideOffline { user, .. }
             | Write::NextVersion { user, .. }
-            | Write::SetVersion { user, .. } => user,
+            | Write::SetVersion { user, .. }
+            | Write::NoAccount { user } => user,
         }
     }
 }
