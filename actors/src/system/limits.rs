@@ -14,6 +14,10 @@ pub const LINK_QUEUE: usize = 4096;
 /// fails.
 pub const ACCOUNT_TIMEOUT_MS: u64 = 5_000;
 
+/// The period of the Raft groups' clock (`system::consensus`): a leader's heartbeat every two
+/// ticks, a follower campaigns after about twenty without one (`system::slot`).
+pub const RAFT_TICK_MS: u64 = 50;
+
 /// Users handed to their new replicas at once after a ring change (each is one request and
 /// one flush on the receiver).
 pub const HANDOFF_PARALLEL: usize = 32;

@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod commit;
 pub mod conn;
+pub mod consensus;
 pub mod life;
 pub mod limits;
 pub mod queues;

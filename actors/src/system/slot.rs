@@ -227,6 +227,11 @@ impl Slot {
         self.rn.read_index(ctx);
     }
 
+    /// Campaigns now (a group whose only member is this node need not wait for a timeout).
+    pub fn campaign(&mut self) -> Result<(), String> {
+        self.rn.campaign().map_err(|e| e.to_string())
+    }
+
     pub fn transfer_leader(&mut self, to: u64) {
         self.rn.transfer_leader(to);
     }
