@@ -24,16 +24,20 @@ pub enum Bug {
     /// A full mailbox drops a control message instead of holding it (`system::shard`, the
     /// routing code both hosts run).
     DropHeld,
+    /// A user actor's write is answered as soon as it is proposed, before its entry is
+    /// committed on a majority (`system::consensus`, which both hosts run).
+    AckBeforeCommit,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::DropOffline,
         Bug::KeepDeliveredOffline,
         Bug::ForgetRosterPush,
         Bug::IgnoreOfflineCap,
         Bug::AckBeforeFlush,
         Bug::DropHeld,
+        Bug::AckBeforeCommit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Bug {
             Bug::IgnoreOfflineCap => "ignore-offline-cap",
             Bug::AckBeforeFlush => "ack-before-flush",
             Bug::DropHeld => "drop-held",
+            Bug::AckBeforeCommit => "ack-before-commit",
         }
     }
 

@@ -2,12 +2,13 @@
 //! runs the real foca membership (`starling_gossip::Membership`) over simulated UDP (delay,
 //! reordering, loss, duplication, partitions), routes by its own view of the ring, and talks
 //! to the other nodes over simulated links with the node's semantics (link.rs): envelopes
-//! encoded with the real wire codec, and the node's own cluster protocol
-//! (`starling_actors::system::replication`, one per shard: account reads at the owner, writes
-//! replicated to the next `REPLICATION - 1` nodes and acknowledged on a majority of copies,
-//! read repair, handoffs on ring changes, the serving of requests), whose effects this host
-//! carries out over the simulated links, timers and disk; `NodeDown` to the actors when a
-//! node dies or restarts, sessions whose user moved closed so that their clients reconnect.
+//! encoded with the real wire codec, and the node's own replicated state
+//! (`starling_actors::system::consensus`, one per shard: each slot a Raft group over
+//! raft-rs, its members the ring's `REPLICATION` nodes for the slot; writes committed on a
+//! majority, reads behind a read index, configuration and leadership moved toward the ring,
+//! snapshots, the serving of account requests), whose effects this host carries out over the
+//! simulated links, timers and disk; `NodeDown` to the actors when a node dies or restarts,
+//! sessions whose user moved closed so that their clients reconnect.
 //!
 //! A link is one TCP connection per (sending node, sending shard, receiving node): frames
 //! arrive in order. While a partition separates the two nodes its frames wait (TCP
@@ -18,11 +19,12 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use jid::BareJid;
-use starling_actors::address::{NodeId, Placement, ShardId};
+use starling_actors::address::{NodeId, ShardId};
 use starling_actors::c2s::Input;
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::system::cluster as rules;
-use starling_actors::system::replication::{Act, Count, Got, Local, Members, Op, Outcome, Replication, Res};
+use starling_actors::system::consensus::{self, Act, Consensus, Count, Got, Local, Members, Op, Outcome, Res};
+use starling_actors::system::slot::RaftMsg;
 use starling_actors::wire;
 use starling_gossip::{Membership, NodeIdentity, Output, Ring, Timer, Timings};
 use starling_storage::{Storage, Write};
@@ -31,7 +33,10 @@ use crate::host::{Origin, Read, Waiter};
 use crate::world::{Ev, World};
 
 /// `cluster.replication` in the simulated deployment (the node's default).
-pub const REPLICATION: usize = 2;
+pub const REPLICATION: usize = 3;
+/// `cluster.slots` in the simulated deployment: fewer than the node's default, so that each
+/// run exercises every slot's group without simulating dozens of them.
+pub const SLOTS: u32 = 8;
 /// Frames a link holds while its peer is unreachable (link.rs `LINK_QUEUE`).
 pub const LINK_QUEUE: usize = starling_actors::system::limits::LINK_QUEUE;
 /// The driver's membership tick.
@@ -90,9 +95,13 @@ impl NodeCluster {
         self.peers.clear();
     }
 
-    /// `View::place`: the owner node of a ring key, and the shard when it is this one.
+    /// `View::place`: the owner node of a ring key (its slot's), and the slot's shard.
     pub fn place(&self, key: &[u8], shards: ShardId) -> (NodeId, ShardId) {
-        rules::place(&self.ring, self.id, self.peers.is_empty(), shards, key, index)
+        let view = View {
+            c: self,
+            name: &self.name,
+        };
+        consensus::place_slot(&view, rules::slot_of(key, SLOTS), shards)
     }
 }
 
@@ -123,14 +132,19 @@ impl Members for View<'_> {
 
 /// Who waits on a shard's protocol.
 pub enum SimWaiter {
+    /// A session's account operations, served on the shard of the user's slot: the session
+    /// is on `shard`.
     Account {
         sid: u64,
+        shard: u16,
     },
     Created {
         sid: u64,
+        shard: u16,
     },
     Password {
         sid: u64,
+        shard: u16,
     },
     /// A user actor's batch, with the offline messages its `DeleteOffline` removes (oracle:
     /// their redelivery is excused while the deletion is not acknowledged).
@@ -145,8 +159,8 @@ pub enum SimWaiter {
     },
 }
 
-/// The cluster protocol of one simulated shard.
-pub type Protocol = Replication<SimWaiter, Reply>;
+/// The replicated state of one simulated shard.
+pub type Protocol = Consensus<SimWaiter, Reply>;
 
 /// Where an answer goes: the requesting node (in the life that asked), shard and shard life.
 #[derive(Debug)]
@@ -179,6 +193,10 @@ pub enum Frame {
         id: u64,
         shard_epoch: u64,
         res: Res,
+    },
+    /// Raft messages for the receiver's slots (each lands on its slot's shard).
+    Raft {
+        msgs: Vec<(u32, RaftMsg)>,
     },
 }
 
@@ -236,11 +254,7 @@ impl World {
     /// The (node, shard) of `user`'s actor as `node` sees it.
     pub fn place_user(&self, node: u32, user: &BareJid) -> (NodeId, ShardId) {
         let n = &self.nodes[node as usize];
-        if self.clustered() {
-            n.cluster.place(user.as_str().as_bytes(), self.cfg.shards)
-        } else {
-            n.placement.place_user(user)
-        }
+        n.cluster.place(user.as_str().as_bytes(), self.cfg.shards)
     }
 
     pub fn separated(&self, a: u32, b: u32) -> bool {
@@ -408,10 +422,15 @@ impl World {
             );
         }
         // Sessions whose user's actor now lives on another node than when they bound, or
-        // lived on a node that died or restarted (the actor died with it), or whose replica
-        // set gained a node (after a heal or a rejoin, that node may have
-        // served the user meanwhile: the actor must reload, with read repair).
-        let gained = |user: &BareJid| rules::replicas_gained(&old_ring, &new_ring, user.as_str(), REPLICATION);
+        // lived on a node that died or restarted (the actor died with it), or whose slot
+        // gained a member (after a heal or a rejoin, the actor here may hold what another
+        // node's incarnation changed since: it must reload).
+        let gained = |user: &BareJid| {
+            let slot = rules::slot_of(user.as_str().as_bytes(), SLOTS);
+            rules::slot_voters(&new_ring, slot, REPLICATION)
+                .iter()
+                .any(|n| !rules::slot_voters(&old_ring, slot, REPLICATION).contains(n))
+        };
         let (generation, shards, at) = (self.node_gen(n), self.cfg.shards, self.now_us);
         for s in 0..shards {
             let node = &mut self.nodes[n as usize];
@@ -426,8 +445,6 @@ impl World {
             }
             self.drive(n, s);
         }
-        // One shard per node walks the stored users (link.rs `follow_membership`).
-        self.protocol(n, 0, |p, _| p.ring_changed(old_ring, new_ring));
     }
 
     /// The server closes session `sid` for a membership change: what it confirmed and is not
@@ -453,10 +470,15 @@ impl World {
         }
     }
 
-    // ---- the cluster protocol (`system::replication`) ------------------------------------
+    // ---- the replicated state (`system::consensus`) -------------------------------------
+
+    /// The shard of `node` whose replicated state serves `user` (its slot's).
+    pub(crate) fn slot_shard(&self, user: &str) -> u16 {
+        consensus::shard_of_slot(rules::slot_of(user.as_bytes(), SLOTS), self.cfg.shards)
+    }
 
     /// Calls the shard's protocol with its view of the membership, then carries out what it
-    /// asks for.
+    /// asks for, in order (its storage calls run in that order: `Consensus`'s contract).
     pub(crate) fn protocol(&mut self, node: u32, shard: u16, f: impl FnOnce(&mut Protocol, &View<'_>)) {
         let clustered = self.clustered();
         let n = &mut self.nodes[node as usize];
@@ -467,15 +489,19 @@ impl World {
         f(&mut n.shards[shard as usize].protocol, &view);
         while let Some(act) = self.nodes[node as usize].shards[shard as usize].protocol.pop() {
             match act {
+                Act::Raft { to, msgs } => {
+                    // Not a member here, or the link is full: raft sends again.
+                    let _ = self.link_send(node, shard, to, Frame::Raft { msgs });
+                }
                 Act::Ask { to, id, op, timeout_ms } => self.request(node, shard, to, id, op, timeout_ms),
                 Act::Storage { task, op } => self.storage_call(node, shard, task, op),
                 Act::Reply { to, res } => self.answer(node, to, res),
                 Act::Done { to, outcome } => self.outcome(node, shard, to, outcome),
+                Act::Stale { user } => self.stale_user(node, shard, &user),
                 Act::Count(c) => match c {
-                    Count::Handoff => self.stats.handoffs += 1,
-                    Count::Repair => self.stats.repairs += 1,
-                    Count::LevelPush => self.stats.level_pushes += 1,
-                    Count::ReplicaRefused => self.stats.replicas_refused += 1,
+                    Count::Snapshot => self.stats.snapshots += 1,
+                    Count::ConfChange => self.stats.conf_changes += 1,
+                    Count::LeaderHere => self.stats.leader_changes += 1,
                     Count::ReplicationFailure => {}
                 },
             }
@@ -515,42 +541,64 @@ impl World {
         }
     }
 
-    /// `Act::Storage`: writes go to the storage thread (group commit), reads take a moment.
+    /// `Act::Storage`, as the node's storage thread runs it: log writes wait for the next
+    /// flush (group commit), entries are applied at once and in order (their answers need no
+    /// flush: the log has them), snapshots are taken and installed at once; an account read
+    /// takes a moment.
     fn storage_call(&mut self, node: u32, shard: u16, task: u64, op: Local) {
         let shard_epoch = self.nodes[node as usize].shards[shard as usize].epoch;
-        match op {
-            Local::Write(writes) => self.submit(
-                node,
-                writes,
-                Some(Waiter::Task {
-                    shard,
-                    shard_epoch,
-                    task,
-                }),
-            ),
-            Local::Create { user, account } => {
-                let n = &mut self.nodes[node as usize];
-                match n.storage.create_account(&user, &account) {
-                    Ok(created) => {
-                        n.commit.after((
-                            Some(Waiter::Created {
-                                shard,
-                                shard_epoch,
-                                task,
-                                created,
-                            }),
-                            Vec::new(),
-                        ));
-                        self.start_flush(node);
-                    }
-                    Err(e) => self.protocol(node, shard, |p, v| p.storage(task, Err(e), v)),
+        let n = &mut self.nodes[node as usize];
+        let got = match op {
+            Local::Log(w) => match n.storage.raft_write(&w) {
+                Ok(()) => {
+                    n.commit.after((
+                        Some(Waiter::Task {
+                            shard,
+                            shard_epoch,
+                            task,
+                        }),
+                        Vec::new(),
+                    ));
+                    return self.start_flush(node);
                 }
+                Err(e) => Err(e),
+            },
+            Local::Apply { slot, entries } => {
+                let mut results = Vec::with_capacity(entries.len());
+                let mut stored = Vec::new();
+                for (index, writes) in &entries {
+                    let r = n.storage.apply_committed(slot, *index, writes);
+                    if r.is_ok() {
+                        stored.extend(offline_stored(writes));
+                    }
+                    results.push(r);
+                }
+                // Offline messages are stored durably once the flush after their entry's
+                // application is done (the log had them before: durable on a majority).
+                if !stored.is_empty() {
+                    n.commit.after((None, stored));
+                    self.start_flush(node);
+                }
+                Ok(Got::Applied(results))
             }
-            op => {
+            Local::State { slot, slots } => n
+                .storage
+                .slot_state(&|u| consensus::in_slot(u, slot, slots))
+                .map(Got::State),
+            Local::Install {
+                slot,
+                slots,
+                index,
+                writes,
+            } => n
+                .storage
+                .install_slot(slot, index, &|u| consensus::in_slot(u, slot, slots), &writes)
+                .map(|()| Got::Stored),
+            op @ Local::Account(_) => {
                 let epoch = self.nodes[node as usize].epoch;
                 let d = self.rng.exp(self.faults.read_us) + 1;
                 let what = Read::Protocol { shard_epoch, task, op };
-                self.after(
+                return self.after(
                     d,
                     Ev::Read {
                         node,
@@ -560,7 +608,8 @@ impl World {
                     },
                 );
             }
-        }
+        };
+        self.protocol(node, shard, |p, _| p.storage(task, got));
     }
 
     /// A protocol read done (`Read::Protocol`).
@@ -571,20 +620,36 @@ impl World {
         let st = &self.nodes[node as usize].storage;
         let got = match op {
             Local::Account(user) => st.account(&user).map(Got::Account),
-            Local::Version(user) => st
-                .copy_version(&user)
-                .map(|(exists, version)| Got::Version { exists, version }),
-            Local::Snapshot(user) => st.snapshot(&user).map(Got::Snapshot),
-            Local::Users => st.list_accounts().map(Got::Users),
-            Local::Create { .. } | Local::Write(_) => unreachable!("not a read"),
+            other => unreachable!("not a read: {other:?}"),
         };
-        self.protocol(node, shard, |p, v| p.storage(task, got, v));
+        self.protocol(node, shard, |p, _| p.storage(task, got));
+    }
+
+    /// `Act::Stale`: the user's actor here, if one runs, ends after its turn (user_host.rs).
+    fn stale_user(&mut self, node: u32, shard: u16, user: &str) {
+        if std::env::var_os("SIM_NO_STALE").is_some() {
+            return;
+        }
+        let Ok(jid) = user.parse::<BareJid>() else { return };
+        let sh = &mut self.nodes[node as usize].shards[shard as usize];
+        let Some(r) = sh.users.get_mut(&jid).and_then(|h| h.runner.as_mut()) else {
+            return;
+        };
+        r.stale();
+        // Its sessions are closed as after a failed write: what they confirmed and is not
+        // deleted yet stays stored and may come again.
+        let sessions: Vec<u64> = r.actor().sessions().iter().map(|(s, _)| s.id).collect();
+        self.stats.stale_ends += 1;
+        for sid in sessions {
+            self.excuse_confirmed(sid);
+        }
+        self.schedule_user(node, shard, &jid);
     }
 
     /// `Act::Done`: work this shard asked the protocol for ended.
-    fn outcome(&mut self, node: u32, shard: u16, to: SimWaiter, outcome: Outcome) {
+    pub(crate) fn outcome(&mut self, node: u32, shard: u16, to: SimWaiter, outcome: Outcome) {
         match (to, outcome) {
-            (SimWaiter::Account { sid }, Outcome::Account(r)) => {
+            (SimWaiter::Account { sid, shard }, Outcome::Account(r)) => {
                 let Some(h) = self.session_mut(node, shard, sid) else {
                     return;
                 };
@@ -597,13 +662,13 @@ impl World {
                 }
                 self.carry_out(node, shard, sid);
             }
-            (SimWaiter::Created { sid }, Outcome::Created(r)) => {
+            (SimWaiter::Created { sid, shard }, Outcome::Created(r)) => {
                 if self.session_mut(node, shard, sid).is_some() {
                     self.session_input(node, shard, sid, Input::AccountCreated(r.ok()));
                     self.carry_out(node, shard, sid);
                 }
             }
-            (SimWaiter::Password { sid }, Outcome::Written(r)) => {
+            (SimWaiter::Password { sid, shard }, Outcome::Written(r)) => {
                 if self.session_mut(node, shard, sid).is_some() {
                     self.session_input(node, shard, sid, Input::PasswordSet(r.is_ok()));
                     self.carry_out(node, shard, sid);
@@ -649,15 +714,11 @@ impl World {
 
     /// A user actor's `Persist` (`Shard::write_replicated`): on its version, `base`.
     pub fn persist(&mut self, node: u32, shard: u16, jid: BareJid, writes: Vec<Write>, base: u64) {
-        let deleting = if self.clustered() {
-            self.offline_ids_upto(node, &writes)
-        } else {
-            Vec::new()
-        };
+        let deleting = self.offline_ids_upto(node, &writes);
         self.msgs.deletes_pending(&deleting, true);
         let user = jid.to_string();
         let w = SimWaiter::Persist { jid, deleting };
-        self.protocol(node, shard, |p, v| p.write(w, user, writes, Some(base), v));
+        self.protocol(node, shard, |p, _| p.write(w, user, writes, Some(base)));
     }
 
     /// Read repair before a user actor starts (`pull_newest`); only this incarnation's
@@ -670,7 +731,7 @@ impl World {
             h.pulling = Some(id);
         }
         let user = jid.to_string();
-        self.protocol(node, shard, |p, v| p.pull(SimWaiter::Pull { jid, id }, user, v));
+        self.protocol(node, shard, |p, _| p.pull(SimWaiter::Pull { jid, id }, user));
     }
 
     /// Answers go back on the connection the request came on.
@@ -824,6 +885,11 @@ impl World {
     /// A frame that will never arrive: a stanza in it is lost with the link (the node logs
     /// and counts it: `starling_cluster_envelopes_lost_total`).
     fn frame_lost(&mut self, f: Frame) {
+        if matches!(f, Frame::Raft { .. }) {
+            // Raft sends again; a lost raft frame loses nothing accepted.
+            self.stats.raft_frames_lost += 1;
+            return;
+        }
         self.stats.frames_lost += 1;
         if let Frame::Env { msg, confirms, .. } = f {
             if let Some(id) = msg {
@@ -871,12 +937,27 @@ impl World {
                     shard_epoch,
                     id,
                 };
-                self.protocol(to, rshard, |p, v| p.serve(op, Some(from), reply, v));
+                // Served on the shard of the user's slot (the node forwards over the mesh).
+                let s = consensus::shard_for(&op, SLOTS, self.cfg.shards);
+                self.protocol(to, s, |p, _| p.serve(op, reply));
             }
             Frame::Resp { id, shard_epoch, res } => {
                 // The answer lands on the shard that asked, if it is the life that asked.
                 if self.nodes[to as usize].shards[shard as usize].epoch == shard_epoch {
                     self.protocol(to, shard, |p, _| p.answer(id, res));
+                }
+            }
+            Frame::Raft { msgs } => {
+                // Each message to its slot's shard (the node forwards over the mesh).
+                let mut by_shard: BTreeMap<u16, Vec<(u32, RaftMsg)>> = BTreeMap::new();
+                for (slot, m) in msgs {
+                    by_shard
+                        .entry(consensus::shard_of_slot(slot, self.cfg.shards))
+                        .or_default()
+                        .push((slot, m));
+                }
+                for (s, msgs) in by_shard {
+                    self.protocol(to, s, |p, _| p.raft(msgs));
                 }
             }
         }
@@ -931,7 +1012,73 @@ impl World {
         None
     }
 
-    /// The node whose storage holds `user`'s state once membership converged.
+    /// Invariant 5 for the replicated state: once membership converged, every slot's group
+    /// is led by the ring's owner of the slot, has the ring's members for it (all of them
+    /// when there are enough), no change under way, every member up has applied all that is
+    /// committed, and no work waits. `None` when settled.
+    pub fn raft_unsettled(&self) -> Option<String> {
+        for n in self.nodes.iter().filter(|n| n.up) {
+            for (s, sh) in n.shards.iter().enumerate() {
+                if sh.protocol.in_progress() > 0 {
+                    return Some(format!(
+                        "n{} shard {s}: {} requests in progress",
+                        n.id,
+                        sh.protocol.in_progress()
+                    ));
+                }
+            }
+        }
+        let first = self.nodes.iter().find(|n| n.up)?;
+        for slot in 0..SLOTS {
+            let shard = consensus::shard_of_slot(slot, self.cfg.shards) as usize;
+            let want: Vec<u32> = if self.clustered() {
+                rules::slot_voters(&first.cluster.ring, slot, REPLICATION)
+                    .iter()
+                    .filter_map(|n| index(n))
+                    .collect()
+            } else {
+                vec![0]
+            };
+            let Some(&owner) = want.first() else { continue };
+            let Some(info) = self.nodes[owner as usize].shards[shard].protocol.slot_info(slot) else {
+                return Some(format!("slot {slot}: its owner n{owner} has no group"));
+            };
+            if !info.leading || info.changing {
+                return Some(format!("slot {slot}: at its owner n{owner} {info:?}"));
+            }
+            let mut sorted = want.clone();
+            sorted.sort_unstable();
+            // With fewer members up than `REPLICATION`, no member is removed (one down may
+            // come back): the ring's must be among them.
+            let fits = if want.len() >= REPLICATION {
+                info.voters == sorted
+            } else {
+                sorted.iter().all(|w| info.voters.contains(w))
+            };
+            if !fits {
+                return Some(format!("slot {slot}: members {:?}, the ring's {sorted:?}", info.voters));
+            }
+            for m in &info.voters {
+                let node = &self.nodes[*m as usize];
+                if !node.up {
+                    continue;
+                }
+                match node.shards[shard].protocol.slot_info(slot) {
+                    Some(i) if i.applied >= info.committed => {}
+                    other => {
+                        return Some(format!(
+                            "slot {slot}: n{m} behind its leader ({} committed): {other:?}",
+                            info.committed
+                        ))
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The node whose storage holds `user`'s state once membership converged (its slot's
+    /// leader once `raft_unsettled` is `None`).
     pub fn home(&self, user: &str) -> u32 {
         if !self.clustered() {
             return 0;
@@ -940,4 +1087,15 @@ impl World {
         let first_up = self.nodes.iter().find(|n| n.up).map(|n| n.id).unwrap_or(0);
         self.place_user(first_up, &bare).0
     }
+}
+
+/// The (user, message id) of the offline messages a batch stores.
+pub(crate) fn offline_stored(writes: &[Write]) -> Vec<(String, String)> {
+    writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::PushOffline { user, msg } => Some((user.clone(), crate::oracle::xml_id(&msg.xml)?)),
+            _ => None,
+        })
+        .collect()
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use jid::BareJid;
-use starling_actors::address::{ActorKey, MailboxKey, NodeId, Placement, SessionAddr, ShardId, SingleNode};
+use starling_actors::address::{ActorKey, MailboxKey, NodeId, Placement, SessionAddr, ShardId};
 use starling_actors::c2s::{C2sSession, Ctx, Input};
 use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
@@ -27,7 +27,10 @@ use starling_storage::{MemoryStorage, Storage, Write};
 use crate::cluster::SimWaiter;
 use crate::oracle::xml_id;
 use crate::world::{Ev, World, MAX_OFFLINE};
-use starling_actors::system::replication::Got;
+
+/// The Raft clock's period (`limits::RAFT_TICK_MS`), in virtual microseconds.
+const RAFT_TICK_US: u64 = starling_actors::system::limits::RAFT_TICK_MS * 1000;
+use starling_actors::system::consensus::{Cfg, Consensus, Got, Outcome};
 
 #[derive(Debug)]
 pub enum Read {
@@ -37,7 +40,7 @@ pub enum Read {
     Protocol {
         shard_epoch: u64,
         task: u64,
-        op: starling_actors::system::replication::Local,
+        op: starling_actors::system::consensus::Local,
     },
 }
 
@@ -52,7 +55,6 @@ pub struct Node {
     pub epoch: u64,
     pub shards: Vec<Shard>,
     pub storage: MemoryStorage,
-    pub placement: SingleNode,
     /// Messages one mailbox holds (`c2s.mailbox`; drawn per seed).
     mailbox: usize,
     /// Write batches waiting for a flush (the node's group commit): who waits on each, and
@@ -65,15 +67,8 @@ type Stored = Vec<(String, String)>;
 
 /// Who waits for a flush.
 pub enum Waiter {
-    /// A write of the shard's cluster protocol (`system::replication`).
+    /// A log write of the shard's replicated state (`system::consensus`).
     Task { shard: u16, shard_epoch: u64, task: u64 },
-    /// An account the protocol created (durable with the flush).
-    Created {
-        shard: u16,
-        shard_epoch: u64,
-        task: u64,
-        created: bool,
-    },
 }
 
 pub struct Shard {
@@ -84,7 +79,7 @@ pub struct Shard {
     /// The user actors whose mailbox `core` holds.
     pub users: BTreeMap<BareJid, UserHost>,
     throttle: AuthThrottle,
-    /// The shard's cluster protocol (the node's, `system::replication`).
+    /// The shard's replicated state (the node's, `system::consensus`).
     pub protocol: crate::cluster::Protocol,
     /// Read repairs started (`UserHost::pulling`).
     pub pulls: u64,
@@ -146,14 +141,22 @@ impl SessionHost {
 impl Shard {
     /// Session ids in the simulator are connection ids, never reused, so no address can name
     /// an earlier life's session: the core's generation check (`started`) is 0.
-    fn new(epoch: u64, node: u32, shard: u16, mailbox: usize) -> Self {
+    /// `life`: the node's process life (its proposals are told apart from an earlier life's).
+    fn new(epoch: u64, node: u32, shard: u16, shards: u16, mailbox: usize, life: u64) -> Self {
+        let cfg = Cfg {
+            slots: crate::cluster::SLOTS,
+            shards,
+            shard,
+            replication: crate::cluster::REPLICATION,
+            incarnation: life << 20 | epoch,
+        };
         Shard {
             epoch,
             core: ShardCore::new(node, shard, 0, mailbox),
             sessions: BTreeMap::new(),
             users: BTreeMap::new(),
             throttle: AuthThrottle::new(1000, 60_000, 100_000),
-            protocol: starling_actors::system::replication::Replication::new(crate::cluster::REPLICATION),
+            protocol: Consensus::new(cfg, node),
             pulls: 0,
         }
     }
@@ -167,9 +170,8 @@ impl Node {
             started: true,
             cluster: crate::cluster::NodeCluster::new(id),
             epoch: 0,
-            shards: (0..shards).map(|s| Shard::new(0, id, s, mailbox)).collect(),
+            shards: (0..shards).map(|s| Shard::new(0, id, s, shards, mailbox, 0)).collect(),
             storage,
-            placement: SingleNode { node: id, shards },
             mailbox,
             commit: GroupCommit::default(),
         }
@@ -180,8 +182,11 @@ impl Node {
         self.up = false;
         self.epoch += 1;
         self.storage.crash();
-        let n = self.shards.len();
-        self.shards = (0..n as u16).map(|s| Shard::new(0, self.id, s, self.mailbox)).collect();
+        let n = self.shards.len() as u16;
+        let life = self.epoch;
+        self.shards = (0..n)
+            .map(|s| Shard::new(0, self.id, s, n, self.mailbox, life))
+            .collect();
         self.commit.crash();
         self.cluster.crash();
     }
@@ -196,6 +201,55 @@ fn msg_id(st: &Element) -> Option<&str> {
 }
 
 impl World {
+    /// A node's process starts its slots' groups: from its store, or — the cluster's first
+    /// node (`n0`) on an empty store, or a single node — new ones with itself their only member;
+    /// its Raft clock starts.
+    pub(crate) fn raft_start(&mut self, node: u32) {
+        let stored = self.nodes[node as usize].storage.raft_slots().unwrap_or_default();
+        if stored.is_empty() && node == 0 {
+            for s in 0..self.cfg.shards {
+                self.protocol(node, s, |p, _| p.bootstrap());
+            }
+        } else {
+            self.raft_restore(node, None);
+        }
+        let epoch = self.nodes[node as usize].epoch;
+        self.after(RAFT_TICK_US, Ev::RaftTick { node, epoch });
+    }
+
+    /// The groups of `shard` (every shard: `None`) from the node's store.
+    pub(crate) fn raft_restore(&mut self, node: u32, shard: Option<u16>) {
+        let n = &mut self.nodes[node as usize];
+        let _ = n.storage.flush();
+        let slots = n.storage.raft_slots().unwrap_or_default();
+        for slot in slots {
+            let s = starling_actors::system::consensus::shard_of_slot(slot, self.cfg.shards);
+            if shard.is_some_and(|x| x != s) {
+                continue;
+            }
+            let stored = match self.nodes[node as usize].storage.raft_stored(slot) {
+                Ok(Some(st)) if !st.state.is_empty() => st,
+                _ => continue,
+            };
+            let mut r = Ok(());
+            self.protocol(node, s, |p, _| r = p.restore(slot, &stored));
+            if let Err(e) = r {
+                self.fail(0, format!("n{node} cannot restore slot {slot}: {e}"));
+            }
+        }
+    }
+
+    /// Every `RAFT_TICK_MS`, the Raft clock of every shard of the node.
+    pub fn raft_tick(&mut self, node: u32, epoch: u64) {
+        if !self.live(node, epoch) {
+            return;
+        }
+        for s in 0..self.cfg.shards {
+            self.protocol(node, s, |p, v| p.tick(v));
+        }
+        self.after(RAFT_TICK_US, Ev::RaftTick { node, epoch });
+    }
+
     pub(crate) fn live(&self, node: u32, epoch: u64) -> bool {
         let n = &self.nodes[node as usize];
         n.up && n.epoch == epoch
@@ -262,7 +316,7 @@ impl World {
         }
     }
 
-    fn schedule_user(&mut self, node: u32, shard: u16, jid: &BareJid) {
+    pub(crate) fn schedule_user(&mut self, node: u32, shard: u16, jid: &BareJid) {
         let epoch = self.nodes[node as usize].epoch;
         let d = self.cpu();
         let Some(h) = self.nodes[node as usize].shards[shard as usize].users.get_mut(jid) else {
@@ -483,16 +537,19 @@ impl World {
                 ConnStep::StartTls => h.c.broken(),
                 ConnStep::Close { bytes, routes } => return self.finish_session(node, shard, sid, bytes, routes),
                 ConnStep::LoadAccount(user) => {
-                    let w = SimWaiter::Account { sid };
-                    return self.protocol(node, shard, |p, v| p.load_account(w, user, v));
+                    let w = SimWaiter::Account { sid, shard };
+                    let s = self.slot_shard(&user);
+                    return self.protocol(node, s, |p, v| p.load_account(w, user, v));
                 }
                 ConnStep::CreateAccount { user, account } => {
-                    let w = SimWaiter::Created { sid };
-                    return self.protocol(node, shard, |p, v| p.create_account(w, user, account, v));
+                    let w = SimWaiter::Created { sid, shard };
+                    let s = self.slot_shard(&user);
+                    return self.protocol(node, s, |p, v| p.create_account(w, user, account, v));
                 }
                 ConnStep::SetPassword { user, account } => {
-                    let w = SimWaiter::Password { sid };
-                    return self.protocol(node, shard, |p, v| p.put_account(w, user, account, v));
+                    let w = SimWaiter::Password { sid, shard };
+                    let s = self.slot_shard(&user);
+                    return self.protocol(node, s, |p, v| p.put_account(w, user, account, v));
                 }
             }
         }
@@ -638,14 +695,10 @@ impl World {
                 }
             }
         }
-        let (clustered, shards, at) = (self.clustered(), self.cfg.shards, self.now_us);
+        let (shards, at) = (self.cfg.shards, self.now_us);
         let n = &mut self.nodes[node as usize];
         let core = &mut n.shards[shard as usize].core;
-        let r = if clustered {
-            core.route(env, at, origin, &ClusterPlace(&n.cluster, shards))
-        } else {
-            core.route(env, at, origin, &n.placement)
-        };
+        let r = core.route(env, at, origin, &ClusterPlace(&n.cluster, shards));
         // The envelope goes on before what the core asked for since (and what was left of an
         // earlier call): a nested route must not overtake it.
         let r = match r {
@@ -922,24 +975,8 @@ impl World {
             }
         }
         let n = &mut self.nodes[node as usize];
-        match n.commit.write(&mut n.storage, &writes, (waiter, stored)) {
-            Ok(()) => {}
-            // A replicated batch on another base (`Write::NextVersion`): refused whole, at
-            // once, as the storage thread answers it.
-            Err(((waiter, _), e @ starling_storage::StorageError::Conflict { .. })) => {
-                return match waiter {
-                    Some(Waiter::Task {
-                        shard,
-                        shard_epoch: _,
-                        task,
-                    }) => self.protocol(node, shard, |p, v| p.storage(task, Err(e), v)),
-                    _ => self.fail(0, format!("an unconditional write met a conflict: {e}")),
-                };
-            }
-            Err((_, e)) => {
-                self.fail(0, format!("memory storage refused a write: {e}"));
-                return;
-            }
+        if let Err((_, e)) = n.commit.write(&mut n.storage, &writes, (waiter, stored)) {
+            return self.fail(0, format!("memory storage refused a write: {e}"));
         }
         self.start_flush(node);
     }
@@ -981,21 +1018,13 @@ impl World {
             }
         }
         for w in waiters {
-            let (shard, shard_epoch, task, got) = match w {
-                Waiter::Task {
-                    shard,
-                    shard_epoch,
-                    task,
-                } => (shard, shard_epoch, task, Got::Stored),
-                Waiter::Created {
-                    shard,
-                    shard_epoch,
-                    task,
-                    created,
-                } => (shard, shard_epoch, task, Got::Created(created)),
-            };
+            let Waiter::Task {
+                shard,
+                shard_epoch,
+                task,
+            } = w;
             if self.shard_live(node, epoch, shard, shard_epoch) {
-                self.protocol(node, shard, |p, v| p.storage(task, Ok(got), v));
+                self.protocol(node, shard, |p, _| p.storage(task, Ok(Got::Stored)));
             }
         }
         self.start_flush(node);
@@ -1028,21 +1057,42 @@ impl World {
         }
         self.stats.shard_crashes += 1;
         let epoch = self.nodes[node as usize].shards[shard as usize].epoch + 1;
-        let mailbox = self.nodes[node as usize].mailbox;
+        let (mailbox, life) = (self.nodes[node as usize].mailbox, self.nodes[node as usize].epoch);
         let old = std::mem::replace(
             &mut self.nodes[node as usize].shards[shard as usize],
-            Shard::new(epoch, node, shard, mailbox),
+            Shard::new(epoch, node, shard, self.cfg.shards, mailbox, life),
         );
         // Its cluster protocol's work is lost with it: batches whose deletion of offline
         // messages was in flight leave them stored (they come again).
         let mut old = old;
+        let mut sessions_waiting = Vec::new();
         for w in old.protocol.crash() {
-            if let SimWaiter::Persist { deleting, .. } = w {
-                self.msgs.deletes_pending(&deleting, false);
-                self.msgs.allow_redelivery(&deleting);
+            match w {
+                SimWaiter::Persist { deleting, .. } => {
+                    self.msgs.deletes_pending(&deleting, false);
+                    self.msgs.allow_redelivery(&deleting);
+                }
+                // Sessions on other shards waiting on an account operation here get a failure
+                // (in the node, their oneshot is dropped).
+                w @ (SimWaiter::Account { .. } | SimWaiter::Created { .. } | SimWaiter::Password { .. }) => {
+                    sessions_waiting.push(w);
+                }
+                SimWaiter::Pull { .. } => {}
             }
         }
         // In-flight work on it is lost: excuse what has no fate yet.
+        // Its slots' groups start again from the store, once what the storage thread holds
+        // is flushed (it would count as durable what might not be yet).
+        self.raft_restore(node, Some(shard));
+        for w in sessions_waiting {
+            let e = "the shard restarted".to_string();
+            let outcome = match &w {
+                SimWaiter::Account { .. } => Outcome::Account(Err(e)),
+                SimWaiter::Created { .. } => Outcome::Created(Err(e)),
+                _ => Outcome::Written(Err(e)),
+            };
+            self.outcome(node, shard, w, outcome);
+        }
         // Storage survives a shard crash: offline messages handed over but not yet deleted
         // are still there and come again.
         let still = self.stored_offline_ids(node);

@@ -100,13 +100,17 @@ pub struct Stats {
     pub frames_lost: u64,
     pub messages_lost_with_link: u64,
     pub moved_kicks: u64,
-    pub handoffs: u64,
-    pub repairs: u64,
-    /// Replicas brought level by a read repair before an actor started.
-    pub level_pushes: u64,
-    /// Replicated batches a replica refused (not the owner there, another base, timeout).
-    pub replicas_refused: u64,
-    /// User actors that did not start: too few copies answered their read repair.
+    /// Raft frames lost with a link (raft sends again).
+    pub raft_frames_lost: u64,
+    /// Snapshots of a slot made to send, or installed.
+    pub snapshots: u64,
+    /// Configuration changes proposed (a slot's members moved toward the ring).
+    pub conf_changes: u64,
+    /// Times a node became a slot's leader.
+    pub leader_changes: u64,
+    /// User actors ended because another incarnation's write was applied under them.
+    pub stale_ends: u64,
+    /// User actors that did not start: no read index in time (no leader, no majority).
     pub activations_failed: u64,
     pub write_failures: u64,
     /// Idle user actors let go after `passivate_after_ms`, and those that got a message
@@ -151,10 +155,10 @@ impl Outcome {
             st.shard_crashes,
             st.bounces
         );
-        if st.partitions + st.node_joins + st.handoffs + st.datagrams_lost > 0 {
+        if st.partitions + st.node_joins + st.conf_changes + st.datagrams_lost > 0 {
             let _ = writeln!(
                 s,
-                "  cluster: partitions {} joins {} rejoins {} datagrams-lost {} frames-lost {} lost-with-link {} moved-kicks {} handoffs {} repairs {} level-pushes {} refused {} write-failures {} activations-failed {}",
+                "  cluster: partitions {} joins {} rejoins {} datagrams-lost {} frames-lost {} lost-with-link {} moved-kicks {} raft: frames-lost {} snapshots {} conf-changes {} leaders {} write-failures {} activations-failed {}",
                 st.partitions,
                 st.node_joins,
                 st.rejoins,
@@ -162,10 +166,10 @@ impl Outcome {
                 st.frames_lost,
                 st.messages_lost_with_link,
                 st.moved_kicks,
-                st.handoffs,
-                st.repairs,
-                st.level_pushes,
-                st.replicas_refused,
+                st.raft_frames_lost,
+                st.snapshots,
+                st.conf_changes,
+                st.leader_changes,
                 st.write_failures,
                 st.activations_failed
             );

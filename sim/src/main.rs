@@ -33,7 +33,7 @@ struct Args {
     no_churn: bool,
     /// Switch on a planted bug (to see the oracles catch it): drop-offline,
     /// keep-delivered-offline, forget-roster-push, ignore-offline-cap, ack-before-flush,
-    /// drop-held.
+    /// drop-held, ack-before-commit.
     #[arg(long = "bug")]
     bugs: Vec<String>,
     /// With --nodes > 1, only these cluster faults (comma-separated: loss, partitions,
@@ -53,6 +53,13 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    if let Ok(filter) = std::env::var("SIM_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .without_time()
+            .init();
+    }
     let mut bugs = Vec::new();
     for b in &a.bugs {
         match Bug::ALL.iter().find(|x| x.name() == b) {

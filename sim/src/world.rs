@@ -137,6 +137,11 @@ pub enum Ev {
         jid: BareJid,
         handled: u64,
     },
+    /// The Raft clock of a node's shards (`limits::RAFT_TICK_MS`).
+    RaftTick {
+        node: u32,
+        epoch: u64,
+    },
     Partition,
     Heal,
     ShardCrash(u32, u16),
@@ -145,11 +150,52 @@ pub enum Ev {
 }
 
 impl Ev {
+    /// The event's kind, for a report.
+    fn kind(&self) -> &'static str {
+        match self {
+            Ev::ClientWake(_) => "client wake",
+            Ev::ToServer { .. } => "to server",
+            Ev::ServerSeesClose { .. } => "server sees close",
+            Ev::ToClient { .. } => "to client",
+            Ev::ClientSeesClose { .. } => "client sees close",
+            Ev::Mesh { .. } => "mesh",
+            Ev::Retry { .. } => "retry",
+            Ev::Resync { .. } => "resync",
+            Ev::Again { .. } => "again",
+            Ev::SessionRun { .. } => "session run",
+            Ev::UserRun { .. } => "user run",
+            Ev::Read { .. } => "read",
+            Ev::FlushDone { .. } => "flush done",
+            Ev::NodeCrash(_) => "node crash",
+            Ev::NodeRestart(_) => "node restart",
+            Ev::NodeJoin(_) => "node join",
+            Ev::Datagram { .. } => "datagram",
+            Ev::GossipTimer { .. } => "gossip timer",
+            Ev::GossipTick { .. } => "gossip tick",
+            Ev::Link { .. } => "link",
+            Ev::ReqTimeout { .. } => "request timeout",
+            Ev::Idle { .. } => "idle",
+            Ev::RaftTick { .. } => "raft tick",
+            Ev::Partition => "partition",
+            Ev::Heal => "heal",
+            Ev::ShardCrash(..) => "shard crash",
+            Ev::Storm => "storm",
+            Ev::Quiesce => "quiesce",
+        }
+    }
+
     /// Membership keeps talking forever: its events do not count as work left to do.
     fn background(&self) -> bool {
         matches!(
             self,
-            Ev::Datagram { .. } | Ev::GossipTimer { .. } | Ev::GossipTick { .. }
+            Ev::Datagram { .. }
+                | Ev::GossipTimer { .. }
+                | Ev::GossipTick { .. }
+                | Ev::RaftTick { .. }
+                | Ev::Link {
+                    frame: crate::cluster::Frame::Raft { .. },
+                    ..
+                }
         )
     }
 }
@@ -305,6 +351,9 @@ impl World {
             }
         }
         let dur = self.cfg.duration_ms * 1000;
+        if !self.clustered() {
+            self.raft_start(0);
+        }
         if self.clustered() {
             let n = self.nodes.len() as u32;
             for i in 0..n {
@@ -315,6 +364,7 @@ impl World {
                     self.at(t, Ev::NodeJoin(i));
                 } else {
                     self.node_start(i);
+                    self.raft_start(i);
                 }
             }
             for _ in 0..self.faults.partitions {
@@ -351,7 +401,7 @@ impl World {
         while let Some(((t, _), ev)) = self.queue.pop_first() {
             if t > limit {
                 self.now_us = t;
-                match self.membership_disagreement() {
+                match self.membership_disagreement().or_else(|| self.raft_unsettled()) {
                     Some(d) if self.work == 0 => self.fail(
                         5,
                         format!("membership did not converge within two virtual minutes after the end: {d}"),
@@ -372,12 +422,33 @@ impl World {
                 break;
             }
             // Quiescent: no work left and (with a cluster) the membership converged.
-            if self.quiescing && self.work == 0 && self.membership_disagreement().is_none() {
+            if self.quiescing
+                && self.work == 0
+                && self.membership_disagreement().is_none()
+                && self.raft_unsettled().is_none()
+            {
                 break;
             }
         }
         if self.violation.is_none() {
             self.final_checks();
+        }
+        if std::env::var_os("SIM_RAFT_STATUS").is_some() {
+            let pending: Vec<String> = self
+                .queue
+                .iter()
+                .filter(|(_, e)| !e.background())
+                .take(10)
+                .map(|((t, _), e)| format!("{t}: {}", e.kind()))
+                .collect();
+            eprintln!("work left {}: {pending:?}", self.work);
+            eprintln!("raft unsettled: {:?}", self.raft_unsettled());
+            // Each node's slots at the end: (slot, leader, leads here, committed, applied).
+            for n in &self.nodes {
+                for (s, sh) in n.shards.iter().enumerate() {
+                    eprintln!("n{} (up {}) shard {s}: {:?}", n.id, n.up, sh.protocol.status());
+                }
+            }
         }
         Outcome {
             seed: self.seed,
@@ -506,6 +577,7 @@ impl World {
                 if self.clustered() {
                     self.node_start(n);
                 }
+                self.raft_start(n);
             }
             Ev::NodeJoin(n) => {
                 self.trace.record(self.now_us, format!("node {n} starts and joins"));
@@ -514,6 +586,7 @@ impl World {
                 node.up = true;
                 node.started = true;
                 self.node_start(n);
+                self.raft_start(n);
             }
             Ev::Datagram { to, bytes } => {
                 self.trace
@@ -565,6 +638,7 @@ impl World {
                     .record(self.now_us, format!("user {jid} on n{node} s{shard} idle check"));
                 self.idle_check(node, epoch, shard, jid, handled);
             }
+            Ev::RaftTick { node, epoch } => self.raft_tick(node, epoch),
             Ev::Partition => {
                 let up: Vec<u32> = self.nodes.iter().filter(|n| n.up).map(|n| n.id).collect();
                 if up.len() >= 2 && self.cut_pairs.is_empty() && !self.quiescing {
@@ -924,21 +998,30 @@ impl World {
         ids
     }
 
-    /// Ids of every message now in the node's offline storage (all users).
+    /// Ids of every message now in the node's offline storage (all users), and of those its
+    /// Raft logs hold past their applied index (a restart applies them again).
     pub fn stored_offline_ids(&self, node: u32) -> Vec<String> {
         let storage = &self.nodes[node as usize].storage;
-        self.clients
+        let mut ids: Vec<String> = self
+            .clients
             .iter()
             .filter_map(|c| storage.load_user(&c.user).ok())
             .flat_map(|d| d.offline.into_iter().filter_map(|m| xml_id(&m.xml)))
-            .collect()
+            .collect();
+        for slot in storage.raft_slots().unwrap_or_default() {
+            if let Ok(Some(stored)) = storage.raft_stored(slot) {
+                let writes = starling_actors::system::consensus::logged_writes(&stored);
+                ids.extend(crate::cluster::offline_stored(&writes).into_iter().map(|(_, id)| id));
+            }
+        }
+        ids
     }
 
     /// After the queue ran dry: invariants 1 and 3 over the whole state.
     fn final_checks(&mut self) {
         let now = self.now_us / 1000;
-        // 5: membership and placement converged.
-        if let Some(d) = self.membership_disagreement() {
+        // 5: membership, placement and the slots' groups converged.
+        if let Some(d) = self.membership_disagreement().or_else(|| self.raft_unsettled()) {
             self.violation = Some(Violation {
                 invariant: 5,
                 at_ms: now,

@@ -42,6 +42,27 @@ pub use super::replication::Members;
 use super::slot::{RaftMsg, Slot};
 use crate::address::{NodeId, ShardId};
 
+/// The writes of the entries a stored log holds past its applied index: what a restart
+/// applies (again) — the entries committed among them; the rest a new leader may drop.
+pub fn logged_writes(stored: &RaftStored) -> Vec<Write> {
+    let mut out = Vec::new();
+    for (index, bytes) in &stored.entries {
+        if *index <= stored.applied {
+            continue;
+        }
+        let Ok(data) = super::slot::SlotLog::entry_data(bytes) else {
+            continue;
+        };
+        if let Ok(p) = postcard::from_bytes::<Proposal>(&data) {
+            match p.cmd {
+                Command::Writes(w) => out.extend(w),
+                Command::Create { user, account } => out.push(Write::PutAccount { user, account }),
+            }
+        }
+    }
+    out
+}
+
 /// A node's raft id (raft ids start at 1).
 pub fn raft_id(n: NodeId) -> u64 {
     u64::from(n) + 1
@@ -79,6 +100,19 @@ pub fn place_slot(m: &impl Members, slot: u32, shards: ShardId) -> (NodeId, Shar
     (owner.unwrap_or(m.me()), shard)
 }
 
+/// A slot's group as one member sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub leader: Option<NodeId>,
+    pub leading: bool,
+    pub committed: u64,
+    pub applied: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// A configuration change is under way.
+    pub changing: bool,
+}
+
 /// What this shard of the node runs.
 #[derive(Clone, Debug)]
 pub struct Cfg {
@@ -98,6 +132,20 @@ pub enum Op {
     Load { user: String },
     Create { user: String, account: Account },
     Put { user: String, account: Account },
+}
+
+impl Op {
+    /// The user it is about: the host serves it on the shard of that user's slot.
+    pub fn user(&self) -> &str {
+        match self {
+            Op::Load { user } | Op::Create { user, .. } | Op::Put { user, .. } => user,
+        }
+    }
+}
+
+/// The shard of this node that serves `op` (its user's slot's), of `shards`, with `slots`.
+pub fn shard_for(op: &Op, slots: u32, shards: ShardId) -> ShardId {
+    shard_of_slot(rules::slot_of(op.user().as_bytes(), slots), shards)
 }
 
 /// The answer to an [`Op`].
@@ -191,6 +239,11 @@ pub enum Act<T, R> {
         to: T,
         outcome: Outcome,
     },
+    /// A write of `user`'s history that this shard's life did not propose was applied here:
+    /// an actor of `user` running here holds older state and must end (`Runner::stale`).
+    Stale {
+        user: String,
+    },
     Count(Count),
 }
 
@@ -254,10 +307,12 @@ enum Task {
     },
     /// A log write no ready waits on (compaction).
     Quiet,
-    /// Applied entries: who proposed each (this shard's proposal ids).
+    /// Applied entries: who proposed each (this shard's proposal ids), and the users whose
+    /// history another life wrote.
     Apply {
         slot: u32,
         mine: Vec<(u64, Option<u64>)>,
+        foreign: Vec<String>,
     },
     /// The slot's data at `index`, for a snapshot.
     State {
@@ -347,6 +402,44 @@ impl<T, R> Consensus<T, R> {
                 (g.slot, l, g.is_leader(), g.committed(), g.applied)
             })
             .collect()
+    }
+
+    /// Drops everything (the shard is gone), giving back who was waiting here.
+    pub fn crash(&mut self) -> Vec<T> {
+        let mut waiting = Vec::new();
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            if let Whom::Here(w) = p.whom {
+                waiting.push(w);
+            }
+        }
+        for (_, r) in std::mem::take(&mut self.reads) {
+            if let Whom::Here(w) = r.whom {
+                waiting.push(w);
+            }
+        }
+        waiting.extend(std::mem::take(&mut self.asked).into_values().map(|(w, _)| w));
+        self.groups.clear();
+        self.tasks.clear();
+        self.out.clear();
+        waiting
+    }
+
+    /// One slot's group here, if this node is in it.
+    pub fn slot_info(&self, slot: u32) -> Option<SlotInfo> {
+        let g = self.groups.get(&slot)?;
+        let mut voters: Vec<NodeId> = g.conf().voters.iter().map(|v| node_of(*v)).collect();
+        voters.sort_unstable();
+        let mut learners: Vec<NodeId> = g.conf().learners.iter().map(|v| node_of(*v)).collect();
+        learners.sort_unstable();
+        Some(SlotInfo {
+            leader: (g.leader() != 0).then(|| node_of(g.leader())),
+            leading: g.is_leader(),
+            committed: g.committed(),
+            applied: g.applied,
+            voters,
+            learners,
+            changing: g.conf_pending(),
+        })
     }
 
     fn id(&mut self) -> u64 {
@@ -455,6 +548,26 @@ impl<T, R> Consensus<T, R> {
             });
         }
         let slot = self.slot_of(&user);
+        if crate::planted::active(crate::planted::Bug::AckBeforeCommit) {
+            // The planted bug: the actor is told its write is stored before it is committed.
+            self.out.push_back(Act::Done {
+                to,
+                outcome: Outcome::Written(Ok(())),
+            });
+            let id = self.id();
+            let p = Proposal {
+                node: self.me,
+                incarnation: self.cfg.incarnation,
+                id,
+                cmd: Command::Writes(writes),
+            };
+            let data = postcard::to_stdvec(&p).expect("postcard encoding of plain structs cannot fail");
+            if let Some(g) = self.groups.get_mut(&slot) {
+                let _ = g.propose(data);
+                self.dirty.insert(slot);
+            }
+            return self.drive();
+        }
         self.propose(Whom::Here(to), Kind::Written, slot, Command::Writes(writes));
     }
 
@@ -624,9 +737,10 @@ impl<T, R> Consensus<T, R> {
                     continue;
                 }
                 match Slot::joining(slot, self.me) {
-                    Ok(g) => {
+                    Ok((g, w)) => {
                         tracing::info!(slot, leader = node_of(msg.from), "raft: joining the slot's group");
                         self.groups.insert(slot, g);
+                        self.storage_call(Task::Quiet, Local::Log(w));
                     }
                     Err(e) => {
                         tracing::error!(slot, error = %e, "raft: cannot join the slot's group");
@@ -759,7 +873,12 @@ impl<T, R> Consensus<T, R> {
                     tracing::error!(error = %e, "raft: a log write failed");
                 }
             }
-            (Task::Apply { slot, mine }, got) => self.applied(slot, mine, got),
+            (Task::Apply { slot, mine, foreign }, got) => {
+                self.applied(slot, mine, got);
+                for user in foreign {
+                    self.out.push_back(Act::Stale { user });
+                }
+            }
             (Task::State { slot, index, term, cs }, got) => {
                 self.snapshotting.remove(&slot);
                 match got {
@@ -906,8 +1025,20 @@ impl<T, R> Consensus<T, R> {
             changes.extend(stale_learners.iter().map(|n| single(*n, ConfChangeType::RemoveNode)));
         } else {
             let gone: Vec<u64> = voters.difference(&target).copied().collect();
-            if gone.contains(&me) {
-                // The leader leaves last: it hands over to a member that stays first.
+            if !new.is_empty() {
+                // The learners caught up become voters, and the members they replace go in the
+                // same joint change — but not the leader: it hands over first (below, once
+                // the newcomers vote).
+                if new.iter().all(|n| caught_up(g, *n)) {
+                    changes.extend(new.iter().map(|n| single(*n, ConfChangeType::AddNode)));
+                    changes.extend(
+                        gone.iter()
+                            .filter(|n| **n != me)
+                            .map(|n| single(*n, ConfChangeType::RemoveNode)),
+                    );
+                }
+            } else if gone.contains(&me) {
+                // The leader leaves last: it hands over to a member that stays.
                 if let Some(to) = target.iter().copied().find(|t| voters.contains(t) && caught_up(g, *t)) {
                     tracing::info!(
                         slot,
@@ -918,9 +1049,7 @@ impl<T, R> Consensus<T, R> {
                     self.dirty.insert(slot);
                 }
                 return;
-            }
-            if (!new.is_empty() && new.iter().all(|n| caught_up(g, *n))) || (new.is_empty() && !gone.is_empty()) {
-                changes.extend(new.iter().map(|n| single(*n, ConfChangeType::AddNode)));
+            } else {
                 changes.extend(gone.iter().map(|n| single(*n, ConfChangeType::RemoveNode)));
             }
         }
@@ -1028,12 +1157,20 @@ impl<T, R> Consensus<T, R> {
         if !out.apply.is_empty() {
             let mut entries = Vec::with_capacity(out.apply.len());
             let mut mine = Vec::with_capacity(out.apply.len());
+            let mut foreign: Vec<String> = Vec::new();
             for (index, data) in out.apply {
                 let (writes, id) = self.command(slot, index, &data);
+                if id.is_none() {
+                    for (user, _) in starling_storage::version_conditions(&writes) {
+                        if !foreign.iter().any(|u| u == user) {
+                            foreign.push(user.to_string());
+                        }
+                    }
+                }
                 entries.push((index, writes));
                 mine.push((index, id));
             }
-            self.storage_call(Task::Apply { slot, mine }, Local::Apply { slot, entries });
+            self.storage_call(Task::Apply { slot, mine, foreign }, Local::Apply { slot, entries });
         }
         for (ctx, index) in out.reads {
             let Ok(id) = <[u8; 8]>::try_from(ctx.as_slice()).map(u64::from_be_bytes) else {
@@ -1069,8 +1206,27 @@ impl<T, R> Consensus<T, R> {
             );
         }
         if out.removed {
-            tracing::info!(slot, "raft: this node left the slot's group");
+            // Its log and its copy of the slot's data go (a later member here starts from a
+            // snapshot).
+            tracing::info!(slot, "raft: this node left the slot's group; its copy is dropped");
             self.drop_group(slot);
+            let slots = self.cfg.slots;
+            let forget = RaftWrite {
+                slot,
+                clear: true,
+                state: Some(Vec::new()),
+                ..Default::default()
+            };
+            self.storage_call(Task::Quiet, Local::Log(forget));
+            self.storage_call(
+                Task::Quiet,
+                Local::Install {
+                    slot,
+                    slots,
+                    index: 0,
+                    writes: Vec::new(),
+                },
+            );
             let mine: Vec<u64> = self
                 .proposals
                 .iter()

@@ -15,8 +15,10 @@ pub const LINK_QUEUE: usize = 4096;
 pub const ACCOUNT_TIMEOUT_MS: u64 = 5_000;
 
 /// The period of the Raft groups' clock (`system::consensus`): a leader's heartbeat every two
-/// ticks, a follower campaigns after about twenty without one (`system::slot`).
-pub const RAFT_TICK_MS: u64 = 50;
+/// ticks, a follower campaigns after about twenty without one, a leader that heard from no
+/// majority for ten steps down (`system::slot`): slow disks delay the answers that wait for
+/// their flush, so the window is not much shorter than a slow fsync.
+pub const RAFT_TICK_MS: u64 = 100;
 
 /// Users handed to their new replicas at once after a ring change (each is one request and
 /// one flush on the receiver).

@@ -99,6 +99,12 @@ impl<A: Actor> Runner<A> {
         self.version
     }
 
+    /// Its state is older than its storage's (another incarnation's write was applied): it
+    /// ends after its turn, as after a failed write, and the next incarnation reloads.
+    pub fn stale(&mut self) {
+        self.doomed = true;
+    }
+
     /// Between turns: ready for its next message.
     pub fn ready(&self) -> bool {
         self.effects.is_empty() && self.pending.is_none() && !self.doomed

@@ -63,6 +63,8 @@ struct Held {
     number: u64,
     writes: bool,
     messages: Vec<RaftMsg>,
+    /// The index of the snapshot it installs: applied once it is durable.
+    snapshot: Option<u64>,
 }
 
 /// One slot's Raft group on this node.
@@ -125,9 +127,17 @@ impl Slot {
     }
 
     /// A member with nothing yet, created for a message from the group's leader: it learns
-    /// the group from the snapshot the leader sends.
-    pub fn joining(slot: u32, id: u64) -> Result<Self, String> {
-        Self::with_log(slot, id, SlotLog::empty(), 0)
+    /// the group from the snapshot the leader sends. The write clears what an earlier member
+    /// here may have left.
+    pub fn joining(slot: u32, id: u64) -> Result<(Self, RaftWrite), String> {
+        let log = SlotLog::empty();
+        let w = RaftWrite {
+            slot,
+            clear: true,
+            state: Some(log.state_bytes()),
+            ..Default::default()
+        };
+        Ok((Self::with_log(slot, id, log, 0)?, w))
     }
 
     /// The group as this node stored it: the entries after the stored applied index are
@@ -158,7 +168,19 @@ impl Slot {
     }
 
     /// A message from another member.
-    pub fn step(&mut self, m: RaftMsg) -> Result<(), String> {
+    pub fn step(&mut self, mut m: RaftMsg) -> Result<(), String> {
+        if m.kind == raft::eraftpb::MessageType::MsgHeartbeat as i32 && m.commit > self.last_index() {
+            // A leader that has not applied this member's removal yet, talking to the empty
+            // member made since (raft-rs would panic: a commit beyond the log means a lost
+            // log). The real commit comes with the entries.
+            tracing::debug!(
+                slot = self.slot,
+                commit = m.commit,
+                last = self.last_index(),
+                "raft: heartbeat commit beyond the log; clamped"
+            );
+            m.commit = self.last_index();
+        }
         let m: Message = m.into_raft()?;
         self.rn.step(m).map_err(|e| e.to_string())
     }
@@ -281,12 +303,14 @@ impl Slot {
             ..Default::default()
         };
         let mut writes = false;
+        let mut snapshot = None;
         if !rd.snapshot().is_empty() {
             let s = rd.snapshot().clone();
             let meta = s.get_metadata();
             self.rn.mut_store().install(meta);
             out.install = Some((meta.index, s.data.to_vec()));
             self.submitted = (meta.index, meta.term);
+            snapshot = Some(meta.index);
             write.clear = true;
             writes = true;
         }
@@ -303,6 +327,19 @@ impl Slot {
             .extend(rd.take_read_states().into_iter().map(|r| (r.request_ctx, r.index)));
         let later: Vec<RaftMsg> = rd.take_persisted_messages().iter().map(RaftMsg::from).collect();
         self.rn.advance_append_async(rd);
+        // A snapshot handed to the host counts as sent: the member's progress goes back to
+        // probing, so one lost on the way is made and sent again (raft-rs would wait for the
+        // report forever).
+        let snap = raft::eraftpb::MessageType::MsgSnapshot as i32;
+        for to in out
+            .messages
+            .iter()
+            .chain(&later)
+            .filter(|m| m.kind == snap)
+            .map(|m| m.to)
+        {
+            self.rn.report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
         let conf_before = self.rn.store().conf_index;
         self.hand_out(committed, out);
         if writes || self.rn.store().conf_index != conf_before {
@@ -313,6 +350,7 @@ impl Slot {
                 number,
                 writes: true,
                 messages: later,
+                snapshot,
             });
         } else if self.held.is_empty() {
             self.rn.on_persist_ready(number);
@@ -322,6 +360,7 @@ impl Slot {
                 number,
                 writes: false,
                 messages: later,
+                snapshot: None,
             });
         }
     }
@@ -375,16 +414,25 @@ impl Slot {
     pub fn persisted(&mut self, number: u64) -> Vec<RaftMsg> {
         let mut msgs = Vec::new();
         let mut upto = None;
+        let mut snapshot = None;
         while let Some(h) = self.held.front() {
             if h.writes && h.number > number {
                 break;
             }
             let h = self.held.pop_front().expect("front");
             upto = Some(h.number);
+            snapshot = h.snapshot.or(snapshot);
             msgs.extend(h.messages);
         }
         if let Some(n) = upto {
             self.rn.on_persist_ready(n);
+        }
+        if let Some(index) = snapshot {
+            // raft-rs's applied index moves to a snapshot once it is durable (it reads the
+            // entries after its applied index, which a snapshot's log no longer has).
+            if index > self.rn.raft.raft_log.applied {
+                self.rn.advance_apply_to(index);
+            }
         }
         msgs
     }

@@ -61,6 +61,8 @@ struct Net {
     /// Pairs that cannot talk.
     cut: Vec<(NodeId, NodeId)>,
     outcomes: BTreeMap<u64, Outcome>,
+    /// `Act::Stale` as each node said it.
+    stale: Vec<(NodeId, String)>,
     next: u64,
 }
 
@@ -119,6 +121,7 @@ impl Net {
             queue: VecDeque::new(),
             cut: Vec::new(),
             outcomes: BTreeMap::new(),
+            stale: Vec::new(),
             next: 1,
         };
         net.run();
@@ -153,6 +156,7 @@ impl Net {
                     self.outcomes.insert(to, outcome);
                 }
                 Act::Count(_) => {}
+                Act::Stale { user } => self.stale.push((i, user)),
                 Act::Storage { task, op } => self.storage(i, task, op),
             }
         }
@@ -462,4 +466,31 @@ fn the_same_run_twice_is_the_same() {
             .collect::<Vec<_>>()
     };
     assert_eq!(run(), run());
+}
+
+#[test]
+fn a_write_another_node_made_tells_this_one_its_actor_is_stale() {
+    let mut net = Net::new(3, false);
+    net.members(&[0, 1, 2]);
+    net.ticks(200);
+    let u = "s@x";
+    let owner = net.owner(0, u);
+    assert_eq!(net.write(0, u, 1), Some(Outcome::Written(Ok(()))));
+    assert!(
+        net.stale.iter().all(|(n, _)| *n != owner),
+        "its own write is not stale: {:?}",
+        net.stale
+    );
+    // Another member writes the same user's history (an actor there, with another view).
+    let other = (0..3).find(|n| *n != owner).unwrap();
+    let written = net.call(other, 200, |c, w, _| {
+        c.write(w, u.into(), vec![roster_ver(u, 2)], Some(1))
+    });
+    assert_eq!(written, Some(Outcome::Written(Ok(()))));
+    assert!(net.stale.contains(&(owner, u.to_string())), "{:?}", net.stale);
+    // And the owner's next write on its old base is refused where it is applied.
+    let late = net.call(owner, 200, |c, w, _| {
+        c.write(w, u.into(), vec![roster_ver(u, 3)], Some(1))
+    });
+    assert!(matches!(late, Some(Outcome::Written(Err(_)))), "{late:?}");
 }

@@ -7,7 +7,7 @@
 //! the configuration from it, as raft-rs's docs advise), and compaction moves the position on.
 //! Snapshots to send are made by the host from the stored data ([`SlotLog::want_snapshot`],
 //! [`SlotLog::offer`]): raft-rs asks, gets `SnapshotTemporarilyUnavailable`, and asks again on
-//! a later heartbeat, by which time the host has made one.
+//! a later heartbeat, by which time the host has made one; each is sent once.
 
 use std::cell::{Cell, RefCell};
 
@@ -164,6 +164,12 @@ impl SlotLog {
         postcard::to_stdvec(&s).expect("postcard encoding of plain structs cannot fail")
     }
 
+    /// The data of a stored entry.
+    pub fn entry_data(bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let e: StoredEntry = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+        Ok(e.data)
+    }
+
     pub fn conf(&self) -> &ConfState {
         &self.cs
     }
@@ -315,10 +321,12 @@ impl raft::Storage for SlotLog {
         Ok(self.last())
     }
 
+    /// The snapshot offered, once (its configuration is the one it was made under: a later
+    /// member is not in it, so each one sent is made for the occasion).
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let offered = self.offered.borrow();
-        match offered.as_ref() {
-            Some(s) if s.get_metadata().index >= request_index.max(self.snap_index) => Ok(s.clone()),
+        let mut offered = self.offered.borrow_mut();
+        match offered.take() {
+            Some(s) if s.get_metadata().index >= request_index.max(self.snap_index) => Ok(s),
             _ => {
                 self.wanted.set(true);
                 Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))

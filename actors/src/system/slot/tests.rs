@@ -124,7 +124,11 @@ impl Net {
                     continue;
                 }
                 let m = &mut self.members[msg.to as usize - 1];
-                let slot = m.slot.get_or_insert_with(|| Slot::joining(0, msg.to).unwrap());
+                let slot = m.slot.get_or_insert_with(|| {
+                    let (s, w) = Slot::joining(0, msg.to).unwrap();
+                    m.store.raft_write(&w).unwrap();
+                    s
+                });
                 if let Err(e) = slot.step(msg) {
                     // A response from a member removed meanwhile: raft-rs refuses it.
                     assert!(e.contains("peer not found"), "{e}");
