@@ -81,17 +81,21 @@ pub trait Placement {
     }
 }
 
-/// One node: every key is local; the shard is a stable hash of the key (xxh3, the same on
-/// every platform and run, unlike std's `RandomState`).
+/// One node: every key is local, on the shard of its slot (`consensus::shard_of_slot`; the
+/// slot a stable hash of the key — xxh3, the same on every platform and run, unlike std's
+/// `RandomState`).
 #[derive(Clone, Debug)]
 pub struct SingleNode {
     pub node: NodeId,
     pub shards: ShardId,
+    /// `cluster.slots`.
+    pub slots: u32,
 }
 
 impl Placement for SingleNode {
     fn place(&self, key: &[u8]) -> (NodeId, ShardId) {
-        (self.node, crate::system::cluster::shard_of(key, self.shards))
+        let slot = crate::system::cluster::slot_of(key, self.slots);
+        (self.node, crate::system::consensus::shard_of_slot(slot, self.shards))
     }
 }
 
@@ -101,7 +105,11 @@ mod tests {
 
     #[test]
     fn placement_is_stable_and_spreads() {
-        let p = SingleNode { node: 0, shards: 4 };
+        let p = SingleNode {
+            node: 0,
+            shards: 4,
+            slots: 64,
+        };
         let mut seen = [0usize; 4];
         for i in 0..400 {
             let j: BareJid = format!("user{i}@localhost").parse().unwrap();
@@ -113,9 +121,7 @@ mod tests {
         assert!(seen.iter().all(|&c| c > 50), "{seen:?}");
         // Fixed value: placement must not change between builds or platforms.
         let j: BareJid = "alice@localhost".parse().unwrap();
-        assert_eq!(
-            p.place_user(&j).1,
-            (xxhash_rust::xxh3::xxh3_64(b"alice@localhost") % 4) as u16
-        );
+        let slot = crate::system::cluster::slot_of(b"alice@localhost", 64);
+        assert_eq!(p.place_user(&j).1, (slot % 4) as u16);
     }
 }

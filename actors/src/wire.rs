@@ -24,7 +24,8 @@ pub enum Frame {
         generation: u64,
     },
     Envelope(WireEnvelope),
-    /// Account operations go to the node that owns the account.
+    /// Account operations go to the node that owns the account (its slot's owner), served
+    /// there behind a read index or through the slot's log (`system::consensus`).
     AccountReq {
         id: u64,
         op: AccountOp,
@@ -33,6 +34,16 @@ pub enum Frame {
         id: u64,
         result: AccountResult,
     },
+    /// Raft messages for the receiver's slots (`system::consensus`; each goes to its slot's
+    /// shard there), checked again by `RaftMsg::into_raft` before raft-rs sees them.
+    Raft(Vec<WireRaft>),
+}
+
+/// One slot's Raft message.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WireRaft {
+    pub slot: u32,
+    pub msg: crate::system::slot::RaftMsg,
 }
 
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -139,35 +150,9 @@ pub struct WireAccount {
 
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AccountOp {
-    Load {
-        user: String,
-    },
-    Create {
-        user: String,
-        account: WireAccount,
-    },
-    Put {
-        user: String,
-        account: WireAccount,
-    },
-    /// A batch of storage writes for a user this node is a replica of (postcard-encoded
-    /// `Vec<starling_storage::Write>`: the storage types are serde), answered `Done` once
-    /// durable.
-    Replicate {
-        writes: Vec<u8>,
-    },
-    /// A whole user (account, roster, offline queue) for a node that has just become one of
-    /// its replicas; it replaces the copy there only if that one is older or absent.
-    Handoff {
-        user: String,
-        version: u64,
-        writes: Vec<u8>,
-    },
-    /// The whole state of a user this node keeps a copy of (read repair before the owner
-    /// starts the user's actor): answered `Snapshot`, or `Done` when there is no account.
-    Pull {
-        user: String,
-    },
+    Load { user: String },
+    Create { user: String, account: WireAccount },
+    Put { user: String, account: WireAccount },
 }
 
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -176,11 +161,6 @@ pub enum AccountResult {
     Created(bool),
     Done,
     Failed(String),
-    /// A user's whole state as postcard-encoded storage writes, with its write version.
-    Snapshot {
-        version: u64,
-        writes: Vec<u8>,
-    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -709,5 +689,40 @@ mod tests {
             },
         };
         assert!(envelope_in(w).is_err());
+    }
+
+    #[test]
+    fn raft_messages_survive_the_wire_and_a_broken_frame_is_refused() {
+        use crate::system::slot::{RaftEntry, RaftMsg};
+        let msg = RaftMsg {
+            kind: raft::eraftpb::MessageType::MsgAppend as i32,
+            to: 2,
+            from: 1,
+            term: 7,
+            log_term: 6,
+            index: 41,
+            entries: vec![RaftEntry {
+                kind: 0,
+                term: 7,
+                index: 42,
+                data: vec![1, 2, 3],
+                context: Vec::new(),
+            }],
+            commit: 40,
+            commit_term: 6,
+            snapshot: None,
+            request_snapshot: 0,
+            reject: false,
+            reject_hint: 0,
+            context: Vec::new(),
+            priority: 0,
+        };
+        let frame = Frame::Raft(vec![WireRaft { slot: 5, msg }]);
+        let mut buf = Vec::new();
+        encode(&frame, &mut buf).unwrap();
+        assert_eq!(decode(&buf[4..]).unwrap(), frame);
+        let mut broken = buf[4..].to_vec();
+        broken.truncate(broken.len() / 2);
+        assert!(decode(&broken).is_err());
     }
 }

@@ -274,12 +274,38 @@ fn serve(cfg: Config) -> Result<(), String> {
         tracing::error!("this binary has the simulator's planted bugs compiled in (switched off); build starling-node alone for production");
     }
     let store = open_store(&cfg)?;
+    // The slots' Raft state, read before the storage thread takes the store.
+    let slots = cfg.cluster.slots;
+    let mut raft_restore = Vec::new();
+    for slot in store.raft_slots().map_err(|e| e.to_string())? {
+        if slot >= slots {
+            return Err(format!(
+                "the store holds Raft slot {slot} but cluster.slots is {slots}: the slot count is fixed when the cluster is made"
+            ));
+        }
+        if let Some(stored) = store.raft_stored(slot).map_err(|e| e.to_string())? {
+            if !stored.state.is_empty() {
+                raft_restore.push((slot, stored));
+            }
+        }
+    }
     let (cert, key) = crate::tls::cert_paths(&cfg)?;
     let tls = crate::tls::server_config(&cert, &key)?;
     let shards = cfg.shards();
     let (storage_tx, storage_rx) = flume::bounded(storage_thread::QUEUE);
     let cluster = crate::cluster::setup(&cfg, shards)?;
+    // A single node, or the first node of a new cluster (no seeds but itself), makes every
+    // slot's group when its store has none; another node waits to be added by the leaders.
+    let raft_bootstrap = raft_restore.is_empty() && cluster.as_ref().is_none_or(|c| c.params.bootstrap);
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
     let params = ShardParams {
+        slots,
+        raft_restore: Arc::new(raft_restore),
+        raft_bootstrap,
+        incarnation,
         cluster: cluster.as_ref().map(|c| c.params.clone()),
         node: cluster.as_ref().map(|c| c.node).unwrap_or(0),
         shards,

@@ -44,8 +44,12 @@ pub struct Cluster {
     pub transport: String,
     /// Gossip addresses of nodes to join through (this node's own is skipped).
     pub seeds: Vec<String>,
-    /// Copies of each user's state (owner included). Not in force yet: see ARCHITECTURE.md.
+    /// Members of each slot's Raft group: copies of its state (ARCHITECTURE.md "Replicated
+    /// state on Raft").
     pub replication: usize,
+    /// Slots the keys hash into, each one Raft group; fixed when the cluster is made (the
+    /// node refuses to start on a store made with another count). A single node has them too.
+    pub slots: u32,
 }
 
 impl Default for Cluster {
@@ -55,7 +59,8 @@ impl Default for Cluster {
             gossip: "127.0.0.1:7946".into(),
             transport: "127.0.0.1:7947".into(),
             seeds: Vec::new(),
-            replication: 2,
+            replication: 3,
+            slots: 64,
         }
     }
 }
@@ -298,6 +303,9 @@ impl Config {
                 .listen
                 .parse::<SocketAddr>()
                 .map_err(|e| format!("metrics.listen: {e}"))?;
+        }
+        if !(1..=4096).contains(&self.cluster.slots) {
+            return Err("cluster.slots: from 1 to 4096".into());
         }
         if !self.cluster.node_name.is_empty() {
             let c = &self.cluster;

@@ -149,6 +149,8 @@ impl Actor for Supervisor {
 /// Starts one pinned glommio executor per shard and waits until each listens.
 fn start_shards(params: ShardParams, n: usize, alive: Arc<AtomicUsize>) -> Result<Vec<ShardHandle>, String> {
     let mesh = (n > 1).then(|| MeshBuilder::full(n, starling_actors::system::limits::MESH_CAPACITY));
+    // The shards' work for one another's slots (raft messages, account operations).
+    let calls = (n > 1).then(|| MeshBuilder::full(n, starling_actors::system::limits::MESH_CAPACITY));
     let cpus = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
     let (ready_tx, ready_rx) = flume::unbounded();
     let mut shards = Vec::with_capacity(n);
@@ -156,12 +158,13 @@ fn start_shards(params: ShardParams, n: usize, alive: Arc<AtomicUsize>) -> Resul
         let (stop_tx, stop_rx) = flume::bounded(1);
         let p = params.clone();
         let m = mesh.clone();
+        let c = calls.clone();
         let ready = ready_tx.clone();
         let spawn = |placement: Placement| {
-            let (p, m, stop_rx, ready) = (p.clone(), m.clone(), stop_rx.clone(), ready.clone());
+            let (p, m, c, stop_rx, ready) = (p.clone(), m.clone(), c.clone(), stop_rx.clone(), ready.clone());
             LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{i}"))
-                .spawn(move || shard::run(p, m, stop_rx, ready))
+                .spawn(move || shard::run(p, m, c, stop_rx, ready))
         };
         let handle = spawn(Placement::Fixed(i % cpus))
             .or_else(|_| spawn(Placement::Unbound))

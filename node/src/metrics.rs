@@ -56,7 +56,23 @@ fn describe() {
     );
     describe_counter!(
         "starling_cluster_replication_failures_total",
-        "Writes not acknowledged by a majority of a user's copies"
+        "Writes and reads of the replicated state that failed (no leader, no majority, timed out, refused)"
+    );
+    describe_counter!(
+        "starling_raft_dropped_total",
+        "Raft messages dropped on a full link or call mesh (raft sends again)"
+    );
+    describe_counter!(
+        "starling_raft_leader_changes_total",
+        "Times this node became a slot's leader"
+    );
+    describe_counter!(
+        "starling_raft_snapshots_total",
+        "Snapshots of a slot made to send, or installed"
+    );
+    describe_counter!(
+        "starling_raft_conf_changes_total",
+        "Configuration changes proposed for slots"
     );
     describe_gauge!("starling_cluster_members", "Cluster members up, this node included");
     describe_gauge!("starling_connections", "Open client connections");
@@ -141,6 +157,10 @@ pub struct ShardMetrics {
     pub cluster_frames_lost: Counter,
     pub cluster_bad_frames: Counter,
     pub cluster_replication_failures: Counter,
+    pub cluster_raft_dropped: Counter,
+    pub raft_leader_changes: Counter,
+    pub raft_snapshots: Counter,
+    pub raft_conf_changes: Counter,
 }
 
 /// Index of a stanza kind in the `[message, presence, iq]` arrays.
@@ -184,6 +204,10 @@ impl ShardMetrics {
             cluster_frames_lost: metrics::counter!("starling_cluster_envelopes_lost_total", "shard" => s.clone()),
             cluster_bad_frames: metrics::counter!("starling_cluster_bad_frames_total", "shard" => s.clone()),
             cluster_replication_failures: metrics::counter!("starling_cluster_replication_failures_total", "shard" => s.clone()),
+            cluster_raft_dropped: metrics::counter!("starling_raft_dropped_total", "shard" => s.clone()),
+            raft_leader_changes: metrics::counter!("starling_raft_leader_changes_total", "shard" => s.clone()),
+            raft_snapshots: metrics::counter!("starling_raft_snapshots_total", "shard" => s.clone()),
+            raft_conf_changes: metrics::counter!("starling_raft_conf_changes_total", "shard" => s.clone()),
         }
     }
 }

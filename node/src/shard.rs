@@ -58,6 +58,14 @@ pub struct ShardParams {
     pub write_timeout: Duration,
     /// `None` on a single node.
     pub cluster: Option<crate::cluster::ClusterParams>,
+    /// `cluster.slots` (a single node has them too).
+    pub slots: u32,
+    /// Every slot's stored Raft state (each shard restores its own), read before the shards
+    /// start; and whether, with none stored, this node bootstraps every slot.
+    pub raft_restore: Arc<Vec<(u32, starling_storage::RaftStored)>>,
+    pub raft_bootstrap: bool,
+    /// This process's start (ms): its proposals are told from an earlier process's.
+    pub incarnation: u64,
 }
 
 pub struct Shard {
@@ -66,6 +74,8 @@ pub struct Shard {
     /// The membership as this shard sees it, and its links to other nodes.
     pub cluster: crate::cluster::link::Links,
     mesh: Option<Senders<Queued<Envelope>>>,
+    /// The second mesh: work for the slots another shard hosts (`link::ShardCall`).
+    pub(crate) calls: Option<Senders<crate::cluster::link::ShardCall>>,
     /// The actor system's state machine for this shard: mailboxes, routing, overflow
     /// (`starling_actors::system::shard`). This host moves what it decides.
     core: RefCell<ShardCore>,
@@ -357,6 +367,11 @@ impl Shard {
         self.core.borrow().user_queued(jid)
     }
 
+    /// Whether the user actor of `jid` is active here.
+    pub fn user_active(&self, jid: &BareJid) -> bool {
+        self.core.borrow().has_user(jid)
+    }
+
     /// The user actors active on this shard.
     pub fn users(&self) -> Vec<BareJid> {
         self.core.borrow().users().cloned().collect()
@@ -379,6 +394,7 @@ fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn run(
     params: ShardParams,
     mesh: Option<MeshBuilder<Queued<Envelope>, Full>>,
+    calls: Option<MeshBuilder<crate::cluster::link::ShardCall, Full>>,
     stop: flume::Receiver<()>,
     ready: flume::Sender<Result<(), String>>,
 ) {
@@ -395,6 +411,16 @@ pub async fn run(
         },
         None => (None, None, 0),
     };
+    let (call_senders, call_receivers) = match calls {
+        Some(m) => match m.join().await {
+            Ok((s, r)) if s.peer_id() as ShardId == id => (Some(s), Some(r)),
+            _ => {
+                let _ = ready.send(Err("cannot join the shards' call mesh".into()));
+                return;
+            }
+        },
+        None => (None, None),
+    };
     let mut seed = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut seed);
     let links = {
@@ -402,8 +428,15 @@ pub async fn run(
             Some(c) => (c.name.clone(), c.generation, c.replication),
             None => (String::new(), 0, 1),
         };
-        let view = crate::cluster::View::single(params.node, &name, params.shards as ShardId);
-        crate::cluster::link::Links::new(name, generation, replication, view)
+        let view = crate::cluster::View::single(params.node, &name, params.shards as ShardId, params.slots);
+        let cfg = starling_actors::system::consensus::Cfg {
+            slots: params.slots,
+            shards: params.shards as ShardId,
+            shard: id,
+            replication,
+            incarnation: params.incarnation,
+        };
+        crate::cluster::link::Links::new(name, generation, replication, view, cfg)
     };
     let started = links.started;
     let shard = Rc::new(Shard {
@@ -411,6 +444,7 @@ pub async fn run(
         node: params.node,
         cluster: links,
         mesh: senders,
+        calls: call_senders,
         core: RefCell::new(ShardCore::new(params.node, id, started, params.mailbox)),
         wakers: RefCell::new(HashMap::new()),
         storage: params.storage.clone(),
@@ -436,6 +470,32 @@ pub async fn run(
             .detach();
         }
     }
+    if let Some(mut r) = call_receivers {
+        for (_, rx) in r.streams() {
+            let s = shard.clone();
+            glommio::spawn_local(async move {
+                while let Some(call) = rx.recv().await {
+                    s.shard_call(call);
+                }
+            })
+            .detach();
+        }
+    }
+    // This shard's slots: from the store, or new ones with this node their only member.
+    let shards = params.shards as ShardId;
+    let mine = |slot: u32| starling_actors::system::consensus::shard_of_slot(slot, shards) == id;
+    for (slot, stored) in params.raft_restore.iter().filter(|(s, _)| mine(*s)) {
+        let mut r = Ok(());
+        shard.protocol(|p, _| r = p.restore(*slot, stored));
+        if let Err(e) = r {
+            let _ = ready.send(Err(format!("slot {slot}'s stored Raft state: {e}")));
+            return;
+        }
+    }
+    if params.raft_bootstrap {
+        shard.protocol(|p, _| p.bootstrap());
+    }
+    let clock = glommio::spawn_local(crate::cluster::link::raft_clock(shard.clone()));
     if let Some(c) = &params.cluster {
         let Some(updates) = c.updates.get(id as usize).cloned() else {
             let _ = ready.send(Err("no membership channel for this shard".into()));
@@ -479,6 +539,7 @@ pub async fn run(
     let _ = stop.recv_async().await;
     drop(accept_tasks);
     drop(gauges);
+    let _ = &clock;
     // Tell every client we are going away, then give them a moment.
     let sessions: Vec<u64> = shard.core.borrow().session_ids().collect();
     for id in sessions {

@@ -4,7 +4,7 @@
 
 use futures::channel::oneshot;
 use starling_actors::system::commit::GroupCommit;
-use starling_storage::{Account, Storage, StorageError, UserData, Write};
+use starling_storage::{Account, RaftWrite, Storage, StorageError, UserData, Write};
 
 pub type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
 
@@ -27,19 +27,32 @@ pub enum StorageReq {
         writes: Vec<Write>,
         reply: Reply<()>,
     },
-    /// Every account stored here (the cluster's handoff walks them).
-    ListAccounts {
-        reply: Reply<Vec<String>>,
+    /// A slot's Raft log write: answered once durable (group commit), as a `Write`.
+    RaftLog {
+        w: RaftWrite,
+        reply: Reply<()>,
     },
-    /// Whether the account exists, and the version of the user's state (`Storage::copy_version`).
-    Version {
-        user: String,
-        reply: Reply<(bool, u64)>,
+    /// Committed entries of a slot applied in order (`Storage::apply_committed`), each with
+    /// its verdict; answered at once (the log has them: no flush is waited for).
+    RaftApply {
+        slot: u32,
+        entries: Vec<(u64, Vec<Write>)>,
+        reply: Reply<Vec<Result<(), StorageError>>>,
     },
-    /// The user's whole state as writes, with its version (`Storage::snapshot`).
-    Snapshot {
-        user: String,
-        reply: Reply<Option<(u64, Vec<Write>)>>,
+    /// The data of one slot (`Storage::slot_state`), for a snapshot.
+    SlotState {
+        slot: u32,
+        slots: u32,
+        reply: Reply<Vec<Write>>,
+    },
+    /// A snapshot installed (`Storage::install_slot`); answered at once (the log write after
+    /// it waits for the flush that covers both).
+    Install {
+        slot: u32,
+        slots: u32,
+        index: u64,
+        writes: Vec<Write>,
+        reply: Reply<()>,
     },
     Shutdown,
 }
@@ -78,19 +91,17 @@ impl StorageHandle {
         self.ask(|reply| StorageReq::LoadUser { user, reply }).await
     }
     /// Returns once the writes are durable.
-    pub async fn list_accounts(&self) -> Result<Vec<String>, StorageError> {
-        self.ask(|reply| StorageReq::ListAccounts { reply }).await
-    }
-
-    pub async fn copy_version(&self, user: String) -> Result<(bool, u64), StorageError> {
-        self.ask(|reply| StorageReq::Version { user, reply }).await
-    }
-    pub async fn snapshot(&self, user: String) -> Result<Option<(u64, Vec<Write>)>, StorageError> {
-        self.ask(|reply| StorageReq::Snapshot { user, reply }).await
-    }
-
     pub async fn write(&self, writes: Vec<Write>) -> Result<(), StorageError> {
         self.ask(|reply| StorageReq::Write { writes, reply }).await
+    }
+
+    /// Queues a request without waiting for its answer, in the order of the calls (the
+    /// replicated state's storage calls: `Shard::protocol_act`).
+    pub async fn send(&self, req: StorageReq) -> Result<(), StorageError> {
+        self.tx
+            .send_async(req)
+            .await
+            .map_err(|_| StorageError::Backend("storage thread has stopped".into()))
     }
 }
 
@@ -150,14 +161,33 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
                         w.answer(&Err(e));
                     }
                 }
-                StorageReq::ListAccounts { reply } => {
-                    let _ = reply.send(store.list_accounts());
+                StorageReq::RaftLog { w, reply } => match store.raft_write(&w) {
+                    Ok(()) => commit.after(Waiter::Ack(reply)),
+                    Err(e) => {
+                        tracing::error!(error = %e, slot = w.slot, "raft log write failed");
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                StorageReq::RaftApply { slot, entries, reply } => {
+                    let r = entries
+                        .iter()
+                        .map(|(index, w)| store.apply_committed(slot, *index, w))
+                        .collect();
+                    let _ = reply.send(Ok(r));
                 }
-                StorageReq::Version { user, reply } => {
-                    let _ = reply.send(store.copy_version(&user));
+                StorageReq::SlotState { slot, slots, reply } => {
+                    let in_slot = |u: &str| starling_actors::system::consensus::in_slot(u, slot, slots);
+                    let _ = reply.send(store.slot_state(&in_slot));
                 }
-                StorageReq::Snapshot { user, reply } => {
-                    let _ = reply.send(store.snapshot(&user));
+                StorageReq::Install {
+                    slot,
+                    slots,
+                    index,
+                    writes,
+                    reply,
+                } => {
+                    let in_slot = |u: &str| starling_actors::system::consensus::in_slot(u, slot, slots);
+                    let _ = reply.send(store.install_slot(slot, index, &in_slot, &writes));
                 }
                 StorageReq::Shutdown => stop = true,
             }

@@ -34,10 +34,12 @@ async fn run(shard: Rc<Shard>, jid: BareJid) {
     // The membership when it started: after a change, its state may be stale (another node
     // may serve the user meanwhile), so it is not kept idle in memory past one.
     let born = shard.membership_changes();
+    // A stale mark from before this incarnation is not for it.
+    shard.take_stale(&jid);
     let loaded = async {
-        if shard.in_cluster() {
-            shard.pull_newest(jid.as_str()).await?;
-        }
+        // Everything committed in the user's slot is applied here first (a read index: a
+        // single node's groups of one answer at once).
+        shard.pull_newest(jid.as_str()).await?;
         shard
             .storage
             .load_user(jid.to_string())
@@ -86,6 +88,14 @@ async fn run(shard: Rc<Shard>, jid: BareJid) {
         let Some(t) = next else { return };
         shard.metrics.route.record(since(t.at));
         let msg = t.msg;
+        if shard.take_stale(&jid) {
+            // Another incarnation's write of this user was applied here (`Act::Stale`): this
+            // state is older than the store's. The actor ends, as after a failed write; the
+            // message goes to the next incarnation, which reloads.
+            tracing::info!(user = %jid, "user actor's state is stale; ending it");
+            let again = vec![starling_actors::msg::Envelope::to_user(jid.clone(), msg)];
+            return shard.end_user(&jid, runner.actor().sessions(), Ending::WriteFailed, again);
+        }
         tracing::trace!(user = %jid, ?msg, "user actor input");
         let started = std::time::Instant::now();
         if runner.handle(msg, now_ms()).is_err() {

@@ -384,7 +384,7 @@ impl World {
             .collect();
         let c = &mut self.nodes[n as usize].cluster;
         let old_peers = std::mem::replace(&mut c.peers, peers);
-        let old_ring = std::mem::replace(&mut c.ring, new_ring.clone());
+        c.ring = new_ring.clone();
         let gone: Vec<(u32, u64)> = old_peers
             .iter()
             .filter(|(i, g)| c.peers.get(i) != Some(g))
@@ -422,15 +422,8 @@ impl World {
             );
         }
         // Sessions whose user's actor now lives on another node than when they bound, or
-        // lived on a node that died or restarted (the actor died with it), or whose slot
-        // gained a member (after a heal or a rejoin, the actor here may hold what another
-        // node's incarnation changed since: it must reload).
-        let gained = |user: &BareJid| {
-            let slot = rules::slot_of(user.as_str().as_bytes(), SLOTS);
-            rules::slot_voters(&new_ring, slot, REPLICATION)
-                .iter()
-                .any(|n| !rules::slot_voters(&old_ring, slot, REPLICATION).contains(n))
-        };
+        // lived on a node that died or restarted (the actor died with it). A slot that gained
+        // a member closes nothing: a stale actor is ended by `Act::Stale`.
         let (generation, shards, at) = (self.node_gen(n), self.cfg.shards, self.now_us);
         for s in 0..shards {
             let node = &mut self.nodes[n as usize];
@@ -438,7 +431,7 @@ impl World {
             let owner_now = |u: &BareJid| cluster.place(u.as_str().as_bytes(), shards).0;
             let moved = node.shards[s as usize]
                 .core
-                .close_moved(generation, rejoined, &gone, owner_now, gained, at);
+                .close_moved(generation, rejoined, &gone, owner_now, at);
             for id in moved {
                 self.stats.moved_kicks += 1;
                 self.excuse_confirmed(id);

@@ -2,7 +2,7 @@
 //! messages and activation are the node's own (`starling_actors::system::shard::ShardCore`,
 //! one per simulated shard, its effects carried out by `drive`), and so are the effect loops
 //! of a user actor (`system::runner`), of a connection (`system::conn`), group commit
-//! (`system::commit`) and the cluster protocol (`system::replication`, `cluster.rs`). What
+//! (`system::commit`) and the replicated state (`system::consensus`, `cluster.rs`). What
 //! this file adds is I/O in virtual time: when each actor and connection runs, the storage
 //! thread's delays, and the bookkeeping the oracles need.
 

@@ -22,7 +22,7 @@ fn jid(s: &str) -> Jid {
 }
 
 /// With `xml:lang` on the body, as many clients send it: it crosses the node-to-node wire
-/// and offline storage on the owner and its replica.
+/// and offline storage on every member of the user's slot.
 fn chat(to: &str, text: &str) -> Stanza {
     Stanza::Message(Message::chat(Some(jid(to))).with_body(Lang("en".into()), text.into()))
 }
@@ -65,16 +65,21 @@ fn wait_alive(node: &Server, names: &[&str], within: Duration) -> Duration {
     }
 }
 
+/// The node whose actors `user@localhost` has in `ring`, as the servers place it: the ring's
+/// first node for the user's slot (`cluster.slots` 64, the default).
+fn owner<'r>(ring: &'r Ring, user: &str) -> Option<&'r str> {
+    use starling_actors::system::cluster::{slot_of, slot_voters};
+    let k = format!("{user}@localhost");
+    slot_voters(ring, slot_of(k.as_bytes(), 64), 1).first().copied()
+}
+
 /// The first `prefix{i}` owned by `owner` in `ring`, and by `later` in the ring after n3 died
 /// and n4 joined.
-fn user_owned_by(ring: &Ring, owner: &str, later: &str, prefix: &str) -> String {
+fn user_owned_by(ring: &Ring, who: &str, later: &str, prefix: &str) -> String {
     let after = Ring::new(["n1".to_string(), "n2".into(), "n4".into()]);
     (0..10_000)
         .map(|i| format!("{prefix}{i}"))
-        .find(|u| {
-            let k = format!("{u}@localhost");
-            ring.owner(k.as_bytes()) == Some(owner) && (later.is_empty() || after.owner(k.as_bytes()) == Some(later))
-        })
+        .find(|u| owner(ring, u) == Some(who) && (later.is_empty() || owner(&after, u) == Some(later)))
         .expect("a user for every node")
 }
 
@@ -162,7 +167,7 @@ async fn add_contact_and_leave(node: &Server, user: &str, password: &str, contac
 
 /// `from` sends `text` to the offline `to`, then an IQ to `to`'s bare JID: its actor answers
 /// that after handling the message, so once the answer is in, the message is stored (on the
-/// owner and its replica).
+/// members of its slot).
 async fn message_stored(from: &mut Client, to: &str, text: &str) {
     from.send_stanza(chat(to, text)).await.unwrap();
     let ping = Element::builder("ping", "urn:xmpp:ping").build();
@@ -205,10 +210,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     let all4 = Ring::new(["n1".to_string(), "n2".into(), "n3".into(), "n4".into()]);
     let frank = (0..10_000)
         .map(|i| format!("frank{i}"))
-        .find(|u| {
-            let k = format!("{u}@localhost");
-            ring.owner(k.as_bytes()) == Some("n3") && all4.owner(k.as_bytes()) == Some("n3")
-        })
+        .find(|u| owner(&ring, u) == Some("n3") && owner(&all4, u) == Some("n3"))
         .unwrap();
     let gina = user_owned_by(&ring, "n1", "n4", "gina"); // moves to n4 when it joins
     register(&n3, &alice, "pa").await;
@@ -259,7 +261,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     c.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
     expect_stanza(&mut c, "offline message", |s| has_body(s, "while you were out")).await;
 
-    // Frank (owned by n3, replicated to its next node in the ring) puts bob on his roster
+    // Frank (owned by n3; his slot's log on all three) puts bob on his roster
     // and gets a message while offline.
     let fj = format!("{frank}@localhost");
     add_contact_and_leave(&n2, &frank, "pf", &bj).await;
@@ -321,7 +323,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     expect_stanza(&mut b, "message after the kill", |s| has_body(s, "still here")).await;
 
     // Gina (owned by n1) puts bob on her roster and gets a message while offline; then a
-    // fourth node joins and owns her: her state is handed to it and she logs in there.
+    // fourth node joins and owns her: it joins her slot from a snapshot and she logs in there.
     let gj = format!("{gina}@localhost");
     add_contact_and_leave(&n2, &gina, "pg", &bj).await;
     message_stored(&mut a, &gj, "for gina").await;
@@ -341,7 +343,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
         .as_f64()
         .unwrap();
     assert!((0.25..0.42).contains(&share), "n4 owns {share} of the keys");
-    // The handoff runs in the background: her login succeeds once it has arrived.
+    // The join runs in the background: her login succeeds once n4 has her slot.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut g = loop {
         if let Ok(r) = Raw::try_login_plain(n2.port, &gina, "pg", "r").await {
@@ -362,9 +364,9 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     a.send_stanza(chat(&bj, "after the join")).await.unwrap();
     expect_stanza(&mut b, "message after the join", |s| has_body(s, "after the join")).await;
 
-    // n3 comes back with its old data. Frank got a message while it was away (stored on his
-    // interim owner and its replica, a newer version of his state): n3 owns him again and
-    // must serve the newer copy, handed to it, not its own stale one.
+    // n3 comes back with its old data. Frank got a message while it was away (committed in
+    // his slot without n3): n3 owns him again and must serve it — it catches up from the
+    // log or a snapshot before it leads, never from its own stale copy.
     drop(f);
     message_stored(&mut a, &fj, "while n3 was down").await;
     n3.start_again();
@@ -391,34 +393,48 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     }
 }
 
-/// An account is a write like any other: a cluster member alone (replication 2) cannot have
-/// it stored on a majority of copies, so registration is refused and nothing is created;
-/// once a second member is up, it succeeds.
+/// A node that joins a cluster (its seeds name another node) makes no slot of its own: until
+/// the cluster's first node is up and its leaders add it, it acknowledges nothing — an
+/// account is refused. Then the first node (no seed but itself) makes every slot, the joiner
+/// is added, and the same registration succeeds through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_account_is_not_acknowledged_without_a_replica() {
-    let g1 = free_port();
-    let n1 = Server::start_node("n1", g1, free_port(), &[g1], &[]);
-    wait_alive(&n1, &["n1"], Duration::from_secs(30));
-    let mut r = Raw::connect(n1.port).await;
+async fn a_joining_node_acknowledges_nothing_before_the_cluster_has_it() {
+    let (g1, g2) = (free_port(), free_port());
+    let n2 = Server::start_node("n2", g2, free_port(), &[g1], &[]);
+    let mut r = Raw::connect(n2.port).await;
     r.send(HEADER).await;
     r.until("</stream:features>").await;
-    r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>lonely</username><password>pw</password></query></iq>")
+    r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>early</username><password>pw</password></query></iq>")
         .await;
     let got = r.until("id=\"reg\"").await;
     let got = got + &r.until("</iq>").await;
     assert!(
         got.contains("type=\"error\"") && got.contains("<internal-server-error"),
-        "acknowledged with no replica: {got}"
+        "acknowledged with no cluster: {got}"
     );
-    assert!(
-        n1.log_text().contains("copies needed are reachable"),
-        "{}",
-        n1.log_text()
-    );
-    let n2 = Server::start_node("n2", free_port(), free_port(), &[g1], &[]);
+    let n1 = Server::start_node("n1", g1, free_port(), &[g1], &[]);
     for n in [&n1, &n2] {
         wait_alive(n, &["n1", "n2"], Duration::from_secs(30));
     }
-    register(&n1, "lonely", "pw").await;
-    Raw::login_plain(n2.port, "lonely", "pw", "r").await;
+    // The slots' leaders add n2 (a learner from a snapshot, then a member): registration
+    // through n2 succeeds once the user's slot has it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut r = Raw::connect(n2.port).await;
+        r.send(HEADER).await;
+        r.until("</stream:features>").await;
+        r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>early</username><password>pw</password></query></iq>")
+            .await;
+        let got = r.until("id=\"reg\"").await;
+        if got.contains("type=\"result\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "registration through n2 never succeeded: {got}\n{}",
+            n2.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Raw::login_plain(n1.port, "early", "pw", "r").await;
 }

@@ -34,11 +34,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState};
 use serde::{Deserialize, Serialize};
+use starling_gossip::Ring;
 use starling_storage::{Account, RaftStored, RaftWrite, StorageError, Write};
 
 use super::cluster as rules;
 use super::limits;
-pub use super::replication::Members;
 use super::slot::{RaftMsg, Slot};
 use crate::address::{NodeId, ShardId};
 
@@ -61,6 +61,17 @@ pub fn logged_writes(stored: &RaftStored) -> Vec<Write> {
         }
     }
     out
+}
+
+/// The shard's view of the membership, as the replicated state needs it.
+pub trait Members {
+    /// This node's name on the ring; empty when it is not configured as a cluster member.
+    fn name(&self) -> &str;
+    fn me(&self) -> NodeId;
+    fn ring(&self) -> &Ring;
+    /// No other member is up.
+    fn alone(&self) -> bool;
+    fn node_id(&self, name: &str) -> Option<NodeId>;
 }
 
 /// A node's raft id (raft ids start at 1).

@@ -2,9 +2,10 @@
 //! and the effect loop of a placed actor's life (`runner`: one message at a time, effects in
 //! order, writes awaited, the end after a failed write), each shard's mailboxes, routing,
 //! backpressure and held control messages, activation and passivation (`shard`:
-//! `ShardCore`), a connection's effect loop (`conn`), group commit (`commit`), the cluster
-//! protocol's rules (`cluster`) and its state machine (`replication`: requests between nodes,
-//! replicated writes, read repair, handoffs, serving), every limit and timeout in one place
+//! `ShardCore`), a connection's effect loop (`conn`), group commit (`commit`), the cluster's
+//! rules (`cluster`: placement, slots, which sessions reconnect), the replicated state on Raft
+//! (`slot`: one slot's group over raft-rs; `consensus`: the groups of a shard, writes,
+//! read-index reads, membership, snapshots), every limit and timeout in one place
 //! (`limits`), the rules around an actor's life (`life`), and those for a stanza that reaches
 //! a vanished session or cannot be delivered (`crate::msg::session_gone`,
 //! `crate::msg::undeliverable`). The node (`node/`) and the simulator (`sim/`) only move bytes
@@ -17,7 +18,6 @@ pub mod consensus;
 pub mod life;
 pub mod limits;
 pub mod queues;
-pub mod replication;
 pub mod runner;
 pub mod shard;
 pub mod slot;

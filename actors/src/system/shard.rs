@@ -401,23 +401,19 @@ impl ShardCore {
     /// (`cluster::session_moved`: each is sent a `Kick`, its client binds again where its user
     /// lives now) and returns their ids, for the host's log. `generation`: this node's
     /// membership generation now; `rejoined`: this node was declared down and came back;
-    /// `owner_now` places a user; `gained` says whether its replica set gained a node.
-    #[allow(clippy::too_many_arguments)]
+    /// `owner_now` places a user.
     pub fn close_moved(
         &mut self,
         generation: u64,
         rejoined: bool,
         gone: &[(NodeId, u64)],
         owner_now: impl Fn(&BareJid) -> NodeId,
-        gained: impl Fn(&BareJid) -> bool,
         at: u64,
     ) -> Vec<u64> {
         let ids: Vec<u64> = self
             .bound
             .iter()
-            .filter(|(_, (user, then))| {
-                crate::system::cluster::session_moved(rejoined, *then, owner_now(user), gone, gained(user))
-            })
+            .filter(|(_, (user, then))| crate::system::cluster::session_moved(rejoined, *then, owner_now(user), gone))
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {

@@ -25,11 +25,13 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use starling_actors::address::NodeId;
 use starling_actors::msg::Envelope;
-use starling_actors::system::cluster as rules;
-use starling_actors::system::replication::{Act, Count, Got, Local, Members, Op, Outcome, Replication, Res};
+use starling_actors::system::consensus::{self, Act, Cfg, Consensus, Count, Got, Local, Members, Op, Outcome, Res};
 use starling_actors::system::shard::Unsent;
-use starling_actors::wire::{self, AccountOp, AccountResult, Frame};
+use starling_actors::system::slot::RaftMsg;
+use starling_actors::wire::{self, AccountOp, AccountResult, Frame, WireRaft};
 use starling_storage::{Account, Write};
+
+use crate::storage_thread::StorageReq;
 
 use super::View;
 use crate::shard::{Origin, Shard};
@@ -50,11 +52,20 @@ pub struct Links {
     /// session here (ids restart with the process).
     pub started: u64,
     pub replication: usize,
+    /// `cluster.slots`.
+    pub slots: u32,
     pub view: RefCell<View>,
     /// Outgoing links by node, with the peer generation they were opened for.
     out: RefCell<HashMap<NodeId, (u64, flume::Sender<Frame>)>>,
-    /// The cluster protocol's state on this shard.
+    /// The replicated state of this shard's slots (`system::consensus`).
     protocol: RefCell<Protocol>,
+    /// Its storage calls, sent to the storage thread in the order it gave them (the entries'
+    /// verdicts depend on it), and whether a task is sending them.
+    storage_queue: RefCell<VecDeque<(u64, Local)>>,
+    storage_pumping: Cell<bool>,
+    /// Users whose actor here holds older state than the store (`Act::Stale`): it ends at
+    /// its next message.
+    stale: RefCell<std::collections::HashSet<jid::BareJid>>,
     /// Bumped by every membership change, and the idle actors waiting for one
     /// (`Shard::membership_changed`).
     changes: Cell<u64>,
@@ -68,7 +79,18 @@ pub struct Links {
 type Waiter = futures::channel::oneshot::Sender<Outcome>;
 /// Where an answer to a served request goes: the connection it came on, and its id.
 type ReplyTo = (flume::WeakSender<Frame>, u64);
-type Protocol = Replication<Waiter, ReplyTo>;
+type Protocol = Consensus<Waiter, ReplyTo>;
+
+/// Work for another shard of this node (the second channel mesh): what belongs to the
+/// slots that shard hosts.
+pub enum ShardCall {
+    /// Raft messages another node sent for its slots.
+    Raft(Vec<(u32, RaftMsg)>),
+    /// Another node's account request for a user of its slots.
+    Serve { op: Op, reply: ReplyTo },
+    /// A session's account operation for a user of its slots.
+    Account { op: Op, reply: Waiter },
+}
 
 /// A shard's view of the membership, for its protocol.
 pub struct NodeMembers<'a> {
@@ -95,15 +117,20 @@ impl Members for NodeMembers<'_> {
 }
 
 impl Links {
-    pub fn new(name: String, generation: u64, replication: usize, view: View) -> Self {
+    pub fn new(name: String, generation: u64, replication: usize, view: View, cfg: Cfg) -> Self {
+        let me = view.me;
         Links {
             name,
             generation: Cell::new(generation),
             started: generation,
             replication,
+            slots: cfg.slots,
             view: RefCell::new(view),
             out: RefCell::new(HashMap::new()),
-            protocol: RefCell::new(Replication::new(replication)),
+            protocol: RefCell::new(Consensus::new(cfg, me)),
+            storage_queue: RefCell::new(VecDeque::new()),
+            storage_pumping: Cell::new(false),
+            stale: RefCell::new(std::collections::HashSet::new()),
             changes: Cell::new(0),
             change_waiters: RefCell::new(HashMap::new()),
             deadlines: RefCell::new(VecDeque::new()),
@@ -225,13 +252,8 @@ impl Shard {
         self.cluster.change_waiters.borrow_mut().remove(jid);
     }
 
-    /// Configured as a cluster member (`cluster.node_name`), whether alone just now or not.
-    pub(crate) fn in_cluster(&self) -> bool {
-        !self.cluster.name.is_empty()
-    }
-
-    /// Calls the shard's cluster protocol (`system::replication`) with its view of the
-    /// membership, then carries out what it asks for.
+    /// Calls the shard's replicated state (`system::consensus`) with its view of the
+    /// membership, then carries out what it asks for, in order.
     pub(crate) fn protocol(self: &Rc<Self>, f: impl FnOnce(&mut Protocol, &NodeMembers<'_>)) {
         {
             let view = self.cluster.view.borrow();
@@ -250,11 +272,18 @@ impl Shard {
 
     fn protocol_act(self: &Rc<Self>, act: Act<Waiter, ReplyTo>) {
         match act {
+            Act::Raft { to, msgs } => {
+                // Lost when the link is full or gone: raft sends again.
+                let Some(tx) = self.link(to) else { return };
+                let frame = Frame::Raft(msgs.into_iter().map(|(slot, msg)| WireRaft { slot, msg }).collect());
+                match tx.try_send(frame) {
+                    Ok(()) => {}
+                    Err(flume::TrySendError::Full(_)) => self.metrics.cluster_raft_dropped.increment(1),
+                    Err(flume::TrySendError::Disconnected(_)) => self.drop_link(to, &tx),
+                }
+            }
             Act::Ask { to, id, op, timeout_ms } => {
-                let frame = match op_out(&op) {
-                    Ok(op) => Frame::AccountReq { id, op },
-                    Err(e) => return self.protocol(|p, _| p.answer(id, Res::Failed(e))),
-                };
+                let frame = Frame::AccountReq { id, op: op_out(&op) };
                 let Some(tx) = self.link(to) else {
                     let e = format!("node {to} is not a member");
                     return self.protocol(|p, _| p.answer(id, Res::Failed(e)));
@@ -279,23 +308,10 @@ impl Shard {
                 }
             }
             Act::Storage { task, op } => {
-                let s = self.clone();
-                glommio::spawn_local(async move {
-                    let st = &s.storage;
-                    let got = match op {
-                        Local::Account(u) => st.account(u).await.map(Got::Account),
-                        Local::Version(u) => st
-                            .copy_version(u)
-                            .await
-                            .map(|(exists, version)| Got::Version { exists, version }),
-                        Local::Snapshot(u) => st.snapshot(u).await.map(Got::Snapshot),
-                        Local::Users => st.list_accounts().await.map(Got::Users),
-                        Local::Create { user, account } => st.create_account(user, account).await.map(Got::Created),
-                        Local::Write(w) => st.write(w).await.map(|()| Got::Stored),
-                    };
-                    s.protocol(|p, m| p.storage(task, got, m));
-                })
-                .detach();
+                self.cluster.storage_queue.borrow_mut().push_back((task, op));
+                if !self.cluster.storage_pumping.replace(true) {
+                    glommio::spawn_local(pump_storage(self.clone())).detach();
+                }
             }
             Act::Reply { to: (reply, id), res } => {
                 let Some(tx) = reply.upgrade() else { return };
@@ -313,8 +329,78 @@ impl Shard {
             Act::Done { to, outcome } => {
                 let _ = to.send(outcome);
             }
+            Act::Stale { user } => {
+                if let Ok(jid) = user.parse::<jid::BareJid>() {
+                    if self.user_active(&jid) {
+                        self.cluster.stale.borrow_mut().insert(jid);
+                    }
+                }
+            }
             Act::Count(Count::ReplicationFailure) => self.metrics.cluster_replication_failures.increment(1),
-            Act::Count(_) => {}
+            Act::Count(Count::LeaderHere) => self.metrics.raft_leader_changes.increment(1),
+            Act::Count(Count::Snapshot) => self.metrics.raft_snapshots.increment(1),
+            Act::Count(Count::ConfChange) => self.metrics.raft_conf_changes.increment(1),
+        }
+    }
+
+    /// Whether the actor of `jid`, if it runs here, was told its state is stale (once).
+    pub(crate) fn take_stale(&self, jid: &jid::BareJid) -> bool {
+        self.cluster.stale.borrow_mut().remove(jid)
+    }
+
+    /// Work for the slots another shard of this node hosts.
+    fn call_shard(self: &Rc<Self>, shard: starling_actors::address::ShardId, call: ShardCall) {
+        let Some(calls) = self.calls.as_ref() else {
+            return tracing::error!(shard, "no mesh to the slot's shard");
+        };
+        if let Err(e) = calls.try_send_to(shard as usize, call) {
+            // Raft sends again; an account operation fails (its waiter is dropped).
+            tracing::debug!(shard, error = %e, "slot's shard busy: call dropped");
+            self.metrics.cluster_raft_dropped.increment(1);
+        }
+    }
+
+    /// A call from another shard of this node.
+    pub(crate) fn shard_call(self: &Rc<Self>, call: ShardCall) {
+        match call {
+            ShardCall::Raft(msgs) => self.protocol(|p, _| p.raft(msgs)),
+            ShardCall::Serve { op, reply } => self.protocol(|p, _| p.serve(op, reply)),
+            ShardCall::Account { op, reply } => self.protocol(|p, m| match op {
+                Op::Load { user } => p.load_account(reply, user, m),
+                Op::Create { user, account } => p.create_account(reply, user, account, m),
+                Op::Put { user, account } => p.put_account(reply, user, account, m),
+            }),
+        }
+    }
+
+    /// Raft messages from another node, each to its slot's shard.
+    fn raft_in(self: &Rc<Self>, items: Vec<WireRaft>) {
+        let shards = self.cluster.view.borrow().shards;
+        let mut by_shard: std::collections::BTreeMap<starling_actors::address::ShardId, Vec<(u32, RaftMsg)>> =
+            Default::default();
+        for WireRaft { slot, msg } in items {
+            by_shard
+                .entry(consensus::shard_of_slot(slot, shards))
+                .or_default()
+                .push((slot, msg));
+        }
+        for (s, msgs) in by_shard {
+            if s == self.id {
+                self.protocol(|p, _| p.raft(msgs));
+            } else {
+                self.call_shard(s, ShardCall::Raft(msgs));
+            }
+        }
+    }
+
+    /// Another node's account request, on the shard of its user's slot.
+    fn serve_in(self: &Rc<Self>, op: Op, reply: ReplyTo) {
+        let (slots, shards) = (self.cluster.slots, self.cluster.view.borrow().shards);
+        let s = consensus::shard_for(&op, slots, shards);
+        if s == self.id {
+            self.protocol(|p, _| p.serve(op, reply));
+        } else {
+            self.call_shard(s, ShardCall::Serve { op, reply });
         }
     }
 
@@ -337,33 +423,54 @@ impl Shard {
         let (tx, rx) = futures::channel::oneshot::channel();
         self.protocol(|p, m| f(p, tx, m));
         rx.await
-            .unwrap_or_else(|_| Outcome::Written(Err("the cluster protocol dropped the request".into())))
+            .unwrap_or_else(|_| Outcome::Written(Err("the replicated state dropped the request".into())))
+    }
+
+    /// A session's account operation, on the shard of its user's slot.
+    async fn account_op(self: &Rc<Self>, op: Op) -> Outcome {
+        let (slots, shards) = (self.cluster.slots, self.cluster.view.borrow().shards);
+        let s = consensus::shard_for(&op, slots, shards);
+        if s == self.id {
+            return self
+                .ask_protocol(|p, w, m| match op {
+                    Op::Load { user } => p.load_account(w, user, m),
+                    Op::Create { user, account } => p.create_account(w, user, account, m),
+                    Op::Put { user, account } => p.put_account(w, user, account, m),
+                })
+                .await;
+        }
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.call_shard(s, ShardCall::Account { op, reply: tx });
+        rx.await
+            .unwrap_or_else(|_| Outcome::Written(Err("the slot's shard dropped the request".into())))
     }
 
     /// The account, from wherever it lives.
     pub async fn load_account(self: &Rc<Self>, user: String) -> Result<Option<Account>, String> {
-        match self.ask_protocol(|p, w, m| p.load_account(w, user, m)).await {
+        match self.account_op(Op::Load { user }).await {
             Outcome::Account(r) => r,
+            Outcome::Written(Err(e)) => Err(e),
             other => Err(format!("unexpected {other:?}")),
         }
     }
 
     pub async fn create_account(self: &Rc<Self>, user: String, account: Account) -> Result<bool, String> {
-        match self.ask_protocol(|p, w, m| p.create_account(w, user, account, m)).await {
+        match self.account_op(Op::Create { user, account }).await {
             Outcome::Created(r) => r,
+            Outcome::Written(Err(e)) => Err(e),
             other => Err(format!("unexpected {other:?}")),
         }
     }
 
     pub async fn put_account(self: &Rc<Self>, user: String, account: Account) -> Result<(), String> {
-        match self.ask_protocol(|p, w, m| p.put_account(w, user, account, m)).await {
+        match self.account_op(Op::Put { user, account }).await {
             Outcome::Written(r) => r,
             other => Err(format!("unexpected {other:?}")),
         }
     }
 
-    /// A user actor's batch on its version `base`, durable on a majority of copies
-    /// (`Replication::write`).
+    /// A user actor's batch on its version `base`, committed in its slot's log and applied
+    /// here (`Consensus::write`); the actor lives on its slot's shard.
     pub async fn write_replicated(
         self: &Rc<Self>,
         user: &str,
@@ -371,19 +478,119 @@ impl Shard {
         base: Option<u64>,
     ) -> Result<(), String> {
         let user = user.to_string();
-        match self.ask_protocol(|p, w, m| p.write(w, user, writes, base, m)).await {
+        match self.ask_protocol(|p, w, _| p.write(w, user, writes, base)).await {
             Outcome::Written(r) => r,
             other => Err(format!("unexpected {other:?}")),
         }
     }
 
-    /// Read repair before the owner starts `user`'s actor (`Replication::pull`).
+    /// Before `user`'s actor starts: everything committed in its slot is applied here (a
+    /// read index, `Consensus::pull`).
     pub async fn pull_newest(self: &Rc<Self>, user: &str) -> Result<(), String> {
         let user = user.to_string();
-        match self.ask_protocol(|p, w, m| p.pull(w, user, m)).await {
+        match self.ask_protocol(|p, w, _| p.pull(w, user)).await {
             Outcome::Pulled(r) => r,
+            Outcome::Written(Err(e)) => Err(e),
             other => Err(format!("unexpected {other:?}")),
         }
+    }
+}
+
+/// Sends the shard's storage calls to the storage thread in order; each answer goes back to
+/// the protocol when it comes.
+async fn pump_storage(shard: Rc<Shard>) {
+    loop {
+        let next = shard.cluster.storage_queue.borrow_mut().pop_front();
+        let Some((task, op)) = next else {
+            shard.cluster.storage_pumping.set(false);
+            return;
+        };
+        let (got, req) = storage_req(op);
+        if let Err(e) = shard.storage.send(req).await {
+            shard.protocol(|p, _| p.storage(task, Err(e)));
+            continue;
+        }
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            let got = got.await;
+            s.protocol(|p, _| p.storage(task, got));
+        })
+        .detach();
+    }
+}
+
+/// The storage thread's request for a call, and the future of its answer.
+fn storage_req(
+    op: Local,
+) -> (
+    futures::future::LocalBoxFuture<'static, Result<Got, starling_storage::StorageError>>,
+    StorageReq,
+) {
+    use futures::channel::oneshot;
+    use futures::FutureExt;
+    use starling_storage::StorageError;
+    fn answer<T: 'static>(
+        rx: oneshot::Receiver<Result<T, StorageError>>,
+        f: impl FnOnce(T) -> Got + 'static,
+    ) -> futures::future::LocalBoxFuture<'static, Result<Got, StorageError>> {
+        async move {
+            rx.await
+                .map_err(|_| StorageError::Backend("storage thread dropped the request".into()))?
+                .map(f)
+        }
+        .boxed_local()
+    }
+    match op {
+        Local::Account(user) => {
+            let (tx, rx) = oneshot::channel();
+            (answer(rx, Got::Account), StorageReq::Account { user, reply: tx })
+        }
+        Local::Log(w) => {
+            let (tx, rx) = oneshot::channel();
+            (answer(rx, |()| Got::Stored), StorageReq::RaftLog { w, reply: tx })
+        }
+        Local::Apply { slot, entries } => {
+            let (tx, rx) = oneshot::channel();
+            (
+                answer(rx, Got::Applied),
+                StorageReq::RaftApply {
+                    slot,
+                    entries,
+                    reply: tx,
+                },
+            )
+        }
+        Local::State { slot, slots } => {
+            let (tx, rx) = oneshot::channel();
+            (answer(rx, Got::State), StorageReq::SlotState { slot, slots, reply: tx })
+        }
+        Local::Install {
+            slot,
+            slots,
+            index,
+            writes,
+        } => {
+            let (tx, rx) = oneshot::channel();
+            (
+                answer(rx, |()| Got::Stored),
+                StorageReq::Install {
+                    slot,
+                    slots,
+                    index,
+                    writes,
+                    reply: tx,
+                },
+            )
+        }
+    }
+}
+
+/// The Raft clock of the shard's slots (`limits::RAFT_TICK_MS`), until the shard stops.
+pub async fn raft_clock(shard: Rc<Shard>) {
+    let tick = Duration::from_millis(starling_actors::system::limits::RAFT_TICK_MS);
+    loop {
+        glommio::timer::sleep(tick).await;
+        shard.protocol(|p, m| p.tick(m));
     }
 }
 
@@ -407,10 +614,9 @@ async fn expire(shard: Rc<Shard>) {
     }
 }
 
-/// A request in the node's wire form: write batches postcard-encoded.
-fn op_out(op: &Op) -> Result<AccountOp, String> {
-    let enc = |w: &Vec<Write>| postcard::to_stdvec(w).map_err(|e| e.to_string());
-    Ok(match op {
+/// A request in the node's wire form.
+fn op_out(op: &Op) -> AccountOp {
+    match op {
         Op::Load { user } => AccountOp::Load { user: user.clone() },
         Op::Create { user, account } => AccountOp::Create {
             user: user.clone(),
@@ -420,19 +626,11 @@ fn op_out(op: &Op) -> Result<AccountOp, String> {
             user: user.clone(),
             account: wire::account_out(account),
         },
-        Op::Replicate { writes } => AccountOp::Replicate { writes: enc(writes)? },
-        Op::Handoff { user, version, writes } => AccountOp::Handoff {
-            user: user.clone(),
-            version: *version,
-            writes: enc(writes)?,
-        },
-        Op::Pull { user } => AccountOp::Pull { user: user.clone() },
-    })
+    }
 }
 
-fn op_in(op: AccountOp) -> Result<Op, String> {
-    let dec = |b: &[u8]| postcard::from_bytes::<Vec<Write>>(b).map_err(|e| format!("undecodable writes: {e}"));
-    Ok(match op {
+fn op_in(op: AccountOp) -> Op {
+    match op {
         AccountOp::Load { user } => Op::Load { user },
         AccountOp::Create { user, account } => Op::Create {
             user,
@@ -442,14 +640,7 @@ fn op_in(op: AccountOp) -> Result<Op, String> {
             user,
             account: wire::account_in(account),
         },
-        AccountOp::Replicate { writes } => Op::Replicate { writes: dec(&writes)? },
-        AccountOp::Handoff { user, version, writes } => Op::Handoff {
-            user,
-            version,
-            writes: dec(&writes)?,
-        },
-        AccountOp::Pull { user } => Op::Pull { user },
-    })
+    }
 }
 
 fn res_out(res: Res) -> AccountResult {
@@ -458,24 +649,16 @@ fn res_out(res: Res) -> AccountResult {
         Res::Created(c) => AccountResult::Created(c),
         Res::Done => AccountResult::Done,
         Res::Failed(e) => AccountResult::Failed(e),
-        Res::Snapshot { version, writes } => match postcard::to_stdvec(&writes) {
-            Ok(writes) => AccountResult::Snapshot { version, writes },
-            Err(e) => AccountResult::Failed(e.to_string()),
-        },
     }
 }
 
-fn res_in(res: AccountResult) -> Result<Res, String> {
-    Ok(match res {
+fn res_in(res: AccountResult) -> Res {
+    match res {
         AccountResult::Loaded(a) => Res::Loaded(a.map(wire::account_in)),
         AccountResult::Created(c) => Res::Created(c),
         AccountResult::Done => Res::Done,
         AccountResult::Failed(e) => Res::Failed(e),
-        AccountResult::Snapshot { version, writes } => Res::Snapshot {
-            version,
-            writes: postcard::from_bytes(&writes).map_err(|e| format!("undecodable writes: {e}"))?,
-        },
-    })
+    }
 }
 
 /// Opens this shard's link to `node` and runs it until the node leaves the membership, the
@@ -601,27 +784,19 @@ async fn read_frames(shard: Rc<Shard>, mut r: ReadHalf<TcpStream>, reply: flume:
                     shard.metrics.cluster_bad_frames.increment(1);
                 }
             },
-            Frame::AccountReq { id, op } => match op_in(op) {
-                Ok(op) => shard.protocol(|p, m| p.serve(op, from, (reply.clone(), id), m)),
-                Err(e) => {
+            Frame::AccountReq { id, op } => shard.serve_in(op_in(op), (reply.clone(), id)),
+            Frame::AccountResp { id, result } => {
+                let res = res_in(result);
+                shard.protocol(|p, _| p.answer(id, res));
+            }
+            Frame::Raft(items) => {
+                if from.is_none() {
+                    tracing::warn!(%peer, "cluster: raft frame before hello; closing the link");
                     shard.metrics.cluster_bad_frames.increment(1);
-                    tracing::warn!(%peer, error = %e, "cluster: request refused");
-                    if let Some(tx) = reply.upgrade() {
-                        let _ = tx.try_send(Frame::AccountResp {
-                            id,
-                            result: AccountResult::Failed(e),
-                        });
-                    }
+                    return;
                 }
-            },
-            Frame::AccountResp { id, result } => match res_in(result) {
-                Ok(res) => shard.protocol(|p, _| p.answer(id, res)),
-                Err(e) => {
-                    shard.metrics.cluster_bad_frames.increment(1);
-                    tracing::warn!(%peer, error = %e, "cluster: answer refused");
-                    shard.protocol(|p, _| p.answer(id, Res::Failed(e)));
-                }
-            },
+                shard.raft_in(items);
+            }
         }
     }
 }
@@ -662,7 +837,7 @@ pub async fn follow_membership(
     let mut my_generation = shard.cluster.generation.get();
     loop {
         let members = latest.lock().expect("members lock").clone();
-        let (gone, old_ring) = shard.cluster.update(&members);
+        let (gone, _) = shard.cluster.update(&members);
         // Declared down by the others, this node rejoined under a new generation (see
         // `Output::rejoined`): they dropped its sessions and may have served its users.
         let now = members
@@ -672,18 +847,14 @@ pub async fn follow_membership(
         let rejoined = now != my_generation;
         my_generation = now;
         shard.cluster.generation.set(now);
-        after_change(&shard, &gone, &old_ring, rejoined);
+        after_change(&shard, &gone, rejoined);
         // Idle actors kept in memory let go (`membership_changed`).
         shard.cluster.changes.set(shard.cluster.changes.get() + 1);
         let waiters: Vec<_> = shard.cluster.change_waiters.borrow_mut().drain().collect();
         for (_, w) in waiters {
             w.wake();
         }
-        let new_ring = shard.cluster.view.borrow().ring.clone();
-        // One shard per node walks the stored users (they are the node's, not the shard's).
-        if shard.id == 0 {
-            shard.protocol(|p, _| p.ring_changed(old_ring.clone(), new_ring));
-        }
+        // The slots' leaders move their members toward the new ring on their next ticks.
         if updates.recv_async().await.is_err() {
             return;
         }
@@ -695,10 +866,10 @@ pub async fn follow_membership(
 ///   go offline; their clients reconnect elsewhere).
 /// - A session is closed, so that its client reconnects and binds again, when its user's
 ///   actor now lives on another node than when it bound, or lived on a node that died or
-///   restarted (the actor died with it), or when the user's replica set gained a node (after
-///   a heal that node may have served the user: the actor must reload, with read repair), or
-///   when this node itself rejoined. Re-registering live sessions in place is not built yet.
-fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_gossip::Ring, rejoined: bool) {
+///   restarted (the actor died with it), or when this node itself rejoined. (A slot that
+///   gained a member closes nothing: an actor whose state went stale meanwhile is ended by
+///   `Act::Stale`.) Re-registering live sessions in place is not built yet.
+fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], rejoined: bool) {
     if !gone.is_empty() {
         shard.node_down(gone);
         // Once the membership has settled, the actors then here check the contacts'
@@ -711,12 +882,10 @@ fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], old_ring: &starling_g
         .detach();
     }
     let view = shard.cluster.view.borrow().clone();
-    let r = shard.cluster.replication;
     let owner_now = |user: &jid::BareJid| view.place_user(user).0;
-    let gained = |user: &jid::BareJid| rules::replicas_gained(old_ring, &view.ring, user.as_str(), r);
     let generation = shard.cluster.generation.get();
     let at = crate::shard::stamp();
-    let moved = shard.with_core(|c| c.close_moved(generation, rejoined, gone, owner_now, gained, at));
+    let moved = shard.with_core(|c| c.close_moved(generation, rejoined, gone, owner_now, at));
     for id in moved {
         tracing::info!(
             session = id,

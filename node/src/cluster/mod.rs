@@ -27,8 +27,11 @@ pub struct ClusterParams {
     pub name: String,
     pub generation: u64,
     pub transport: SocketAddr,
-    /// `cluster.replication`: copies of each user's state, the owner's included.
+    /// `cluster.replication`: members of each slot's group.
     pub replication: usize,
+    /// The store had no Raft state and this node may start a cluster (no seeds but its own
+    /// gossip address): it bootstraps every slot with itself as the only member.
+    pub bootstrap: bool,
     /// The members up; replaced by the driver on every change.
     pub latest: Arc<std::sync::Mutex<Members>>,
     /// One wake-up receiver per shard, indexed by shard id.
@@ -47,9 +50,31 @@ pub struct Peer {
 #[derive(Clone, Debug)]
 pub struct View {
     pub me: NodeId,
+    /// This node's name on the ring; empty on a single node.
+    pub name: String,
     pub shards: ShardId,
+    /// `cluster.slots`.
+    pub slots: u32,
     pub ring: Ring,
     pub peers: HashMap<NodeId, Peer>,
+}
+
+impl starling_actors::system::consensus::Members for View {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn me(&self) -> NodeId {
+        self.me
+    }
+    fn ring(&self) -> &Ring {
+        &self.ring
+    }
+    fn alone(&self) -> bool {
+        self.peers.is_empty()
+    }
+    fn node_id(&self, name: &str) -> Option<NodeId> {
+        Some(node_id(name))
+    }
 }
 
 impl starling_actors::address::Placement for View {
@@ -59,11 +84,13 @@ impl starling_actors::address::Placement for View {
 }
 
 impl View {
-    /// One node, no cluster: the ring has only this node.
-    pub fn single(me: NodeId, name: &str, shards: ShardId) -> Self {
+    /// This node alone (a single node: `name` empty): the ring has only this node.
+    pub fn single(me: NodeId, name: &str, shards: ShardId, slots: u32) -> Self {
         View {
             me,
+            name: name.to_string(),
             shards,
+            slots,
             ring: Ring::new([name.to_string()]),
             peers: HashMap::new(),
         }
@@ -88,11 +115,11 @@ impl View {
             .collect();
     }
 
-    /// The node that owns the placed actor with ring key `key`, and the shard when it is this
-    /// node (another node picks its own shard).
+    /// The node that hosts the placed actor with ring key `key` — the ring's owner of its
+    /// slot — and the slot's shard (`consensus::place_slot`).
     pub fn place(&self, key: &[u8]) -> (NodeId, ShardId) {
-        let (ring, alone) = (&self.ring, self.peers.is_empty());
-        starling_actors::system::cluster::place(ring, self.me, alone, self.shards, key, |n| Some(node_id(n)))
+        let slot = starling_actors::system::cluster::slot_of(key, self.slots);
+        starling_actors::system::consensus::place_slot(self, slot, self.shards)
     }
 
     /// The node that owns `user`'s actor, and the shard when it is this node.
@@ -137,6 +164,7 @@ pub fn setup(cfg: &crate::config::Config, shards: usize) -> Result<Option<Setup>
             generation,
             transport,
             replication: c.replication,
+            bootstrap: c.seeds.iter().all(|s| *s == c.gossip),
             latest: Arc::new(std::sync::Mutex::new(Arc::new(vec![me.clone()]))),
             updates,
         },

@@ -24,7 +24,11 @@ fn chat(id: &str, from: &str, to: &str) -> Element {
 }
 
 fn one_shard() -> SingleNode {
-    SingleNode { node: 7, shards: 1 }
+    SingleNode {
+        node: 7,
+        shards: 1,
+        slots: 64,
+    }
 }
 
 fn outs(c: &mut ShardCore) -> Vec<Out> {
@@ -63,7 +67,11 @@ fn first_message_activates_and_wakes() {
 #[test]
 fn elsewhere_goes_back_to_the_host() {
     let mut c = ShardCore::new(7, 0, 1, 4);
-    let four = SingleNode { node: 7, shards: 64 };
+    let four = SingleNode {
+        node: 7,
+        shards: 64,
+        slots: 64,
+    };
     let other = (0..100)
         .map(|i| format!("u{i}@x"))
         .find(|j| four.place_user(&jid(j)).1 != 0)
@@ -405,7 +413,7 @@ fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
     assert!(c.is_binding(1) && c.is_binding(2));
     // bob's actor stays on 7; eve's lived on 8, which went.
     let gone = [(8, 3)];
-    let moved = c.close_moved(1, false, &gone, |_| 7, |_| false, 0);
+    let moved = c.close_moved(1, false, &gone, |_| 7, 0);
     assert_eq!(moved, [2], "the first record holds: bob bound while his actor was on 7");
     let kicked = |c: &mut ShardCore, id| {
         matches!(
@@ -418,11 +426,7 @@ fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
     };
     assert!(kicked(&mut c, 2) && c.pop_session(1).is_none());
     assert!(matches!(&outs(&mut c)[..], [Out::Wake(MailboxKey::Session(2))]));
-    assert_eq!(
-        c.close_moved(1, true, &[], |_| 7, |_| false, 0),
-        [1, 2],
-        "a rejoin closes all"
-    );
+    assert_eq!(c.close_moved(1, true, &[], |_| 7, 0), [1, 2], "a rejoin closes all");
     assert!(kicked(&mut c, 1) && kicked(&mut c, 2));
     outs(&mut c);
     c.close_session(addr(2));
