@@ -302,7 +302,25 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
     let closed = e.until_closed().await;
     assert!(closed.contains("please reconnect"), "{closed}");
     // Frank's data outlived n3: he logs in through n1, gets his offline message, his roster.
-    let mut f = Raw::login_plain(n1.port, &frank, "pf", "r").await;
+    // His slot elects a new leader first (n3 led it): an attempt in that window may fail or,
+    // once seen in a loaded CI run and not reproduced since, go unanswered; each is logged.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut f = loop {
+        match tokio::time::timeout(Duration::from_secs(8), Raw::try_login_plain(n1.port, &frank, "pf", "r")).await {
+            Ok(Ok(f)) => break f,
+            Ok(Err(got)) => eprintln!("frank's login after n3 died refused (a new leader is being elected): {got}"),
+            Err(_) => eprintln!(
+                "frank's login after n3 died got no answer in 8 s; n1's log ends:\n{}",
+                n1.log_text().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+            ),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "frank cannot log in after n3 died\n{}",
+            n1.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     f.send("<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq><presence/>")
         .await;
     let got = f.until("for frank").await;
