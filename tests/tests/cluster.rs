@@ -85,6 +85,16 @@ fn user_owned_by(ring: &Ring, who: &str, later: &str, prefix: &str) -> String {
 
 /// In-band registration (XEP-0077) through `node`: the account is created on its owner.
 async fn register(node: &Server, user: &str, password: &str) {
+    let got = register_answer(node, user, password).await.0;
+    assert!(
+        got.contains("type=\"result\""),
+        "registering {user} through port {}: {got}",
+        node.port
+    );
+}
+
+/// Sends an in-band registration through `node`: the answer up to its id, and the stream.
+async fn register_answer(node: &Server, user: &str, password: &str) -> (String, Raw) {
     let mut r = Raw::connect(node.port).await;
     r.send(HEADER).await;
     r.until("</stream:features>").await;
@@ -92,12 +102,7 @@ async fn register(node: &Server, user: &str, password: &str) {
         "<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>{user}</username><password>{password}</password></query></iq>"
     ))
     .await;
-    let got = r.until("id=\"reg\"").await;
-    assert!(
-        got.contains("type=\"result\""),
-        "registering {user} through port {}: {got}",
-        node.port
-    );
+    (r.until("id=\"reg\"").await, r)
 }
 
 fn roster_item(s: &Stanza) -> Option<Element> {
@@ -419,12 +424,7 @@ async fn three_nodes_route_across_the_cluster_and_survive_a_kill() {
 async fn a_joining_node_acknowledges_nothing_before_the_cluster_has_it() {
     let (g1, g2) = (free_port(), free_port());
     let n2 = Server::start_node("n2", g2, free_port(), &[g1], &[]);
-    let mut r = Raw::connect(n2.port).await;
-    r.send(HEADER).await;
-    r.until("</stream:features>").await;
-    r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>early</username><password>pw</password></query></iq>")
-        .await;
-    let got = r.until("id=\"reg\"").await;
+    let (got, mut r) = register_answer(&n2, "early", "pw").await;
     let got = got + &r.until("</iq>").await;
     assert!(
         got.contains("type=\"error\"") && got.contains("<internal-server-error"),
@@ -438,12 +438,7 @@ async fn a_joining_node_acknowledges_nothing_before_the_cluster_has_it() {
     // through n2 succeeds once the user's slot has it.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut r = Raw::connect(n2.port).await;
-        r.send(HEADER).await;
-        r.until("</stream:features>").await;
-        r.send("<iq type='set' id='reg'><query xmlns='jabber:iq:register'><username>early</username><password>pw</password></query></iq>")
-            .await;
-        let got = r.until("id=\"reg\"").await;
+        let got = register_answer(&n2, "early", "pw").await.0;
         if got.contains("type=\"result\"") {
             break;
         }
