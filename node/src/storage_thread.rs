@@ -174,6 +174,10 @@ pub fn run(mut store: impl Storage, rx: flume::Receiver<StorageReq>) {
                         .map(|(index, w)| store.apply_committed(slot, *index, w))
                         .collect();
                     let _ = reply.send(Ok(r));
+                    // Applied entries wait for no flush (their log did): the gauges follow them
+                    // here, or they would lag until some later write's flush.
+                    offline.set(store.offline_total() as f64);
+                    unreadable.set(store.unreadable_total() as f64);
                 }
                 StorageReq::SlotState { slot, slots, reply } => {
                     let in_slot = |u: &str| starling_actors::system::consensus::in_slot(u, slot, slots);
