@@ -436,7 +436,7 @@ pub async fn run(
             replication,
             incarnation: params.incarnation,
         };
-        crate::cluster::link::Links::new(name, generation, replication, view, cfg)
+        crate::cluster::link::Links::new(name, generation, view, cfg)
     };
     let started = links.started;
     let shard = Rc::new(Shard {

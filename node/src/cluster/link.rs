@@ -25,7 +25,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use starling_actors::address::NodeId;
 use starling_actors::msg::Envelope;
-use starling_actors::system::consensus::{self, Act, Cfg, Consensus, Count, Got, Local, Members, Op, Outcome, Res};
+use starling_actors::system::consensus::{self, Act, Cfg, Consensus, Count, Got, Local, Op, Outcome, Res};
 use starling_actors::system::shard::Unsent;
 use starling_actors::system::slot::RaftMsg;
 use starling_actors::wire::{self, AccountOp, AccountResult, Frame, WireRaft};
@@ -51,7 +51,6 @@ pub struct Links {
     /// The generation this process started under: a session address from before it names no
     /// session here (ids restart with the process).
     pub started: u64,
-    pub replication: usize,
     /// `cluster.slots`.
     pub slots: u32,
     pub view: RefCell<View>,
@@ -92,38 +91,13 @@ pub enum ShardCall {
     Account { op: Op, reply: Waiter },
 }
 
-/// A shard's view of the membership, for its protocol.
-pub struct NodeMembers<'a> {
-    view: &'a View,
-    name: &'a str,
-}
-
-impl Members for NodeMembers<'_> {
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn me(&self) -> NodeId {
-        self.view.me
-    }
-    fn ring(&self) -> &starling_gossip::Ring {
-        &self.view.ring
-    }
-    fn alone(&self) -> bool {
-        self.view.peers.is_empty()
-    }
-    fn node_id(&self, name: &str) -> Option<NodeId> {
-        Some(starling_gossip::node_id(name))
-    }
-}
-
 impl Links {
-    pub fn new(name: String, generation: u64, replication: usize, view: View, cfg: Cfg) -> Self {
+    pub fn new(name: String, generation: u64, view: View, cfg: Cfg) -> Self {
         let me = view.me;
         Links {
             name,
             generation: Cell::new(generation),
             started: generation,
-            replication,
             slots: cfg.slots,
             view: RefCell::new(view),
             out: RefCell::new(HashMap::new()),
@@ -254,14 +228,11 @@ impl Shard {
 
     /// Calls the shard's replicated state (`system::consensus`) with its view of the
     /// membership, then carries out what it asks for, in order.
-    pub(crate) fn protocol(self: &Rc<Self>, f: impl FnOnce(&mut Protocol, &NodeMembers<'_>)) {
+    pub(crate) fn protocol(self: &Rc<Self>, f: impl FnOnce(&mut Protocol, &View)) {
         {
+            // The view is the membership the protocol reads (`impl Members for View`).
             let view = self.cluster.view.borrow();
-            let m = NodeMembers {
-                view: &view,
-                name: &self.cluster.name,
-            };
-            f(&mut self.cluster.protocol.borrow_mut(), &m);
+            f(&mut self.cluster.protocol.borrow_mut(), &view);
         }
         loop {
             let act = self.cluster.protocol.borrow_mut().pop();
@@ -419,7 +390,7 @@ impl Shard {
     }
 
     /// Runs work on the shard's protocol and waits for its outcome.
-    async fn ask_protocol(self: &Rc<Self>, f: impl FnOnce(&mut Protocol, Waiter, &NodeMembers<'_>)) -> Outcome {
+    async fn ask_protocol(self: &Rc<Self>, f: impl FnOnce(&mut Protocol, Waiter, &View)) -> Outcome {
         let (tx, rx) = futures::channel::oneshot::channel();
         self.protocol(|p, m| f(p, tx, m));
         rx.await
