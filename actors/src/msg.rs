@@ -32,16 +32,37 @@ pub enum UserMsg {
     /// as if it had closed; a session the node accepted under a later generation (it rejoined
     /// and a client bound again before this node heard of it) stays.
     NodeDown { node: NodeId, gen: u64 },
-    /// A node went a moment ago (hosts send it [`RESYNC_AFTER_MS`] after `NodeDown`, once
-    /// the membership has settled): contacts whose actors died with that node, and what they
-    /// knew of their sessions, are asked for their presence again (`ns::RESYNC`).
-    Resync,
+    /// The membership changed a moment ago (hosts send it [`RESYNC_AFTER_MS`] after each
+    /// change, once the membership has settled): contacts whose actors died with a node, and
+    /// what they knew of their sessions, are asked for their presence again (`ns::RESYNC`);
+    /// an actor that took moved sessions asks all its contacts; the others ask the
+    /// contacts in `moved` slots (of `slots`: `cluster::moved_slots`), whose actors may have
+    /// answered before they knew their sessions.
+    Resync { moved: Vec<u32>, slots: u32 },
     /// An inbound stanza whose write failed in an earlier incarnation of this actor
     /// (`Effect::Persist::failed`), handled like `Inbound`. `tries` counts those failures:
     /// the hosts wait `tries` seconds before sending it (a cluster's views agree again by
     /// then), and after [`MAX_TRIES`] it is dropped with a log line, so a broken store
     /// cannot loop.
     Again { stanza: Element, tries: u8 },
+    /// A session bound to an earlier incarnation of this actor (it moved with a membership
+    /// change, or ended stale) registers with this one, with what it knows of itself, so
+    /// that its client notices nothing (issue 17): its last available presence (`None`:
+    /// unavailable), the roster version its client has if it asked for the roster (it
+    /// receives pushes), the directed-presence recipients it named, and the last offline
+    /// message it confirmed (`offline_upto`, 0: none), which this incarnation deletes if
+    /// still stored.
+    Rebind {
+        session: SessionAddr,
+        resource: String,
+        presence: Option<Element>,
+        roster_ver: Option<String>,
+        directed: Vec<String>,
+        offline_upto: u64,
+    },
+    /// The actor's key is placed on another node now: it forgets its sessions without a
+    /// word (they register with the new incarnation, `Rebind`) and goes once idle.
+    Handoff,
 }
 
 /// How long after a node goes its survivors' user actors check the contacts' presence they
@@ -70,6 +91,10 @@ pub enum SessionMsg {
     /// End the session with a stream error (e.g. `conflict` when another session took the
     /// resource, `system-shutdown`).
     Kick { condition: &'static str, text: String },
+    /// The user's actor moved or ended stale: register with its current incarnation
+    /// (`UserMsg::Rebind`), then send `again` once more — a stanza of this session's that
+    /// reached an incarnation that did not know it yet.
+    Rebind { again: Option<Element> },
 }
 
 impl UserMsg {
@@ -82,8 +107,10 @@ impl UserMsg {
                 | UserMsg::Unbind { .. }
                 | UserMsg::OfflineDelivered { .. }
                 | UserMsg::NodeDown { .. }
-                | UserMsg::Resync
+                | UserMsg::Resync { .. }
                 | UserMsg::Again { .. }
+                | UserMsg::Rebind { .. }
+                | UserMsg::Handoff
         )
     }
 }
@@ -98,6 +125,7 @@ impl SessionMsg {
                 | SessionMsg::BindFailed { .. }
                 | SessionMsg::OfflineSent { .. }
                 | SessionMsg::Offline(_)
+                | SessionMsg::Rebind { .. }
         )
     }
 }

@@ -92,7 +92,10 @@ pub enum WireMsg {
         node: u32,
         gen: u64,
     },
-    Resync,
+    Resync {
+        moved: Vec<u32>,
+        slots: u32,
+    },
     Again {
         stanza: WireElement,
         tries: u8,
@@ -111,6 +114,18 @@ pub enum WireMsg {
     Kick {
         condition: String,
         text: String,
+    },
+    Rebind {
+        session: WireSession,
+        resource: String,
+        presence: Option<WireElement>,
+        roster_ver: Option<String>,
+        directed: Vec<String>,
+        offline_upto: u64,
+    },
+    Handoff,
+    RebindSession {
+        again: Option<WireElement>,
     },
 }
 
@@ -376,11 +391,30 @@ fn user_msg_out(m: &UserMsg) -> WireMsg {
             upto: *upto,
         },
         UserMsg::NodeDown { node, gen } => WireMsg::NodeDown { node: *node, gen: *gen },
-        UserMsg::Resync => WireMsg::Resync,
+        UserMsg::Resync { moved, slots } => WireMsg::Resync {
+            moved: moved.clone(),
+            slots: *slots,
+        },
         UserMsg::Again { stanza, tries } => WireMsg::Again {
             stanza: element_out(stanza),
             tries: *tries,
         },
+        UserMsg::Rebind {
+            session,
+            resource,
+            presence,
+            roster_ver,
+            directed,
+            offline_upto,
+        } => WireMsg::Rebind {
+            session: session_out(*session),
+            resource: resource.clone(),
+            presence: presence.as_ref().map(element_out),
+            roster_ver: roster_ver.clone(),
+            directed: directed.clone(),
+            offline_upto: *offline_upto,
+        },
+        UserMsg::Handoff => WireMsg::Handoff,
     }
 }
 
@@ -398,6 +432,9 @@ fn session_msg_out(m: &SessionMsg) -> WireMsg {
         SessionMsg::Kick { condition, text } => WireMsg::Kick {
             condition: condition.to_string(),
             text: text.clone(),
+        },
+        SessionMsg::Rebind { again } => WireMsg::RebindSession {
+            again: again.as_ref().map(element_out),
         },
     }
 }
@@ -439,7 +476,7 @@ pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
             upto,
         }),
         WireMsg::NodeDown { node, gen } => Msg::User(UserMsg::NodeDown { node, gen }),
-        WireMsg::Resync => Msg::User(UserMsg::Resync),
+        WireMsg::Resync { moved, slots } => Msg::User(UserMsg::Resync { moved, slots }),
         WireMsg::Again { stanza, tries } => Msg::User(UserMsg::Again {
             stanza: element_in(stanza)?,
             tries,
@@ -454,6 +491,25 @@ pub fn envelope_in(w: WireEnvelope) -> Result<Envelope, WireError> {
         WireMsg::Kick { condition, text } => Msg::Session(SessionMsg::Kick {
             condition: condition_in(&condition),
             text,
+        }),
+        WireMsg::Rebind {
+            session,
+            resource,
+            presence,
+            roster_ver,
+            directed,
+            offline_upto,
+        } => Msg::User(UserMsg::Rebind {
+            session: session_in(session),
+            resource,
+            presence: presence.map(element_in).transpose()?,
+            roster_ver,
+            directed,
+            offline_upto,
+        }),
+        WireMsg::Handoff => Msg::User(UserMsg::Handoff),
+        WireMsg::RebindSession { again } => Msg::Session(SessionMsg::Rebind {
+            again: again.map(element_in).transpose()?,
         }),
     };
     match (to, msg) {
@@ -570,7 +626,43 @@ mod tests {
                     gen: 1_700_000_000_123,
                 },
             ),
-            Envelope::to_user(alice, UserMsg::Resync),
+            Envelope::to_user(
+                alice.clone(),
+                UserMsg::Resync {
+                    moved: vec![3, 17],
+                    slots: 64,
+                },
+            ),
+            Envelope::to_user(
+                alice.clone(),
+                UserMsg::Rebind {
+                    session: s,
+                    resource: "r".into(),
+                    presence: Some(parse("<presence from='alice@x/r'><show>away</show></presence>")),
+                    roster_ver: Some("7".into()),
+                    directed: vec!["carol@y/c".into()],
+                    offline_upto: 12,
+                },
+            ),
+            Envelope::to_user(
+                alice.clone(),
+                UserMsg::Rebind {
+                    session: s,
+                    resource: "r".into(),
+                    presence: None,
+                    roster_ver: None,
+                    directed: Vec::new(),
+                    offline_upto: 0,
+                },
+            ),
+            Envelope::to_user(alice, UserMsg::Handoff),
+            Envelope::to_session(s, SessionMsg::Rebind { again: None }),
+            Envelope::to_session(
+                s,
+                SessionMsg::Rebind {
+                    again: Some(st.clone()),
+                },
+            ),
             Envelope::to_session(s, SessionMsg::Stanza(st.clone())),
             Envelope::to_session(s, SessionMsg::Offline(st)),
             Envelope::to_session(s, SessionMsg::OfflineSent { upto: 9 }),

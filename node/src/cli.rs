@@ -347,6 +347,7 @@ fn serve(cfg: Config) -> Result<(), String> {
     rt.block_on(async move {
         let live = Liveness::default();
         let status = crate::metrics::ClusterStatus::default();
+        let slot_table = cluster.as_ref().map(|c| c.params.slot_table.clone());
         let metrics_task = match cfg.metrics_addr() {
             Some(addr) => {
                 let handle = crate::metrics::install()?;
@@ -361,6 +362,7 @@ fn serve(cfg: Config) -> Result<(), String> {
                     handle,
                     health,
                     status.clone(),
+                    slot_table,
                 )))
             }
             None => None,

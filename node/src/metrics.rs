@@ -51,6 +51,10 @@ fn describe() {
         "Envelopes still queued for a node when its link closed"
     );
     describe_counter!(
+        "starling_cluster_sessions_rebound_total",
+        "Sessions that registered with their user's actor on another node after a membership change (their clients stay connected)"
+    );
+    describe_counter!(
         "starling_cluster_bad_frames_total",
         "Corrupt or refused frames from other nodes"
     );
@@ -156,6 +160,7 @@ pub struct ShardMetrics {
     pub cluster_frames_in: Counter,
     pub cluster_frames_lost: Counter,
     pub cluster_bad_frames: Counter,
+    pub sessions_rebound: Counter,
     pub cluster_replication_failures: Counter,
     pub cluster_raft_dropped: Counter,
     pub raft_leader_changes: Counter,
@@ -203,6 +208,7 @@ impl ShardMetrics {
             cluster_frames_in: metrics::counter!("starling_cluster_envelopes_in_total", "shard" => s.clone()),
             cluster_frames_lost: metrics::counter!("starling_cluster_envelopes_lost_total", "shard" => s.clone()),
             cluster_bad_frames: metrics::counter!("starling_cluster_bad_frames_total", "shard" => s.clone()),
+            sessions_rebound: metrics::counter!("starling_cluster_sessions_rebound_total", "shard" => s.clone()),
             cluster_replication_failures: metrics::counter!("starling_cluster_replication_failures_total", "shard" => s.clone()),
             cluster_raft_dropped: metrics::counter!("starling_raft_dropped_total", "shard" => s.clone()),
             raft_leader_changes: metrics::counter!("starling_raft_leader_changes_total", "shard" => s.clone()),
@@ -231,6 +237,7 @@ async fn respond(
     handle: PrometheusHandle,
     health: HealthCheck,
     cluster: ClusterStatus,
+    slots: Option<crate::cluster::status::SlotTable>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let text = |code: StatusCode, ctype: &str, body: String| {
         Response::builder()
@@ -266,6 +273,18 @@ async fn respond(
                 text(StatusCode::OK, "application/json", json)
             }
         }
+        ("GET", "/cluster/slots") => match &slots {
+            Some(t) => text(
+                StatusCode::OK,
+                "application/json",
+                crate::cluster::status::slots_json(t),
+            ),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not a cluster member (cluster.node_name is empty)\n".into(),
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }
@@ -276,6 +295,7 @@ pub async fn serve(
     handle: PrometheusHandle,
     health: HealthCheck,
     cluster: ClusterStatus,
+    slots: Option<crate::cluster::status::SlotTable>,
 ) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -286,10 +306,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let (handle, health, cluster) = (handle.clone(), health.clone(), cluster.clone());
+        let (handle, health, cluster, slots) = (handle.clone(), health.clone(), cluster.clone(), slots.clone());
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req| respond(req, handle.clone(), health.clone(), cluster.clone()));
+            let svc = hyper::service::service_fn(move |req| {
+                respond(req, handle.clone(), health.clone(), cluster.clone(), slots.clone())
+            });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, svc)

@@ -263,8 +263,8 @@ impl Shard {
     }
 
     /// The user actors here check their contacts' presence (`ShardCore::resync`).
-    pub fn resync(self: &Rc<Self>) {
-        self.with_core(|c| c.resync(stamp()));
+    pub fn resync(self: &Rc<Self>, moved: &[u32], slots: u32) {
+        self.with_core(|c| c.resync(moved, slots, stamp()));
     }
 
     /// Ends the session `id` of this shard with a stream error (`condition`, `text`).
@@ -495,7 +495,8 @@ pub async fn run(
     if params.raft_bootstrap {
         shard.protocol(|p, _| p.bootstrap());
     }
-    let clock = glommio::spawn_local(crate::cluster::link::raft_clock(shard.clone()));
+    let table = params.cluster.as_ref().map(|c| c.slot_table.clone());
+    let clock = glommio::spawn_local(crate::cluster::link::raft_clock(shard.clone(), table));
     if let Some(c) = &params.cluster {
         let Some(updates) = c.updates.get(id as usize).cloned() else {
             let _ = ready.send(Err("no membership channel for this shard".into()));

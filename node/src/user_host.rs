@@ -90,11 +90,11 @@ async fn run(shard: Rc<Shard>, jid: BareJid) {
         let msg = t.msg;
         if shard.take_stale(&jid) {
             // Another incarnation's write of this user was applied here (`Act::Stale`): this
-            // state is older than the store's. The actor ends, as after a failed write; the
-            // message goes to the next incarnation, which reloads.
+            // state is older than the store's. The actor ends; the message goes to the next
+            // incarnation, which reloads, and the sessions register with it.
             tracing::info!(user = %jid, "user actor's state is stale; ending it");
             let again = vec![starling_actors::msg::Envelope::to_user(jid.clone(), msg)];
-            return shard.end_user(&jid, runner.actor().sessions(), Ending::WriteFailed, again);
+            return shard.end_user(&jid, runner.actor().sessions(), Ending::Stale, again);
         }
         tracing::trace!(user = %jid, ?msg, "user actor input");
         let started = std::time::Instant::now();
@@ -138,12 +138,12 @@ async fn run(shard: Rc<Shard>, jid: BareJid) {
                     idle = idle_now;
                     break;
                 }
-                Step::End { sessions, instead } => {
+                Step::End { sessions, instead, why } => {
                     // Its memory is now ahead of its storage: end it, so that the next
                     // incarnation reloads what is durable (found by the simulator: a roster
                     // item in memory only was shown to the client, then missing after a
                     // reconnect).
-                    return shard.end_user(&jid, sessions, Ending::WriteFailed, instead);
+                    return shard.end_user(&jid, sessions, why, instead);
                 }
             }
         }

@@ -384,7 +384,7 @@ impl World {
             .collect();
         let c = &mut self.nodes[n as usize].cluster;
         let old_peers = std::mem::replace(&mut c.peers, peers);
-        c.ring = new_ring.clone();
+        let old_ring = std::mem::replace(&mut c.ring, new_ring.clone());
         let gone: Vec<(u32, u64)> = old_peers
             .iter()
             .filter(|(i, g)| c.peers.get(i) != Some(g))
@@ -414,16 +414,23 @@ impl World {
         self.nodes[n as usize].cluster.changes += 1;
         self.passivate_idle(n);
         // A moment later, `Resync` to the actors then here (link.rs `after_change`).
-        if !gone.is_empty() {
-            let epoch = self.nodes[n as usize].epoch;
-            self.after(
-                starling_actors::msg::RESYNC_AFTER_MS * 1000,
-                Ev::Resync { node: n, epoch },
-            );
-        }
-        // Sessions whose user's actor now lives on another node than when they bound, or
-        // lived on a node that died or restarted (the actor died with it). A slot that gained
-        // a member closes nothing: a stale actor is ended by `Act::Stale`.
+        let epoch = self.nodes[n as usize].epoch;
+        let gone_ids: Vec<u32> = gone.iter().map(|(i, _)| *i).collect();
+        let moved = rules::moved_slots(
+            &old_ring,
+            &new_ring,
+            &gone_ids,
+            |name| index(name).unwrap_or(u32::MAX),
+            SLOTS,
+        );
+        self.after(
+            starling_actors::msg::RESYNC_AFTER_MS * 1000,
+            Ev::Resync { node: n, epoch, moved },
+        );
+        // Sessions whose user's actor now lives on another node than when they registered, or
+        // lived on a node that died or restarted (the actor died with it), register with the
+        // new incarnation; actors here whose users went elsewhere forget their sessions. Only
+        // a node that rejoined closes its sessions (link.rs `after_change`).
         let (generation, shards, at) = (self.node_gen(n), self.cfg.shards, self.now_us);
         for s in 0..shards {
             let node = &mut self.nodes[n as usize];
@@ -431,18 +438,24 @@ impl World {
             let owner_now = |u: &BareJid| cluster.place(u.as_str().as_bytes(), shards).0;
             let moved = node.shards[s as usize]
                 .core
-                .close_moved(generation, rejoined, &gone, owner_now, at);
-            for id in moved {
-                self.stats.moved_kicks += 1;
-                self.excuse_confirmed(id);
+                .membership_changed(generation, rejoined, &gone, owner_now, at);
+            self.stats.moved_rebinds += moved.rebound.len() as u64;
+            self.stats.handoffs += moved.handed_off as u64;
+            // A moved session names the offline messages it confirmed when it registers; the
+            // registration, or the confirmation itself, may still be lost with a link, so
+            // what it confirmed and is not deleted yet may come again (at-least-once, as
+            // for a closed session).
+            for id in moved.rebound.iter().chain(&moved.kicked) {
+                self.excuse_confirmed(*id);
             }
+            self.stats.rejoin_kicks += moved.kicked.len() as u64;
             self.drive(n, s);
         }
     }
 
     /// The server closes session `sid` for a membership change: what it confirmed and is not
     /// yet deleted for good may come again (`Messages::allow_redelivery_undeleted`).
-    fn excuse_confirmed(&mut self, sid: u64) {
+    pub(crate) fn excuse_confirmed(&mut self, sid: u64) {
         let ids: Vec<String> = self
             .confirming
             .range((sid, 0)..=(sid, u64::MAX))
@@ -452,13 +465,13 @@ impl World {
     }
 
     /// `Resync` to every user actor on the node (`Ev::Resync`).
-    pub fn resync(&mut self, n: u32, epoch: u64) {
+    pub fn resync(&mut self, n: u32, epoch: u64, moved: &[u32]) {
         if !self.live(n, epoch) {
             return;
         }
         for s in 0..self.cfg.shards {
             let at = self.now_us;
-            self.nodes[n as usize].shards[s as usize].core.resync(at);
+            self.nodes[n as usize].shards[s as usize].core.resync(moved, SLOTS, at);
             self.drive(n, s);
         }
     }
@@ -629,13 +642,10 @@ impl World {
             return;
         };
         r.stale();
-        // Its sessions are closed as after a failed write: what they confirmed and is not
-        // deleted yet stays stored and may come again.
-        let sessions: Vec<u64> = r.actor().sessions().iter().map(|(s, _)| s.id).collect();
+        // Its sessions register with the next incarnation, naming the offline messages they
+        // confirmed: nothing comes twice (a write failing meanwhile closes them instead:
+        // `Step::End`).
         self.stats.stale_ends += 1;
-        for sid in sessions {
-            self.excuse_confirmed(sid);
-        }
         self.schedule_user(node, shard, &jid);
     }
 

@@ -15,7 +15,7 @@ use starling_actors::msg::{Envelope, SessionMsg, UserMsg};
 use starling_actors::planted::{self, Bug};
 use starling_actors::system::commit::GroupCommit;
 use starling_actors::system::conn::{Conn, ConnStep};
-use starling_actors::system::life::{self, Ending};
+use starling_actors::system::life;
 use starling_actors::system::runner::{Runner, Step};
 pub(crate) use starling_actors::system::shard::Origin;
 use starling_actors::system::shard::{Out, Routed as CoreRouted, ShardCore};
@@ -606,7 +606,21 @@ impl World {
             return;
         }
         self.stats.activations_failed += 1;
+        // A moved session that cannot register is closed (`life::not_started`): what it
+        // confirmed and is not deleted yet may come again, as for any session the server
+        // closes.
+        let closed: Vec<u64> = sh
+            .core
+            .user_mail(jid)
+            .filter_map(|m| match m {
+                UserMsg::Rebind { session, .. } => Some(session.id),
+                _ => None,
+            })
+            .collect();
         sh.core.not_started(jid);
+        for sid in closed {
+            self.excuse_confirmed(sid);
+        }
         self.drive(node, shard);
     }
 
@@ -951,12 +965,13 @@ impl World {
                     }
                     return;
                 }
-                Step::End { sessions, instead } => {
+                Step::End { sessions, instead, why } => {
                     // Its write failed: it ends (user_host.rs), its sessions are closed (their
                     // clients reconnect) and the next incarnation, loaded from storage, learns
-                    // they are gone and gets what was queued.
+                    // they are gone and gets what was queued. A stale one's sessions register
+                    // with the next incarnation instead.
                     sh.users.remove(&jid);
-                    sh.core.end_user(&jid, sessions, Ending::WriteFailed, instead);
+                    sh.core.end_user(&jid, sessions, why, instead);
                     return self.drive(node, shard);
                 }
             }

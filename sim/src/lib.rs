@@ -99,7 +99,12 @@ pub struct Stats {
     pub datagrams_lost: u64,
     pub frames_lost: u64,
     pub messages_lost_with_link: u64,
-    pub moved_kicks: u64,
+    /// Sessions told to register with their user's moved actor, and actors that handed
+    /// their users off (a membership change placed them elsewhere).
+    pub moved_rebinds: u64,
+    pub handoffs: u64,
+    /// Sessions closed because their node rejoined.
+    pub rejoin_kicks: u64,
     /// Raft frames lost with a link (raft sends again).
     pub raft_frames_lost: u64,
     /// Snapshots of a slot made to send, or installed.
@@ -158,14 +163,16 @@ impl Outcome {
         if st.partitions + st.node_joins + st.conf_changes + st.datagrams_lost > 0 {
             let _ = writeln!(
                 s,
-                "  cluster: partitions {} joins {} rejoins {} datagrams-lost {} frames-lost {} lost-with-link {} moved-kicks {} raft: frames-lost {} snapshots {} conf-changes {} leaders {} write-failures {} activations-failed {}",
+                "  cluster: partitions {} joins {} rejoins {} datagrams-lost {} frames-lost {} lost-with-link {} rebinds {} handoffs {} rejoin-kicks {} raft: frames-lost {} snapshots {} conf-changes {} leaders {} write-failures {} activations-failed {}",
                 st.partitions,
                 st.node_joins,
                 st.rejoins,
                 st.datagrams_lost,
                 st.frames_lost,
                 st.messages_lost_with_link,
-                st.moved_kicks,
+                st.moved_rebinds,
+                st.handoffs,
+                st.rejoin_kicks,
                 st.raft_frames_lost,
                 st.snapshots,
                 st.conf_changes,

@@ -65,6 +65,7 @@ pub enum Ev {
     Resync {
         node: u32,
         epoch: u64,
+        moved: Vec<u32>,
     },
     /// A stanza whose write failed goes again after a pause (`UserMsg::Again`).
     Again {
@@ -517,9 +518,9 @@ impl World {
                     .record(self.now_us, format!("held for {target:?} on n{node} s{shard}: retry"));
                 self.drain_held(node, epoch, shard, target);
             }
-            Ev::Resync { node, epoch } => {
+            Ev::Resync { node, epoch, moved } => {
                 self.trace.record(self.now_us, format!("resync n{node}"));
-                self.resync(node, epoch);
+                self.resync(node, epoch, &moved);
             }
             Ev::Again {
                 node,

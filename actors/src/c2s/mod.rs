@@ -129,6 +129,9 @@ pub struct C2sSession {
     user: Option<BareJid>,
     anonymous: bool,
     jid: Option<FullJid>,
+    /// What this session told its user actor of itself, for a later incarnation of that actor
+    /// (`UserMsg::Rebind`).
+    me: Registered,
     pending: VecDeque<Element>,
     out: Output,
     events: Vec<StreamEvent>,
@@ -152,6 +155,7 @@ impl C2sSession {
             user: None,
             anonymous: false,
             jid: None,
+            me: Registered::default(),
             pending: VecDeque::new(),
             out: Output::default(),
             events: Vec::new(),
@@ -412,6 +416,7 @@ impl C2sSession {
                     self.on_bound_stanza(el);
                 }
             }
+            SessionMsg::Rebind { again } => self.rebind(again),
             SessionMsg::BindFailed { condition } => {
                 if let State::BindPending(iq, _) = std::mem::replace(&mut self.state, State::Negotiating) {
                     let mut e = stanza::error_reply(&iq, condition, None);
@@ -420,6 +425,7 @@ impl C2sSession {
                 }
             }
             SessionMsg::Stanza(el) | SessionMsg::Offline(el) if matches!(self.state, State::Bound) => {
+                self.me.note_in(&el);
                 self.send_element(&el);
             }
             SessionMsg::Stanza(el) => {
@@ -457,6 +463,7 @@ impl C2sSession {
                 // The host writes our output before it routes our actions, so this answer
                 // follows the messages onto the socket.
                 if let (State::Bound, Some(user)) = (&self.state, self.user.clone()) {
+                    self.me.offline_upto = self.me.offline_upto.max(upto);
                     self.route(Envelope::to_user(
                         user,
                         UserMsg::OfflineDelivered {
@@ -477,6 +484,51 @@ impl C2sSession {
 
     fn route(&mut self, env: Envelope) {
         self.out.actions.push(Action::Route(env));
+    }
+
+    /// The user's actor moved or ended (`SessionMsg::Rebind`): a bound session registers
+    /// with the current incarnation, then sends `again`; a bind in flight asks again (its
+    /// answer may have died with the old one; a second `Bound` is ignored).
+    fn rebind(&mut self, again: Option<Element>) {
+        let Some(user) = self.user.clone() else { return };
+        match &self.state {
+            State::Bound => {
+                let resource = self.jid.as_ref().expect("bound").resource().to_string();
+                tracing::debug!(session = ?self.addr, "registering with the user's new actor");
+                self.route(Envelope::to_user(
+                    user.clone(),
+                    UserMsg::Rebind {
+                        session: self.addr,
+                        resource: resource.clone(),
+                        presence: self.me.presence.clone(),
+                        roster_ver: self.me.roster.clone(),
+                        directed: self.me.directed.iter().cloned().collect(),
+                        offline_upto: self.me.offline_upto,
+                    },
+                ));
+                if let Some(stanza) = again {
+                    self.route(Envelope::to_user(
+                        user,
+                        UserMsg::Outbound {
+                            session: self.addr,
+                            resource,
+                            stanza,
+                        },
+                    ));
+                }
+            }
+            State::BindPending(_, resource) => {
+                let resource = resource.clone();
+                self.route(Envelope::to_user(
+                    user,
+                    UserMsg::Bind {
+                        session: self.addr,
+                        resource,
+                    },
+                ));
+            }
+            _ => {}
+        }
     }
 
     /// Sends a stream error and closes (RFC 6120 §4.9).
@@ -517,6 +569,56 @@ impl C2sSession {
         }
         self.state = State::Closed;
         self.out.actions.push(Action::Close);
+    }
+}
+
+/// What a bound session told its user actor of itself (RFC 6121 state the actor keeps per
+/// session), so that it can register with a later incarnation after a move
+/// (`UserMsg::Rebind`) and its client notices nothing.
+#[derive(Debug, Default)]
+struct Registered {
+    /// Its last broadcast available presence, `from` stamped; `None` after unavailable.
+    presence: Option<Element>,
+    /// It asked for the roster (receives pushes): the roster version its client has.
+    roster: Option<String>,
+    /// Full or bare JIDs it sent directed available presence to, not since unavailable.
+    directed: std::collections::BTreeSet<String>,
+    /// The last offline message it confirmed.
+    offline_upto: u64,
+}
+
+impl Registered {
+    /// Notes a stamped stanza the session routes to its own user actor.
+    fn note(&mut self, el: &Element) {
+        match (el.name.as_str(), el.attr("type"), el.attr("to")) {
+            ("presence", None, None) => self.presence = Some(el.clone()),
+            ("presence", Some("unavailable"), None) => {
+                self.presence = None;
+                self.directed.clear();
+            }
+            ("presence", None, Some(to)) => {
+                self.directed.insert(to.to_string());
+            }
+            ("presence", Some("unavailable"), Some(to)) => {
+                self.directed.remove(to);
+            }
+            ("iq", Some("get"), _) if el.first_child().is_some_and(|p| p.ns == ns::ROSTER) => {
+                // The answer names the version unless it is the one asked for (XEP-0237).
+                let asked = el.first_child().and_then(|q| q.attr("ver")).unwrap_or("");
+                self.roster = Some(asked.to_string());
+            }
+            _ => {}
+        }
+    }
+
+    /// Notes a stanza for the client: a roster result or push names the client's version.
+    fn note_in(&mut self, el: &Element) {
+        if el.name != "iq" || self.roster.is_none() {
+            return;
+        }
+        if let Some(ver) = el.child("query", ns::ROSTER).and_then(|q| q.attr("ver")) {
+            self.roster = Some(ver.to_string());
+        }
     }
 }
 

@@ -216,3 +216,101 @@ fn wrong_password_fails_then_throttles_and_stanzas_before_auth_close() {
     assert!(out.contains("<not-authorized"), "{out}");
     assert!(h.s.is_closed());
 }
+
+#[test]
+fn a_bound_session_registers_with_a_moved_actor_with_what_it_told_the_old_one() {
+    let mut h = Harness::new(true, true);
+    h.send(HEADER);
+    let (_, acts) = h.send(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{}</auth>",
+        B64.encode("\0alice\0secret")
+    ));
+    assert_eq!(acts, vec![Action::LoadAccount("alice@localhost".into())]);
+    let (out, _) = h.input(Input::Account(Some(scram::new_account(
+        "secret", [3; 16], [4; 16], 4096,
+    ))));
+    assert!(out.contains("<success"), "{out}");
+    h.send(HEADER);
+    h.send(
+        "<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>phone</resource></bind></iq>",
+    );
+    // Moved while the bind is in flight: it asks again.
+    let (_, acts) = h.input(Input::Router(SessionMsg::Rebind { again: None }));
+    assert!(
+        matches!(acts.as_slice(), [Action::Route(Envelope::User { msg: UserMsg::Bind { resource, .. }, .. })] if resource == "phone"),
+        "{acts:?}"
+    );
+    h.input(Input::Router(SessionMsg::Bound {
+        resource: "phone".into(),
+    }));
+    // A second answer (the old incarnation's and the new one's) changes nothing.
+    let (out, acts) = h.input(Input::Router(SessionMsg::Bound {
+        resource: "phone".into(),
+    }));
+    assert!(out.is_empty() && acts.is_empty(), "{out} {acts:?}");
+    h.send("<presence><show>away</show></presence>");
+    h.send("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>");
+    h.send("<presence to='carol@example.org/x'/>");
+    h.send("<presence to='dave@localhost/y'/>");
+    h.send("<presence to='dave@localhost/y' type='unavailable'/>");
+    let el = |xml: &str| {
+        crate::parser::parse_element(
+            xml.as_bytes(),
+            &[("".into(), ns::CLIENT.into())],
+            crate::parser::Limits::default(),
+        )
+        .unwrap()
+    };
+    h.input(Input::Router(SessionMsg::Stanza(el(
+        "<iq type='result' id='r1' to='alice@localhost/phone'><query xmlns='jabber:iq:roster' ver='4'/></iq>",
+    ))));
+    h.input(Input::Router(SessionMsg::Stanza(el(
+        "<iq type='set' id='p5' to='alice@localhost/phone'><query xmlns='jabber:iq:roster' ver='5'><item jid='bob@localhost'/></query></iq>",
+    ))));
+    h.input(Input::Router(SessionMsg::OfflineSent { upto: 3 }));
+    let again = el("<iq type='get' id='r2' from='alice@localhost/phone'><query xmlns='jabber:iq:roster'/></iq>");
+    let (out, acts) = h.input(Input::Router(SessionMsg::Rebind {
+        again: Some(again.clone()),
+    }));
+    assert!(out.is_empty(), "the client notices nothing: {out}");
+    match acts.as_slice() {
+        [Action::Route(Envelope::User {
+            msg:
+                UserMsg::Rebind {
+                    resource,
+                    presence,
+                    roster_ver,
+                    directed,
+                    offline_upto,
+                    ..
+                },
+            ..
+        }), Action::Route(Envelope::User {
+            msg: UserMsg::Outbound { stanza, .. },
+            ..
+        })] => {
+            assert_eq!(resource, "phone");
+            let p = presence.as_ref().expect("available");
+            assert_eq!(p.attr("from"), Some("alice@localhost/phone"));
+            assert!(p.child("show", ns::CLIENT).is_some());
+            assert_eq!(roster_ver.as_deref(), Some("5"));
+            // A remote recipient is not routed (no federation yet); dave got unavailable since.
+            assert!(directed.is_empty(), "{directed:?}");
+            assert_eq!(*offline_upto, 3);
+            assert_eq!(stanza, &again);
+        }
+        a => panic!("{a:?}"),
+    }
+    h.send("<presence type='unavailable'/>");
+    let (_, acts) = h.input(Input::Router(SessionMsg::Rebind { again: None }));
+    assert!(
+        matches!(
+            acts.as_slice(),
+            [Action::Route(Envelope::User {
+                msg: UserMsg::Rebind { presence: None, .. },
+                ..
+            })]
+        ),
+        "{acts:?}"
+    );
+}

@@ -1,6 +1,6 @@
 //! The cluster's rules, written once for both hosts: which slot a key belongs to, which nodes
-//! are a slot's members by the ring, and which sessions must reconnect after a membership
-//! change. The replicated state that carries them out is `system::consensus` (placement:
+//! are a slot's members by the ring, and which sessions must register with a moved actor
+//! after a membership change. The replicated state that carries them out is `system::consensus` (placement:
 //! `consensus::place_slot`).
 //!
 //! Nodes are named on the ring; each host maps a name to its `NodeId` (the node hashes the
@@ -26,13 +26,27 @@ pub fn slot_voters(ring: &Ring, slot: u32, replication: usize) -> Vec<&str> {
     ring.replicas(&slot.to_be_bytes(), replication)
 }
 
-/// Whether a session must be closed (its client reconnects and binds again) after a
-/// membership change: its user's actor lived on `owner_then` when it bound and now lives on
-/// `owner_now`, or lived on a node that went (`gone`: the actor died with it), or this node
-/// itself rejoined. (A slot that gained a member needs no reconnect: its actor's state is
-/// the log's, and one that went stale is ended by `consensus::Act::Stale`.)
-pub fn session_moved(rejoined: bool, owner_then: NodeId, owner_now: NodeId, gone: &[(NodeId, u64)]) -> bool {
-    rejoined || owner_now != owner_then || gone.iter().any(|(g, _)| *g == owner_then)
+/// Whether a session must register with its user's new actor (`SessionMsg::Rebind`) after a
+/// membership change: the actor lived on `owner_then` when the session last registered and
+/// now lives on `owner_now`, or lived on a node that went (`gone`: the actor died with it).
+/// (A slot that gained a member moves nothing by itself: its actor's state is the log's, and
+/// one that went stale is ended by `consensus::Act::Stale`, its sessions registering again.)
+pub fn session_moved(owner_then: NodeId, owner_now: NodeId, gone: &[(NodeId, u64)]) -> bool {
+    owner_now != owner_then || gone.iter().any(|(g, _)| *g == owner_then)
+}
+
+/// The slots whose actors moved with a membership change: the ring's owner of the slot is
+/// another node, or is a node that went (its actors died with it; `gone` names them).
+/// Contacts in those slots may have answered for their users before their sessions
+/// registered again, so their presence is asked for again (`UserMsg::Resync`).
+pub fn moved_slots(old: &Ring, new: &Ring, gone: &[NodeId], id_of: impl Fn(&str) -> NodeId, slots: u32) -> Vec<u32> {
+    (0..slots)
+        .filter(|s| {
+            let before = slot_voters(old, *s, 1).first().map(|n| id_of(n));
+            let after = slot_voters(new, *s, 1).first().map(|n| id_of(n));
+            before != after || before.is_some_and(|b| gone.contains(&b))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -70,10 +84,30 @@ mod tests {
     }
 
     #[test]
-    fn sessions_that_must_reconnect() {
-        assert!(!session_moved(false, 1, 1, &[]));
-        assert!(session_moved(true, 1, 1, &[]));
-        assert!(session_moved(false, 1, 2, &[]));
-        assert!(session_moved(false, 1, 1, &[(1, 5)]));
+    fn slots_that_moved() {
+        let id = |n: &str| n[1..].parse::<u32>().unwrap();
+        let (three, four) = (ring(&["n0", "n1", "n2"]), ring(&["n0", "n1", "n2", "n3"]));
+        let joined = moved_slots(&three, &four, &[], id, 64);
+        assert!(!joined.is_empty() && joined.len() < 64, "{joined:?}");
+        for s in &joined {
+            assert_eq!(
+                slot_voters(&four, *s, 1),
+                vec!["n3"],
+                "a join moves slots only to the newcomer"
+            );
+        }
+        assert!(moved_slots(&three, &three, &[], id, 64).is_empty());
+        // A node that restarted keeps its slots on the ring, but its actors died.
+        let restarted = moved_slots(&three, &three, &[1], id, 64);
+        assert!(restarted.iter().all(|s| slot_voters(&three, *s, 1) == vec!["n1"]));
+        assert!(!restarted.is_empty());
+    }
+
+    #[test]
+    fn sessions_that_register_again() {
+        assert!(!session_moved(1, 1, &[]));
+        assert!(session_moved(1, 2, &[]));
+        assert!(session_moved(1, 1, &[(1, 5)]));
+        assert!(!session_moved(1, 1, &[(2, 5)]));
     }
 }

@@ -122,6 +122,8 @@ pub struct SlotInfo {
     pub learners: Vec<NodeId>,
     /// A configuration change is under way.
     pub changing: bool,
+    /// On the leader: how many committed entries each other member's log lacks.
+    pub lag: Vec<(NodeId, u64)>,
 }
 
 /// What this shard of the node runs.
@@ -442,6 +444,17 @@ impl<T, R> Consensus<T, R> {
         voters.sort_unstable();
         let mut learners: Vec<NodeId> = g.conf().learners.iter().map(|v| node_of(*v)).collect();
         learners.sort_unstable();
+        let committed = g.committed();
+        let lag = if g.is_leader() {
+            voters
+                .iter()
+                .chain(&learners)
+                .filter(|n| raft_id(**n) != self.me)
+                .map(|n| (*n, committed.saturating_sub(g.matched(raft_id(*n)).unwrap_or(0))))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Some(SlotInfo {
             leader: (g.leader() != 0).then(|| node_of(g.leader())),
             leading: g.is_leader(),
@@ -450,7 +463,13 @@ impl<T, R> Consensus<T, R> {
             voters,
             learners,
             changing: g.conf_pending(),
+            lag,
         })
+    }
+
+    /// The slots this shard hosts a member of.
+    pub fn slots(&self) -> Vec<u32> {
+        self.groups.keys().copied().collect()
     }
 
     fn id(&mut self) -> u64 {

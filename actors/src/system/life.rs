@@ -23,6 +23,10 @@ pub enum Ending {
     Panicked,
     /// A write failed: its memory is ahead of its storage.
     WriteFailed,
+    /// Another incarnation's write of its key was applied under it (`consensus::Act::Stale`):
+    /// its state is behind. Its sessions register with the next incarnation
+    /// (`SessionMsg::Rebind`), which loads what is stored; their clients notice nothing.
+    Stale,
 }
 
 /// What an actor that ended early sends for each of its sessions, in order: the session is
@@ -33,6 +37,12 @@ pub fn ended(jid: &BareJid, sessions: Vec<(SessionAddr, String)>, why: Ending) -
     let text = match why {
         Ending::Panicked => "internal error",
         Ending::WriteFailed => "storage failure",
+        Ending::Stale => {
+            return sessions
+                .into_iter()
+                .map(|(s, _)| Envelope::to_session(s, SessionMsg::Rebind { again: None }))
+                .collect()
+        }
     };
     let mut out = Vec::with_capacity(sessions.len() * 2);
     for (session, resource) in sessions {
@@ -69,7 +79,20 @@ pub fn not_started(jid: &BareJid, m: UserMsg) -> NotStarted {
         UserMsg::Inbound { stanza } | UserMsg::Outbound { stanza, .. } | UserMsg::Again { stanza, .. } => {
             NotStarted::Bounce(Envelope::to_user(jid.clone(), UserMsg::Inbound { stanza }))
         }
-        UserMsg::Unbind { .. } | UserMsg::OfflineDelivered { .. } | UserMsg::NodeDown { .. } | UserMsg::Resync => {
+        // The moved session cannot be served: it closes, and its client tries again.
+        UserMsg::Rebind { session, .. } => NotStarted::Send(Envelope::to_session(
+            session,
+            SessionMsg::Kick {
+                condition: "internal-server-error",
+                text: "the account's state cannot be read".into(),
+            },
+        )),
+        // The confirmation would be lost, and the messages come again: the session is asked
+        // to register again, naming what it confirmed, and so tries another activation.
+        UserMsg::OfflineDelivered { session, .. } => {
+            NotStarted::Send(Envelope::to_session(session, SessionMsg::Rebind { again: None }))
+        }
+        UserMsg::Unbind { .. } | UserMsg::NodeDown { .. } | UserMsg::Resync { .. } | UserMsg::Handoff => {
             NotStarted::Nothing
         }
     }

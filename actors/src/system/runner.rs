@@ -38,6 +38,11 @@ pub trait Actor {
     fn is_idle(&self) -> bool;
     /// The sessions it serves, told when it ends early (`life::ended`).
     fn sessions(&self) -> Vec<(SessionAddr, String)>;
+    /// What it kept for a later incarnation (it could not act on it with its state): sent
+    /// on when it ends early, with what its failed writes asked to send instead.
+    fn leftovers(&mut self) -> Vec<Envelope> {
+        Vec::new()
+    }
 }
 
 /// The host's next move for the actor.
@@ -54,11 +59,12 @@ pub enum Step {
     /// This turn is over: take the next message. `idle`: no session depends on the actor
     /// (the host then asks its core to passivate it, `ShardCore::passivate`).
     Done { idle: bool },
-    /// A write failed: end the actor (`ShardCore::end_user` with `life::Ending::WriteFailed`)
+    /// A write failed, or the actor went stale: end it (`ShardCore::end_user` with `why`)
     /// with these sessions and what its failed writes asked to send instead.
     End {
         sessions: Vec<(SessionAddr, String)>,
         instead: Vec<Envelope>,
+        why: crate::system::life::Ending,
     },
 }
 
@@ -75,6 +81,8 @@ pub struct Runner<A: Actor> {
     pending: Option<(Vec<Envelope>, Vec<Envelope>)>,
     /// A write failed: later ones would build on what is not stored.
     doomed: bool,
+    /// Doomed only because it went stale ([`stale`](Self::stale)), no write of its failed.
+    stale: bool,
     instead: Vec<Envelope>,
 }
 
@@ -87,6 +95,7 @@ impl<A: Actor> Runner<A> {
             effects: VecDeque::new(),
             pending: None,
             doomed: false,
+            stale: false,
             instead: Vec::new(),
         }
     }
@@ -102,6 +111,7 @@ impl<A: Actor> Runner<A> {
     /// Its state is older than its storage's (another incarnation's write was applied): it
     /// ends after its turn, as after a failed write, and the next incarnation reloads.
     pub fn stale(&mut self) {
+        self.stale = !self.doomed || self.stale;
         self.doomed = true;
     }
 
@@ -136,9 +146,17 @@ impl<A: Actor> Runner<A> {
                 }
                 None if self.doomed => {
                     self.effects = VecDeque::new();
+                    let why = if self.stale {
+                        crate::system::life::Ending::Stale
+                    } else {
+                        crate::system::life::Ending::WriteFailed
+                    };
+                    let mut instead = std::mem::take(&mut self.instead);
+                    instead.extend(self.actor.leftovers());
                     return Step::End {
                         sessions: self.actor.sessions(),
-                        instead: std::mem::take(&mut self.instead),
+                        instead,
+                        why,
                     };
                 }
                 None => {
@@ -164,6 +182,7 @@ impl<A: Actor> Runner<A> {
             return then;
         }
         self.doomed = true;
+        self.stale = false;
         self.instead.extend(failed);
         Vec::new()
     }
@@ -280,9 +299,43 @@ mod tests {
         // Sends that do not depend on the write still go; the later write does not.
         assert_eq!(r.step(), Step::Send(env(3)));
         match r.step() {
-            Step::End { sessions, instead } => {
+            Step::End { sessions, instead, why } => {
                 assert_eq!(sessions.len(), 1);
                 assert_eq!(instead, vec![env(8), env(9)]);
+                assert_eq!(why, crate::system::life::Ending::WriteFailed);
+            }
+            s => panic!("{s:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stale_actor_ends_after_its_turn_as_stale_unless_a_write_failed() {
+        let mut r = Runner::new(Scripted(VecDeque::from([vec![Effect::Send(env(1))]]), false), 0);
+        r.handle((), 0).unwrap();
+        r.stale();
+        assert!(!r.ready());
+        assert_eq!(r.step(), Step::Send(env(1)));
+        assert!(matches!(
+            r.step(),
+            Step::End {
+                why: crate::system::life::Ending::Stale,
+                ..
+            }
+        ));
+        let script = vec![Effect::Persist {
+            writes: Vec::new(),
+            then: vec![env(2)],
+            failed: vec![env(3)],
+        }];
+        let mut r = Runner::new(Scripted(VecDeque::from([script]), false), 0);
+        r.handle((), 0).unwrap();
+        assert!(matches!(r.step(), Step::Persist { .. }));
+        r.stale();
+        assert_eq!(r.persisted(false), Vec::<Envelope>::new());
+        match r.step() {
+            Step::End { instead, why, .. } => {
+                assert_eq!(instead, vec![env(3)]);
+                assert_eq!(why, crate::system::life::Ending::WriteFailed);
             }
             s => panic!("{s:?}"),
         }

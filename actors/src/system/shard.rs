@@ -102,6 +102,18 @@ pub enum Out {
 }
 
 /// The mailboxes of one shard and the rules around them.
+/// What a membership change did to a shard's sessions and actors
+/// ([`ShardCore::membership_changed`]), for the host's log and counters.
+#[derive(Debug, Default, PartialEq)]
+pub struct Moved {
+    /// Sessions told to register with their user's new actor.
+    pub rebound: Vec<u64>,
+    /// Sessions closed (this node rejoined).
+    pub kicked: Vec<u64>,
+    /// User actors here whose key went to another node.
+    pub handed_off: usize,
+}
+
 pub struct ShardCore {
     node: NodeId,
     shard: ShardId,
@@ -397,41 +409,63 @@ impl ShardCore {
         self.bound.contains_key(&id)
     }
 
-    /// After a membership change: closes the sessions here that must reconnect
-    /// (`cluster::session_moved`: each is sent a `Kick`, its client binds again where its user
-    /// lives now) and returns their ids, for the host's log. `generation`: this node's
-    /// membership generation now; `rejoined`: this node was declared down and came back;
-    /// `owner_now` places a user.
-    pub fn close_moved(
+    /// After a membership change (issue 17: moving an actor never disconnects its clients):
+    /// each session here whose user's actor moved to another node or died with one
+    /// (`cluster::session_moved`) is told to register with the new incarnation
+    /// (`SessionMsg::Rebind`), and each user actor here whose key is placed on another node
+    /// now forgets its sessions (`UserMsg::Handoff`) and goes once idle. Only when this node
+    /// itself was declared down and came back (`rejoined`) are its sessions closed: the
+    /// others unbound them and told their contacts they went. `generation`: this node's
+    /// membership generation now; `owner_now` places a user.
+    pub fn membership_changed(
         &mut self,
         generation: u64,
         rejoined: bool,
         gone: &[(NodeId, u64)],
         owner_now: impl Fn(&BareJid) -> NodeId,
         at: u64,
-    ) -> Vec<u64> {
-        let ids: Vec<u64> = self
-            .bound
-            .iter()
-            .filter(|(_, (user, then))| crate::system::cluster::session_moved(rejoined, *then, owner_now(user), gone))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &ids {
+    ) -> Moved {
+        let mut moved = Moved::default();
+        let mut sent = Vec::new();
+        for (id, (user, then)) in self.bound.iter_mut() {
+            let now = owner_now(user);
+            if rejoined {
+                moved.kicked.push(*id);
+                sent.push((
+                    *id,
+                    SessionMsg::Kick {
+                        condition: "undefined-condition",
+                        text: "this server left the cluster and came back; please reconnect".into(),
+                    },
+                ));
+            } else if crate::system::cluster::session_moved(*then, now, gone) {
+                *then = now;
+                moved.rebound.push(*id);
+                sent.push((*id, SessionMsg::Rebind { again: None }));
+            }
+        }
+        for (id, m) in sent {
             let addr = SessionAddr {
                 node: self.node,
                 node_gen: generation,
                 shard: self.shard,
-                id: *id,
+                id,
             };
-            let kick = SessionMsg::Kick {
-                condition: "undefined-condition",
-                text: "this account's cluster node changed; please reconnect".into(),
-            };
-            // A control message: held if the mailbox is full, never refused.
-            let _ = self.deliver_here(Envelope::to_session(addr, kick), at, Origin::Actor);
+            // Control messages: held if the mailbox is full, never refused.
+            let _ = self.deliver_here(Envelope::to_session(addr, m), at, Origin::Actor);
+        }
+        let away: Vec<BareJid> = self
+            .users
+            .keys()
+            .filter(|u| owner_now(u) != self.node)
+            .cloned()
+            .collect();
+        for u in away {
+            moved.handed_off += 1;
+            let _ = self.deliver_here(Envelope::to_user(u, UserMsg::Handoff), at, Origin::Actor);
         }
         self.done();
-        ids
+        moved
     }
 
     /// Nodes went (`gone`: each with the generation that went): every user actor here
@@ -450,12 +484,16 @@ impl ShardCore {
         self.done();
     }
 
-    /// A moment after nodes went: every user actor here checks its contacts' presence
-    /// (`UserMsg::Resync`).
-    pub fn resync(&mut self, at: u64) {
+    /// A moment after a membership change: every user actor here checks its contacts'
+    /// presence (`UserMsg::Resync`; `moved`: the slots whose actors moved, of `slots`).
+    pub fn resync(&mut self, moved: &[u32], slots: u32, at: u64) {
         let users: Vec<BareJid> = self.users.keys().cloned().collect();
         for u in users {
-            self.deliver_here(Envelope::to_user(u, UserMsg::Resync), at, Origin::Actor);
+            let m = UserMsg::Resync {
+                moved: moved.to_vec(),
+                slots,
+            };
+            self.deliver_here(Envelope::to_user(u, m), at, Origin::Actor);
         }
         self.done();
     }
@@ -489,6 +527,14 @@ impl ShardCore {
 
     pub fn pop_user(&mut self, jid: &BareJid) -> Option<Queued<UserMsg>> {
         self.user_mail.pop_front(self.users.get_mut(jid)?)
+    }
+
+    /// The messages waiting in the user actor's mailbox.
+    pub fn user_mail(&self, jid: &BareJid) -> impl Iterator<Item = &UserMsg> + '_ {
+        self.users
+            .get(jid)
+            .into_iter()
+            .flat_map(|q| self.user_mail.iter(q).map(|t| &t.msg))
     }
 
     /// Messages waiting in the user actor's mailbox.

@@ -111,6 +111,17 @@ impl UserActor {
                 // §4.3.2: answer only subscribers (from/both); say nothing to others.
                 let prober = from.to_bare().to_string();
                 if self.subscription_of(&prober).has_from() {
+                    let resync = st.child("resync", ns::RESYNC);
+                    if resync.is_some_and(|l| l.elements().next().is_none()) {
+                        // A moved session's probe: whatever its client saw of this user's
+                        // resources is replaced by what follows (RFC 6121 §4.3.2 lets the
+                        // answer for no resource be unavailable).
+                        let p = Element::new("presence", ns::CLIENT)
+                            .with_attr("type", "unavailable")
+                            .with_attr("from", self.jid.to_string())
+                            .with_attr("to", prober.as_str());
+                        self.send(Envelope::to_user(from.to_bare(), UserMsg::Inbound { stanza: p }));
+                    }
                     for e in self.current_presences(&from.to_string()) {
                         self.send(e);
                     }

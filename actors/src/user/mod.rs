@@ -69,6 +69,13 @@ pub struct UserActor {
     fx: Vec<Effect>,
     /// While handling `UserMsg::Again`: the failed writes the stanza met before.
     tries: u8,
+    /// A session of an earlier incarnation registered here (`UserMsg::Rebind`): what its
+    /// client saw of the contacts is not known here, so each `Resync` asks all of them.
+    rebound: bool,
+    /// Confirmations of offline messages another incarnation handed out, numbered beyond
+    /// what this one knows: its state is behind (`Act::Stale` is coming), so they wait for
+    /// the next incarnation (`leftovers`) or the new placement (`Handoff`).
+    held_confirms: Vec<(SessionAddr, u64)>,
 }
 
 impl UserActor {
@@ -99,6 +106,8 @@ impl UserActor {
             contacts_seen: BTreeMap::new(),
             fx: Vec::new(),
             tries: 0,
+            rebound: false,
+            held_confirms: Vec::new(),
         }
     }
 
@@ -106,9 +115,18 @@ impl UserActor {
         &self.jid
     }
 
-    /// No session is bound: the actor may be dropped; its durable state reloads on demand.
+    /// No session is bound (and it keeps nothing for a later incarnation): the actor may be
+    /// dropped; its durable state reloads on demand.
     pub fn is_idle(&self) -> bool {
-        self.sessions.is_empty()
+        self.sessions.is_empty() && self.held_confirms.is_empty()
+    }
+
+    /// The confirmations kept for a later incarnation, as messages to it.
+    fn take_held_confirms(&mut self) -> Vec<Envelope> {
+        std::mem::take(&mut self.held_confirms)
+            .into_iter()
+            .map(|(session, upto)| Envelope::to_user(self.jid.clone(), UserMsg::OfflineDelivered { session, upto }))
+            .collect()
     }
 
     /// Its sessions and their resources: if this actor dies, the host ends them and tells the
@@ -144,7 +162,16 @@ impl UserActor {
                     }
                 }
             }
-            UserMsg::Resync => self.resync_presence(),
+            UserMsg::Resync { moved, slots } => self.resync_presence(&moved, slots),
+            UserMsg::Rebind {
+                session,
+                resource,
+                presence,
+                roster_ver,
+                directed,
+                offline_upto,
+            } => self.rebind(session, resource, presence, roster_ver, directed, offline_upto, now),
+            UserMsg::Handoff => self.handoff(),
         }
         if !self.sessions.iter().any(|s| s.available) {
             self.contacts_seen.clear();
@@ -152,17 +179,40 @@ impl UserActor {
         std::mem::take(&mut self.fx)
     }
 
-    /// A node went (`UserMsg::Resync`, a moment after `NodeDown`): contacts whose actors
-    /// lived there died with it, and so did what they knew of their sessions; a session that
-    /// closed just before may have sent its unavailable presence to an actor that never
-    /// handled it. Ask every contact this user sees available for its presence again, naming
-    /// the resources seen: the answer says which are gone (found by the simulator: a contact
-    /// seen online forever after a crash).
-    fn resync_presence(&mut self) {
+    /// The membership changed a moment ago (`UserMsg::Resync`): contacts whose actors lived
+    /// on a node that went died with it, and so did what they knew of their sessions; a
+    /// session that closed just before may have sent its unavailable presence to an actor
+    /// that never handled it. Ask every contact this user sees available for its presence
+    /// again, naming the resources seen: the answer says which are gone (found by the
+    /// simulator: a contact seen online forever after a crash). Contacts in slots that moved
+    /// may have answered a probe before their sessions registered with their new actor (the
+    /// simulator: a contact seen offline for ever after a join): they are asked in full,
+    /// and so are all contacts when this actor took moved sessions itself.
+    fn resync_presence(&mut self, moved: &[u32], slots: u32) {
+        if !self.sessions.iter().any(|s| s.available) {
+            return;
+        }
+        if self.rebound {
+            // A moved session's client: contacts were probed when it registered, but the
+            // membership may not have settled then (the incarnation that answered may not
+            // have known the contact's own sessions, during a partition say): ask again,
+            // now that it has.
+            self.probe_contacts(true);
+            return;
+        }
+        // Contacts whose actors moved: whatever the client saw of them is asked again.
+        let in_moved: Vec<String> = self
+            .contacts(starling_storage::Subscription::has_to)
+            .into_iter()
+            .filter(|c| moved.contains(&crate::system::cluster::slot_of(c.as_bytes(), slots)))
+            .collect();
+        for c in &in_moved {
+            self.probe_contact(c, true);
+        }
         let probes: Vec<(String, Vec<String>)> = self
             .contacts_seen
             .iter()
-            .filter(|(c, _)| self.subscription_of(c).has_to())
+            .filter(|(c, _)| self.subscription_of(c).has_to() && !in_moved.contains(c))
             .map(|(c, rs)| (c.clone(), rs.iter().cloned().collect()))
             .collect();
         for (c, resources) in probes {
@@ -306,9 +356,127 @@ impl UserActor {
         }
     }
 
+    /// A session of an earlier incarnation registers (`UserMsg::Rebind`): it is taken as it
+    /// was, without a bind answer. Its available presence goes to its subscribers again and
+    /// its contacts are probed, as after a reconnect but without the client's part: contacts
+    /// that asked for the user's presence while no incarnation knew the session were told
+    /// it is offline, and this incarnation must learn whom the user sees (`contacts_seen`);
+    /// a presence repeated is harmless (RFC 6121 §4.4.2). The offline messages it confirmed
+    /// are deleted, and those stored meanwhile delivered. A client whose roster is not this
+    /// incarnation's version missed a change made while the session was on its way (a push
+    /// cannot say what was removed): the session is closed, and the client fetches the
+    /// roster when it reconnects — the one case a move costs a reconnect.
+    #[allow(clippy::too_many_arguments)]
+    fn rebind(
+        &mut self,
+        addr: SessionAddr,
+        resource: String,
+        presence: Option<Element>,
+        roster_ver: Option<String>,
+        directed: Vec<String>,
+        offline_upto: u64,
+        now: u64,
+    ) {
+        if let Some(known) = self.session(&resource).map(|s| s.addr) {
+            if known != addr {
+                // Another session took the resource meanwhile: the newer one wins (§7.7.2.2).
+                tracing::info!(user = %self.jid, resource, "moved session's resource taken meanwhile; closing it");
+                self.send(Envelope::to_session(
+                    addr,
+                    SessionMsg::Kick {
+                        condition: "conflict",
+                        text: "replaced by a new connection".into(),
+                    },
+                ));
+            }
+            // Known already (this incarnation served it, or it registered twice); what it
+            // confirmed may not have reached here (`life::not_started` asked it again).
+            if known == addr && offline_upto > 0 && offline_upto < self.next_seq {
+                if self
+                    .offline_inflight
+                    .is_some_and(|(a, u)| a == addr && u <= offline_upto)
+                {
+                    self.offline_inflight = None;
+                }
+                self.delete_confirmed(offline_upto);
+            }
+            return;
+        }
+        if offline_upto > 0 {
+            self.offline_delivered(addr, offline_upto);
+        }
+        if roster_ver.as_ref().is_some_and(|v| *v != self.roster_ver.to_string()) {
+            tracing::info!(user = %self.jid, resource, "moved session missed a roster change; closing it");
+            self.send(Envelope::to_session(
+                addr,
+                SessionMsg::Kick {
+                    condition: "reset",
+                    text: "the roster changed while this session moved; please reconnect".into(),
+                },
+            ));
+            // Its contacts are told it went, as for any session that closes.
+            let gone = Session {
+                resource,
+                addr,
+                available: presence.is_some(),
+                presence: None,
+                priority: 0,
+                interested: false,
+                directed: directed.into_iter().collect(),
+            };
+            for e in self.unavailable_broadcast(&gone, None) {
+                self.send(e);
+            }
+            return;
+        }
+        let interested = roster_ver.is_some();
+        self.rebound = true;
+        let directed = directed
+            .into_iter()
+            .filter(|d| {
+                Jid::new(d)
+                    .is_ok_and(|j| j.to_bare() != self.jid && !self.subscription_of(j.to_bare().as_str()).has_from())
+            })
+            .collect();
+        self.sessions.push(Session {
+            resource: resource.clone(),
+            addr,
+            available: false,
+            presence: None,
+            priority: 0,
+            interested,
+            directed,
+        });
+        if let Some(p) = presence {
+            // As initial presence, minus what the client had already: its own echo, the
+            // other resources' presence and waiting subscription requests.
+            self.refresh_presence(&resource, p, now);
+        }
+    }
+
+    /// The user's key is placed elsewhere now (`UserMsg::Handoff`): its sessions register
+    /// with the new incarnation themselves; this one forgets them without telling anyone and
+    /// is let go once idle.
+    fn handoff(&mut self) {
+        tracing::debug!(user = %self.jid, sessions = self.sessions.len(), "handing off to the new placement");
+        self.sessions.clear();
+        self.offline_inflight = None;
+        for env in self.take_held_confirms() {
+            self.send(env);
+        }
+    }
+
     /// Stanzas the user's own session sends for processing by the user's server.
     fn outbound(&mut self, addr: SessionAddr, resource: &str, st: Element, now: u64) {
-        if self.session(resource).is_none_or(|s| s.addr != addr) {
+        if self.session(resource).is_none() {
+            // A session of an earlier incarnation that has not registered here yet (its
+            // node's view of the membership is behind, or its registration is on the way):
+            // it registers and sends this again.
+            tracing::debug!(user = %self.jid, resource, session = ?addr, "stanza from a session this incarnation does not know; asking it to register");
+            self.send(Envelope::to_session(addr, SessionMsg::Rebind { again: Some(st) }));
+            return;
+        }
+        if self.session(resource).is_some_and(|s| s.addr != addr) {
             tracing::debug!(user = %self.jid, resource, session = ?addr, "stanza from a session that is no longer bound; dropped");
             return;
         }
@@ -447,5 +615,9 @@ impl crate::system::runner::Actor for UserActor {
 
     fn sessions(&self) -> Vec<(SessionAddr, String)> {
         UserActor::sessions(self)
+    }
+
+    fn leftovers(&mut self) -> Vec<Envelope> {
+        self.take_held_confirms()
     }
 }

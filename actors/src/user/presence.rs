@@ -31,27 +31,11 @@ impl UserActor {
     }
 
     fn broadcast_available(&mut self, resource: &str, st: Element, now: u64) {
-        let priority = st
-            .child("priority", ns::CLIENT)
-            .and_then(|p| p.text().trim().parse::<i32>().ok())
-            .map(|p| p.clamp(-128, 127) as i8)
-            .unwrap_or(0);
-        let Some(s) = self.session_mut(resource) else { return };
-        let initial = !s.available;
-        s.available = true;
-        s.priority = priority;
-        s.presence = Some(st.clone());
-        let addr = s.addr;
+        let Some((initial, addr, priority)) = self.set_available(resource, &st) else {
+            return;
+        };
         let full = self.full_jid(resource);
-        // Subscribers (from/both).
-        let contacts = self.contacts(Subscription::has_from);
-        for c in &contacts {
-            let mut p = st.clone();
-            p.set_attr("to", c.as_str());
-            if let Ok(j) = Jid::new(c) {
-                self.send(Envelope::to_user(j.to_bare(), UserMsg::Inbound { stanza: p }));
-            }
-        }
+        self.send_to_subscribers(&st);
         // The user's own available resources, including this one (§4.2.2).
         let own: Vec<(crate::address::SessionAddr, String)> = self
             .sessions
@@ -68,16 +52,7 @@ impl UserActor {
             return;
         }
         // Initial presence: probe the contacts we are subscribed to…
-        let subscribed_to = self.contacts(Subscription::has_to);
-        for c in subscribed_to {
-            if let Ok(j) = Jid::new(&c) {
-                let probe = Element::new("presence", ns::CLIENT)
-                    .with_attr("type", "probe")
-                    .with_attr("from", self.jid.to_string())
-                    .with_attr("to", c.as_str());
-                self.send(Envelope::to_user(j.to_bare(), UserMsg::Inbound { stanza: probe }));
-            }
-        }
+        self.probe_contacts(false);
         // …show this resource the user's other available resources…
         let others: Vec<Element> = self
             .sessions
@@ -109,6 +84,72 @@ impl UserActor {
         if priority >= 0 {
             self.deliver_offline(addr, &full, now);
         }
+    }
+
+    /// A moved session's available presence (`UserMsg::Rebind`): to its subscribers again,
+    /// probes to the contacts, and the offline messages stored meanwhile — not what its
+    /// client has had from the earlier incarnation (its own echo, the other resources'
+    /// presence, waiting subscription requests).
+    pub(super) fn refresh_presence(&mut self, resource: &str, st: Element, now: u64) {
+        let Some((_, addr, priority)) = self.set_available(resource, &st) else {
+            return;
+        };
+        self.send_to_subscribers(&st);
+        self.probe_contacts(true);
+        if priority >= 0 {
+            let full = self.full_jid(resource);
+            self.deliver_offline(addr, &full, now);
+        }
+    }
+
+    /// Records `st` as the resource's available presence: (whether it was unavailable, its
+    /// session, its priority).
+    fn set_available(&mut self, resource: &str, st: &Element) -> Option<(bool, crate::address::SessionAddr, i8)> {
+        let priority = st
+            .child("priority", ns::CLIENT)
+            .and_then(|p| p.text().trim().parse::<i32>().ok())
+            .map(|p| p.clamp(-128, 127) as i8)
+            .unwrap_or(0);
+        let s = self.session_mut(resource)?;
+        let initial = !s.available;
+        s.available = true;
+        s.priority = priority;
+        s.presence = Some(st.clone());
+        Some((initial, s.addr, priority))
+    }
+
+    /// `st` to the user's subscribers (from/both).
+    fn send_to_subscribers(&mut self, st: &Element) {
+        let contacts = self.contacts(Subscription::has_from);
+        for c in &contacts {
+            let mut p = st.clone();
+            p.set_attr("to", c.as_str());
+            if let Ok(j) = Jid::new(c) {
+                self.send(Envelope::to_user(j.to_bare(), UserMsg::Inbound { stanza: p }));
+            }
+        }
+    }
+
+    /// A probe to each contact the user is subscribed to (to/both). `resync`: the client may
+    /// have seen resources that went meanwhile (a moved session, `refresh_presence`); the
+    /// answer starts with unavailable from the bare JID (`ns::RESYNC`, empty).
+    pub(super) fn probe_contacts(&mut self, resync: bool) {
+        for c in self.contacts(Subscription::has_to) {
+            self.probe_contact(&c, resync);
+        }
+    }
+
+    /// A probe to `contact` (see `probe_contacts`).
+    pub(super) fn probe_contact(&mut self, contact: &str, resync: bool) {
+        let Ok(j) = Jid::new(contact) else { return };
+        let mut probe = Element::new("presence", ns::CLIENT)
+            .with_attr("type", "probe")
+            .with_attr("from", self.jid.to_string())
+            .with_attr("to", contact);
+        if resync {
+            probe.push_child(Element::new("resync", ns::RESYNC));
+        }
+        self.send(Envelope::to_user(j.to_bare(), UserMsg::Inbound { stanza: probe }));
     }
 
     fn broadcast_unavailable(&mut self, resource: &str, st: Element) {
@@ -224,7 +265,7 @@ impl UserActor {
     }
 
     /// Roster contacts whose subscription satisfies `pred`.
-    fn contacts(&self, pred: fn(Subscription) -> bool) -> Vec<String> {
+    pub(super) fn contacts(&self, pred: fn(Subscription) -> bool) -> Vec<String> {
         self.roster
             .values()
             .filter(|i| i.in_roster && pred(i.subscription))

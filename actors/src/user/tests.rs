@@ -38,6 +38,8 @@ struct World {
     delivered: Vec<(u64, Element)>,
     writes: Vec<Write>,
     kicked: Vec<u64>,
+    /// Sessions asked to register again, with the stanza to send once more.
+    rebinds: Vec<(u64, Option<Element>)>,
 }
 
 impl World {
@@ -56,6 +58,7 @@ impl World {
             delivered: Vec::new(),
             writes: Vec::new(),
             kicked: Vec::new(),
+            rebinds: Vec::new(),
         }
     }
 
@@ -107,6 +110,10 @@ impl World {
                     to: a,
                     msg: SessionMsg::Kick { .. },
                 } => self.kicked.push(a.id),
+                Envelope::Session {
+                    to: a,
+                    msg: SessionMsg::Rebind { again },
+                } => self.rebinds.push((a.id, again)),
                 _ => {}
             }
         }
@@ -480,15 +487,33 @@ fn a_node_going_makes_contacts_check_the_presence_they_see() {
     w.users.insert(bob.to_string(), UserActor::new(bob, true, data, cfg()));
     // A moment after a node went, alice's actor asks bob again, naming bob/b, and is told
     // it is gone.
-    w.run("alice@localhost", UserMsg::Resync);
+    w.run(
+        "alice@localhost",
+        UserMsg::Resync {
+            moved: Vec::new(),
+            slots: 64,
+        },
+    );
     assert!(presence_from(&w.take(1), "bob@localhost/b", Some("unavailable")));
     // Seen unavailable now: the next node going asks nothing.
-    w.run("alice@localhost", UserMsg::Resync);
+    w.run(
+        "alice@localhost",
+        UserMsg::Resync {
+            moved: Vec::new(),
+            slots: 64,
+        },
+    );
     assert!(w.take(1).is_empty());
     // With bob back online, a resync answers his presence and no unavailable.
     w.online("bob", "b", 3);
     assert!(presence_from(&w.take(1), "bob@localhost/b", None));
-    w.run("alice@localhost", UserMsg::Resync);
+    w.run(
+        "alice@localhost",
+        UserMsg::Resync {
+            moved: Vec::new(),
+            slots: 64,
+        },
+    );
     let got = w.take(1);
     assert!(presence_from(&got, "bob@localhost/b", None));
     assert!(!presence_from(&got, "bob@localhost/b", Some("unavailable")));
@@ -503,7 +528,13 @@ fn a_resync_that_bounces_takes_the_resources_as_gone() {
     assert!(presence_from(&w.take(1), "bob@localhost/b", None));
     // Bob's actor cannot start (its copies are unreachable): the host bounces the probe.
     w.users.remove("bob@localhost");
-    w.run("alice@localhost", UserMsg::Resync);
+    w.run(
+        "alice@localhost",
+        UserMsg::Resync {
+            moved: Vec::new(),
+            slots: 64,
+        },
+    );
     assert!(w.take(1).is_empty());
     let bounce = el("<presence type='error' from='bob@localhost' to='alice@localhost'>\
         <resync xmlns='urn:starling:presence-resync:0'><resource>b</resource></resync>\
@@ -833,4 +864,256 @@ fn disco_info_without_to_answers_as_the_account() {
         (Some("account"), Some("registered"))
     );
     assert!(q.elements().any(|f| f.attr("var") == Some(ns::DISCO_INFO)));
+}
+
+/// A user's actor moved (a new incarnation loaded from what the old one stored): the old
+/// one's sessions register with it and their clients notice nothing but a refreshed view.
+fn moved(w: &mut World, user: &str) {
+    let old = &w.users[&format!("{user}@localhost")];
+    let data = UserData {
+        roster: old.roster.values().cloned().collect(),
+        roster_ver: old.roster_ver,
+        offline: old.offline.iter().cloned().collect(),
+        ..UserData::default()
+    };
+    let j: BareJid = format!("{user}@localhost").parse().unwrap();
+    w.users.insert(j.to_string(), UserActor::new(j, true, data, cfg()));
+}
+
+fn befriend(w: &mut World, a: &str, b: &str) {
+    for (x, y) in [(a, b), (b, a)] {
+        w.client_sends(
+            x,
+            x,
+            &format!("<presence from='{x}@localhost/{x}' to='{y}@localhost' type='subscribe'/>"),
+        );
+        w.client_sends(
+            y,
+            y,
+            &format!("<presence from='{y}@localhost/{y}' to='{x}@localhost' type='subscribed'/>"),
+        );
+    }
+}
+
+#[test]
+fn a_moved_session_registers_with_the_new_incarnation_and_its_view_is_refreshed() {
+    let mut w = World::new(&["alice", "bob", "carol"]);
+    w.online("alice", "alice", 1);
+    w.online("bob", "bob", 2);
+    w.online("carol", "carol", 3);
+    befriend(&mut w, "alice", "bob");
+    befriend(&mut w, "alice", "carol");
+    let ver = w.users["alice@localhost"].roster_ver.to_string();
+    w.delivered.clear();
+    moved(&mut w, "alice");
+    // Meanwhile bob goes: his unavailable reaches an incarnation that knows no session, and
+    // a message for alice is stored.
+    w.run(
+        "bob@localhost",
+        UserMsg::Unbind {
+            session: SessionAddr {
+                node: 0,
+                node_gen: 0,
+                shard: 0,
+                id: 2,
+            },
+            resource: "bob".into(),
+        },
+    );
+    w.run(
+        "alice@localhost",
+        UserMsg::Inbound {
+            stanza: el("<message from='carol@localhost/carol' to='alice@localhost' type='chat' id='m1'><body>hi</body></message>"),
+        },
+    );
+    assert!(w.take(1).is_empty(), "no session known yet");
+    let alice1 = SessionAddr {
+        node: 0,
+        node_gen: 0,
+        shard: 0,
+        id: 1,
+    };
+    w.run(
+        "alice@localhost",
+        UserMsg::Rebind {
+            session: alice1,
+            resource: "alice".into(),
+            presence: Some(el(
+                "<presence from='alice@localhost/alice'><show>away</show></presence>",
+            )),
+            roster_ver: Some(ver),
+            directed: Vec::new(),
+            offline_upto: 0,
+        },
+    );
+    let got = w.take(1);
+    // Bob's resources are gone (bare unavailable), carol's presence comes again, and the
+    // message stored meanwhile is delivered; no echo of alice's own presence.
+    assert!(
+        got.iter()
+            .any(|s| s.attr("type") == Some("unavailable") && s.attr("from") == Some("bob@localhost")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|s| s.name == "presence"
+            && s.attr("type").is_none()
+            && s.attr("from") == Some("carol@localhost/carol")),
+        "{got:?}"
+    );
+    assert!(got.iter().any(|s| s.attr("id") == Some("m1")), "{got:?}");
+    assert!(
+        !got.iter().any(|s| s.attr("from") == Some("alice@localhost/alice")),
+        "{got:?}"
+    );
+    // Carol sees alice's presence again (repeated, harmless); the session is served as bound.
+    assert!(w
+        .take(3)
+        .iter()
+        .any(|s| s.attr("from") == Some("alice@localhost/alice") && s.child("show", ns::CLIENT).is_some()));
+    w.client_sends(
+        "alice",
+        "alice",
+        "<iq type='get' id='r1' from='alice@localhost/alice'><query xmlns='jabber:iq:roster'/></iq>",
+    );
+    assert!(w
+        .take(1)
+        .iter()
+        .any(|s| s.attr("id") == Some("r1") && s.attr("type") == Some("result")));
+    assert!(w.kicked.is_empty() && w.rebinds.is_empty());
+    // Registering twice changes nothing.
+    w.run(
+        "alice@localhost",
+        UserMsg::Rebind {
+            session: alice1,
+            resource: "alice".into(),
+            presence: None,
+            roster_ver: None,
+            directed: Vec::new(),
+            offline_upto: 0,
+        },
+    );
+    assert!(w.take(1).is_empty() && w.kicked.is_empty());
+}
+
+#[test]
+fn a_session_the_incarnation_does_not_know_is_asked_to_register_and_a_missed_roster_change_closes_it() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "alice", 1);
+    w.online("bob", "bob", 2);
+    befriend(&mut w, "alice", "bob");
+    let ver = w.users["alice@localhost"].roster_ver.to_string();
+    moved(&mut w, "alice");
+    let iq = "<iq type='get' id='r1' from='alice@localhost/alice'><query xmlns='jabber:iq:roster'/></iq>";
+    w.client_sends("alice", "alice", iq);
+    assert_eq!(w.rebinds.len(), 1);
+    let (id, again) = w.rebinds.pop().unwrap();
+    assert_eq!((id, again.as_ref().and_then(|a| a.attr("id"))), (1, Some("r1")));
+    // While it was on its way, the roster changed: a push cannot say what was removed, so
+    // the session is closed (its client fetches the roster again).
+    w.client_sends(
+        "bob",
+        "bob",
+        "<presence from='bob@localhost/bob' to='alice@localhost' type='unsubscribe'/>",
+    );
+    assert_ne!(w.users["alice@localhost"].roster_ver.to_string(), ver);
+    w.run(
+        "alice@localhost",
+        UserMsg::Rebind {
+            session: SessionAddr {
+                node: 0,
+                node_gen: 0,
+                shard: 0,
+                id: 1,
+            },
+            resource: "alice".into(),
+            presence: Some(el("<presence from='alice@localhost/alice'/>")),
+            roster_ver: Some(ver),
+            directed: Vec::new(),
+            offline_upto: 0,
+        },
+    );
+    assert_eq!(w.kicked, [1]);
+    assert!(w.users["alice@localhost"].is_idle());
+}
+
+#[test]
+fn a_handed_off_actor_forgets_its_sessions_without_a_word() {
+    let mut w = World::new(&["alice", "bob"]);
+    w.online("alice", "alice", 1);
+    w.online("bob", "bob", 2);
+    befriend(&mut w, "alice", "bob");
+    w.delivered.clear();
+    w.run("alice@localhost", UserMsg::Handoff);
+    assert!(w.users["alice@localhost"].is_idle());
+    assert!(
+        w.delivered.is_empty() && w.kicked.is_empty(),
+        "bob sees nothing: alice is still online"
+    );
+}
+
+#[test]
+fn a_resync_asks_the_contacts_whose_actors_moved_in_full() {
+    let mut w = World::new(&["alice", "bob", "carol"]);
+    w.online("alice", "alice", 1);
+    w.online("bob", "bob", 2);
+    w.online("carol", "carol", 3);
+    befriend(&mut w, "alice", "bob");
+    befriend(&mut w, "alice", "carol");
+    // Bob's actor moved; a probe reached it before his session registered: alice's client
+    // was told he is offline.
+    moved(&mut w, "bob");
+    w.run(
+        "alice@localhost",
+        UserMsg::Inbound {
+            stanza: el("<presence type='unavailable' from='bob@localhost' to='alice@localhost'/>"),
+        },
+    );
+    w.run(
+        "bob@localhost",
+        UserMsg::Rebind {
+            session: SessionAddr {
+                node: 0,
+                node_gen: 0,
+                shard: 0,
+                id: 2,
+            },
+            resource: "bob".into(),
+            presence: Some(el("<presence from='bob@localhost/bob'/>")),
+            roster_ver: None,
+            directed: Vec::new(),
+            offline_upto: 0,
+        },
+    );
+    w.delivered.clear();
+    let slots = 64;
+    let bob_slot = crate::system::cluster::slot_of(b"bob@localhost", slots);
+    w.run(
+        "alice@localhost",
+        UserMsg::Resync {
+            moved: vec![bob_slot],
+            slots,
+        },
+    );
+    let got = w.take(1);
+    assert!(
+        got.iter()
+            .any(|s| s.attr("from") == Some("bob@localhost/bob") && s.attr("type").is_none()),
+        "{got:?}"
+    );
+    // Carol did not move, and alice sees her: she is asked about the resource seen only
+    // (no unavailable from her bare JID).
+    assert!(
+        !got.iter().any(|s| s.attr("from") == Some("carol@localhost")),
+        "{got:?}"
+    );
+    // Nothing moved: nothing asked again but the resources seen.
+    w.delivered.clear();
+    w.run(
+        "alice@localhost",
+        UserMsg::Resync {
+            moved: Vec::new(),
+            slots,
+        },
+    );
+    assert!(w.take(1).iter().all(|s| s.attr("type") != Some("unavailable")));
 }

@@ -78,7 +78,7 @@ pub struct Links {
 type Waiter = futures::channel::oneshot::Sender<Outcome>;
 /// Where an answer to a served request goes: the connection it came on, and its id.
 type ReplyTo = (flume::WeakSender<Frame>, u64);
-type Protocol = Consensus<Waiter, ReplyTo>;
+pub(crate) type Protocol = Consensus<Waiter, ReplyTo>;
 
 /// Work for another shard of this node (the second channel mesh): what belongs to the
 /// slots that shard hosts.
@@ -557,11 +557,18 @@ fn storage_req(
 }
 
 /// The Raft clock of the shard's slots (`limits::RAFT_TICK_MS`), until the shard stops.
-pub async fn raft_clock(shard: Rc<Shard>) {
+pub async fn raft_clock(shard: Rc<Shard>, table: Option<super::status::SlotTable>) {
     let tick = Duration::from_millis(starling_actors::system::limits::RAFT_TICK_MS);
+    let every = (1_000 / starling_actors::system::limits::RAFT_TICK_MS).max(1);
+    let mut n = 0u64;
     loop {
         glommio::timer::sleep(tick).await;
         shard.protocol(|p, m| p.tick(m));
+        n += 1;
+        if let Some(t) = table.as_ref().filter(|_| n.is_multiple_of(every)) {
+            // Once a second, off the hot path: what `starling cluster status` shows.
+            shard.protocol(|p, view| super::status::publish(t, shard.id, p, view));
+        }
     }
 }
 
@@ -808,7 +815,7 @@ pub async fn follow_membership(
     let mut my_generation = shard.cluster.generation.get();
     loop {
         let members = latest.lock().expect("members lock").clone();
-        let (gone, _) = shard.cluster.update(&members);
+        let (gone, old_ring) = shard.cluster.update(&members);
         // Declared down by the others, this node rejoined under a new generation (see
         // `Output::rejoined`): they dropped its sessions and may have served its users.
         let now = members
@@ -818,7 +825,7 @@ pub async fn follow_membership(
         let rejoined = now != my_generation;
         my_generation = now;
         shard.cluster.generation.set(now);
-        after_change(&shard, &gone, rejoined);
+        after_change(&shard, &gone, rejoined, &old_ring);
         // Idle actors kept in memory let go (`membership_changed`).
         shard.cluster.changes.set(shard.cluster.changes.get() + 1);
         let waiters: Vec<_> = shard.cluster.change_waiters.borrow_mut().drain().collect();
@@ -835,32 +842,47 @@ pub async fn follow_membership(
 /// What a membership change means for this shard's actors and sessions.
 /// - The user actors here unbind the sessions that nodes gone hosted (contacts see them
 ///   go offline; their clients reconnect elsewhere).
-/// - A session is closed, so that its client reconnects and binds again, when its user's
-///   actor now lives on another node than when it bound, or lived on a node that died or
-///   restarted (the actor died with it), or when this node itself rejoined. (A slot that
-///   gained a member closes nothing: an actor whose state went stale meanwhile is ended by
-///   `Act::Stale`.) Re-registering live sessions in place is not built yet.
-fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], rejoined: bool) {
+/// - A session whose user's actor now lives on another node than when it registered, or
+///   lived on a node that died or restarted (the actor died with it), registers with the
+///   new incarnation (`ShardCore::membership_changed`): its client notices nothing. An actor
+///   here whose user is placed elsewhere now forgets its sessions and goes. Only when this
+///   node itself rejoined are its sessions closed (the others told their contacts they
+///   went). (A slot that gained a member moves nothing: an actor whose state went stale
+///   meanwhile is ended by `Act::Stale`, its sessions registering again.)
+fn after_change(shard: &Rc<Shard>, gone: &[(NodeId, u64)], rejoined: bool, old_ring: &starling_gossip::Ring) {
     if !gone.is_empty() {
         shard.node_down(gone);
-        // Once the membership has settled, the actors then here check the contacts'
-        // presence they see (the contacts' actors that died with the node knew it).
-        let s = shard.clone();
-        glommio::spawn_local(async move {
-            glommio::timer::sleep(Duration::from_millis(starling_actors::msg::RESYNC_AFTER_MS)).await;
-            s.resync();
-        })
-        .detach();
     }
+    let (moved, slots) = {
+        let view = shard.cluster.view.borrow();
+        let gone: Vec<NodeId> = gone.iter().map(|(n, _)| *n).collect();
+        let moved =
+            starling_actors::system::cluster::moved_slots(old_ring, &view.ring, &gone, super::node_id, view.slots);
+        (moved, view.slots)
+    };
+    // Once the membership has settled, the actors then here check the contacts' presence
+    // they see (the contacts' actors that died with a node knew it; those that moved may
+    // have answered before they knew their sessions).
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        glommio::timer::sleep(Duration::from_millis(starling_actors::msg::RESYNC_AFTER_MS)).await;
+        s.resync(&moved, slots);
+    })
+    .detach();
     let view = shard.cluster.view.borrow().clone();
     let owner_now = |user: &jid::BareJid| view.place_user(user).0;
     let generation = shard.cluster.generation.get();
     let at = crate::shard::stamp();
-    let moved = shard.with_core(|c| c.close_moved(generation, rejoined, gone, owner_now, at));
-    for id in moved {
+    let moved = shard.with_core(|c| c.membership_changed(generation, rejoined, gone, owner_now, at));
+    for id in &moved.kicked {
+        tracing::info!(session = id, "cluster: this node rejoined; closing the session");
+    }
+    if !moved.rebound.is_empty() || moved.handed_off > 0 {
         tracing::info!(
-            session = id,
-            "cluster: the session's user moved to another node; closing it"
+            sessions = moved.rebound.len(),
+            actors = moved.handed_off,
+            "cluster: users moved; their sessions register with the new actors"
         );
     }
+    shard.metrics.sessions_rebound.increment(moved.rebound.len() as u64);
 }

@@ -36,6 +36,8 @@ pub struct ClusterParams {
     pub latest: Arc<std::sync::Mutex<Members>>,
     /// One wake-up receiver per shard, indexed by shard id.
     pub updates: Vec<flume::Receiver<()>>,
+    /// The slots this node hosts, as its shards last saw them (`/cluster/slots`).
+    pub slot_table: status::SlotTable,
 }
 
 #[derive(Clone, Debug)]
@@ -167,6 +169,7 @@ pub fn setup(cfg: &crate::config::Config, shards: usize) -> Result<Option<Setup>
             bootstrap: c.seeds.iter().all(|s| *s == c.gossip),
             latest: Arc::new(std::sync::Mutex::new(Arc::new(vec![me.clone()]))),
             updates,
+            slot_table: status::SlotTable::default(),
         },
         me,
         seeds: c.seeds.clone(),

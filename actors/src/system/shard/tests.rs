@@ -400,7 +400,7 @@ fn what_the_host_could_not_send() {
 }
 
 #[test]
-fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
+fn membership_changes_reach_the_actors_and_move_the_sessions() {
     let mut c = ShardCore::new(7, 0, 1, 4);
     let (bob, eve) = (jid("bob@x"), jid("eve@x"));
     c.binding(1, bob.clone(), 7);
@@ -411,26 +411,49 @@ fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
     c.binding(1, bob.clone(), 9);
     c.binding(2, eve.clone(), 8);
     assert!(c.is_binding(1) && c.is_binding(2));
-    // bob's actor stays on 7; eve's lived on 8, which went.
+    // bob's actor stays on 7; eve's lived on 8, which went, and lives on 7 now.
     let gone = [(8, 3)];
-    let moved = c.close_moved(1, false, &gone, |_| 7, 0);
-    assert_eq!(moved, [2], "the first record holds: bob bound while his actor was on 7");
-    let kicked = |c: &mut ShardCore, id| {
-        matches!(
-            c.pop_session(id).map(|t| t.msg),
+    let moved = c.membership_changed(1, false, &gone, |_| 7, 0);
+    assert_eq!(
+        moved.rebound,
+        [2],
+        "the first record holds: bob bound while his actor was on 7"
+    );
+    assert!(moved.kicked.is_empty());
+    let told = |c: &mut ShardCore, id| c.pop_session(id).map(|t| t.msg);
+    assert_eq!(told(&mut c, 2), Some(SessionMsg::Rebind { again: None }));
+    assert_eq!(told(&mut c, 1), None);
+    assert!(matches!(&outs(&mut c)[..], [Out::Wake(MailboxKey::Session(2))]));
+    // The record follows the move: the same view again moves nothing.
+    assert_eq!(c.membership_changed(1, false, &[], |_| 7, 0), Moved::default());
+    // eve's actor goes to 9: her session moves again.
+    let moved = c.membership_changed(1, false, &[], |u| if *u == eve { 9 } else { 7 }, 0);
+    assert_eq!(moved.rebound, [2]);
+    assert_eq!(told(&mut c, 2), Some(SessionMsg::Rebind { again: None }));
+    outs(&mut c);
+    let moved = c.membership_changed(1, true, &[], |_| 7, 0);
+    assert_eq!(moved.kicked, [1, 2], "a rejoin closes all");
+    for id in [1, 2] {
+        assert!(matches!(
+            told(&mut c, id),
             Some(SessionMsg::Kick {
                 condition: "undefined-condition",
                 ..
             })
-        )
-    };
-    assert!(kicked(&mut c, 2) && c.pop_session(1).is_none());
-    assert!(matches!(&outs(&mut c)[..], [Out::Wake(MailboxKey::Session(2))]));
-    assert_eq!(c.close_moved(1, true, &[], |_| 7, 0), [1, 2], "a rejoin closes all");
-    assert!(kicked(&mut c, 1) && kicked(&mut c, 2));
+        ));
+    }
     outs(&mut c);
     c.close_session(addr(2));
     assert!(!c.is_binding(2));
+
+    // An actor here whose user is placed elsewhere now forgets its sessions.
+    c.route(inbound("bob@x", "m"), 0, Origin::Actor, &one_shard());
+    c.pop_user(&bob);
+    outs(&mut c);
+    let moved = c.membership_changed(1, false, &[], |_| 9, 0);
+    assert_eq!(moved.handed_off, 1);
+    assert!(matches!(c.pop_user(&bob).map(|t| t.msg), Some(UserMsg::Handoff)));
+    outs(&mut c);
 
     for u in ["bob@x", "eve@x"] {
         c.route(inbound(u, "m"), 0, Origin::Actor, &one_shard());
@@ -438,13 +461,13 @@ fn membership_changes_reach_the_actors_and_the_sessions_that_must_reconnect() {
     }
     outs(&mut c);
     c.node_down(&gone, 5);
-    c.resync(6);
+    c.resync(&[2], 64, 6);
     for u in [&bob, &eve] {
         assert!(matches!(
             c.pop_user(u).map(|t| t.msg),
             Some(UserMsg::NodeDown { node: 8, gen: 3 })
         ));
-        assert!(matches!(c.pop_user(u).map(|t| t.msg), Some(UserMsg::Resync)));
+        assert!(matches!(c.pop_user(u).map(|t| t.msg), Some(UserMsg::Resync { .. })));
     }
     assert!(outs(&mut c).iter().all(|o| matches!(o, Out::Wake(_))));
 }
