@@ -66,12 +66,14 @@ enum BenchCmd {
     /// writes bench.json, bench.md and bench.png there.
     Run {
         scenario: PathBuf,
-        /// The server's c2s address.
+        /// The server's c2s address; repeated for a cluster's nodes, client i connects to
+        /// the (i mod n)-th.
         #[arg(long, default_value = "127.0.0.1:5222")]
-        target: std::net::SocketAddr,
-        /// The server's process id: its RSS and CPU are reported.
+        target: Vec<std::net::SocketAddr>,
+        /// The server's process id: its RSS and CPU are reported (repeated for a cluster's
+        /// nodes: summed).
         #[arg(long)]
-        server_pid: Option<u32>,
+        server_pid: Vec<u32>,
         #[arg(long)]
         out: Option<PathBuf>,
         /// The name of this run in reports (default: the scenario's name).
@@ -196,8 +198,8 @@ fn bench(cmd: BenchCmd) -> Result<(), String> {
             let label = label.unwrap_or_else(|| sc.name.clone());
             let report = bench::run(bench::BenchArgs {
                 scenario: sc,
-                target,
-                server_pid,
+                targets: target,
+                server_pids: server_pid,
                 out: out.clone(),
                 label,
                 provision,

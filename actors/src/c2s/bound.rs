@@ -115,7 +115,7 @@ impl C2sSession {
     }
 
     /// A stanza the user's own actor processes for the user (`UserMsg::Outbound`).
-    fn route_own(&mut self, user: jid::BareJid, resource: String, stanza: Element) {
+    pub(super) fn route_own(&mut self, user: jid::BareJid, resource: String, stanza: Element) {
         self.me.note(&stanza);
         self.route(Envelope::to_user(
             user,

@@ -507,14 +507,7 @@ impl C2sSession {
                     },
                 ));
                 if let Some(stanza) = again {
-                    self.route(Envelope::to_user(
-                        user,
-                        UserMsg::Outbound {
-                            session: self.addr,
-                            resource,
-                            stanza,
-                        },
-                    ));
+                    self.route_own(user, resource, stanza);
                 }
             }
             State::BindPending(_, resource) => {

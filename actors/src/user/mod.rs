@@ -272,6 +272,12 @@ impl UserActor {
         self.fx.push(Effect::Send(env));
     }
 
+    /// Ends a session with a stream error.
+    fn kick(&mut self, addr: SessionAddr, condition: &'static str, text: &str) {
+        let text = text.to_string();
+        self.send(Envelope::to_session(addr, SessionMsg::Kick { condition, text }));
+    }
+
     fn persist(&mut self, writes: Vec<Write>, then: Vec<Envelope>, failed: Vec<Envelope>) {
         self.fx.push(Effect::Persist { writes, then, failed });
     }
@@ -293,13 +299,7 @@ impl UserActor {
             // RFC 6120 §7.7.2.2: the newer session wins; the older one is told why it ends.
             let old = self.sessions.remove(i);
             tracing::info!(user = %self.jid, resource, "resource conflict: replacing the older session");
-            self.send(Envelope::to_session(
-                old.addr,
-                SessionMsg::Kick {
-                    condition: "conflict",
-                    text: "replaced by a new connection".into(),
-                },
-            ));
+            self.kick(old.addr, "conflict", "replaced by a new connection");
             if old.available {
                 let then = self.unavailable_broadcast(&old, None);
                 for e in then {
@@ -381,13 +381,7 @@ impl UserActor {
             if known != addr {
                 // Another session took the resource meanwhile: the newer one wins (§7.7.2.2).
                 tracing::info!(user = %self.jid, resource, "moved session's resource taken meanwhile; closing it");
-                self.send(Envelope::to_session(
-                    addr,
-                    SessionMsg::Kick {
-                        condition: "conflict",
-                        text: "replaced by a new connection".into(),
-                    },
-                ));
+                self.kick(addr, "conflict", "replaced by a new connection");
             }
             // Known already (this incarnation served it, or it registered twice); what it
             // confirmed may not have reached here (`life::not_started` asked it again).
@@ -407,13 +401,11 @@ impl UserActor {
         }
         if roster_ver.as_ref().is_some_and(|v| *v != self.roster_ver.to_string()) {
             tracing::info!(user = %self.jid, resource, "moved session missed a roster change; closing it");
-            self.send(Envelope::to_session(
+            self.kick(
                 addr,
-                SessionMsg::Kick {
-                    condition: "reset",
-                    text: "the roster changed while this session moved; please reconnect".into(),
-                },
-            ));
+                "reset",
+                "the roster changed while this session moved; please reconnect",
+            );
             // Its contacts are told it went, as for any session that closes.
             let gone = Session {
                 resource,

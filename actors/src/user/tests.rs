@@ -880,6 +880,17 @@ fn moved(w: &mut World, user: &str) {
     w.users.insert(j.to_string(), UserActor::new(j, true, data, cfg()));
 }
 
+/// Alice, bob and carol online; alice and bob, alice and carol subscribed both ways.
+fn alice_with_two_friends() -> World {
+    let mut w = World::new(&["alice", "bob", "carol"]);
+    w.online("alice", "alice", 1);
+    w.online("bob", "bob", 2);
+    w.online("carol", "carol", 3);
+    befriend(&mut w, "alice", "bob");
+    befriend(&mut w, "alice", "carol");
+    w
+}
+
 fn befriend(w: &mut World, a: &str, b: &str) {
     for (x, y) in [(a, b), (b, a)] {
         w.client_sends(
@@ -897,12 +908,7 @@ fn befriend(w: &mut World, a: &str, b: &str) {
 
 #[test]
 fn a_moved_session_registers_with_the_new_incarnation_and_its_view_is_refreshed() {
-    let mut w = World::new(&["alice", "bob", "carol"]);
-    w.online("alice", "alice", 1);
-    w.online("bob", "bob", 2);
-    w.online("carol", "carol", 3);
-    befriend(&mut w, "alice", "bob");
-    befriend(&mut w, "alice", "carol");
+    let mut w = alice_with_two_friends();
     let ver = w.users["alice@localhost"].roster_ver.to_string();
     w.delivered.clear();
     moved(&mut w, "alice");
@@ -1053,12 +1059,7 @@ fn a_handed_off_actor_forgets_its_sessions_without_a_word() {
 
 #[test]
 fn a_resync_asks_the_contacts_whose_actors_moved_in_full() {
-    let mut w = World::new(&["alice", "bob", "carol"]);
-    w.online("alice", "alice", 1);
-    w.online("bob", "bob", 2);
-    w.online("carol", "carol", 3);
-    befriend(&mut w, "alice", "bob");
-    befriend(&mut w, "alice", "carol");
+    let mut w = alice_with_two_friends();
     // Bob's actor moved; a probe reached it before his session registered: alice's client
     // was told he is offline.
     moved(&mut w, "bob");

@@ -34,8 +34,10 @@ pub use scenario::Scenario;
 /// What the command line asks for.
 pub struct BenchArgs {
     pub scenario: Scenario,
-    pub target: SocketAddr,
-    pub server_pid: Option<u32>,
+    /// The servers' c2s addresses (a cluster's nodes): client i connects to the (i mod n)-th.
+    pub targets: Vec<SocketAddr>,
+    /// The servers' processes: CPU and RSS are their sums.
+    pub server_pids: Vec<u32>,
     pub out: Option<PathBuf>,
     pub label: String,
     pub provision: bool,
@@ -58,7 +60,7 @@ enum Phase {
 /// State shared by all generator threads (atomics only on the hot path).
 struct Shared {
     sc: Scenario,
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     tls: Option<Arc<rustls::ClientConfig>>,
     start: Instant,
     online: Vec<AtomicBool>,
@@ -76,6 +78,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// The server client `i` connects to.
+    fn target(&self, i: usize) -> SocketAddr {
+        self.targets[i % self.targets.len().max(1)]
+    }
+
     fn ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
@@ -93,6 +100,8 @@ pub struct ThreadStats {
     errors: BTreeMap<String, u64>,
     measured_sent: u64,
     measured_received: u64,
+    /// Sent in the measured window to users not online (`offline_share`).
+    measured_stored: u64,
     stanzas_sent: u64,
     stanzas_received: u64,
 }
@@ -106,6 +115,7 @@ impl ThreadStats {
             errors: BTreeMap::new(),
             measured_sent: 0,
             measured_received: 0,
+            measured_stored: 0,
             stanzas_sent: 0,
             stanzas_received: 0,
         }
@@ -128,6 +138,7 @@ impl ThreadStats {
         }
         self.measured_sent += o.measured_sent;
         self.measured_received += o.measured_received;
+        self.measured_stored += o.measured_stored;
         self.stanzas_sent += o.stanzas_sent;
         self.stanzas_received += o.stanzas_received;
     }
@@ -136,6 +147,23 @@ impl ThreadStats {
 type Stats = Rc<RefCell<ThreadStats>>;
 
 /// CPU seconds (user + system) of a process from /proc, or of this one.
+/// CPU seconds the processes used, summed (`None` for any that cannot be read); with no
+/// process, this one's own.
+fn cpu_secs_of(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return cpu_secs(None);
+    }
+    pids.iter().map(|p| cpu_secs(Some(*p))).sum()
+}
+
+/// Resident set size of the processes, summed, in KiB.
+fn rss_kib_of(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| rss_kib(*p)).sum()
+}
+
 fn cpu_secs(pid: Option<u32>) -> Option<f64> {
     match pid {
         Some(pid) => {
@@ -200,7 +228,7 @@ pub fn run(args: BenchArgs) -> Result<Option<Report>, String> {
     let fresh = || {
         Arc::new(Shared {
             tls: sc.tls.then(client::insecure_tls),
-            target: args.target,
+            targets: args.targets.clone(),
             start: Instant::now(),
             online: (0..sc.users).map(|_| AtomicBool::new(false)).collect(),
             logins_ok: AtomicU64::new(0),
@@ -320,7 +348,7 @@ fn provision(shared: &Arc<Shared>) -> Result<(), String> {
         tokio::time::sleep_until((shared.start + at).into()).await;
         let (user, source) = login_of(&shared, i);
         let login = Login {
-            target: shared.target,
+            target: shared.target(i),
             source,
             domain: &shared.sc.domain,
             user: &user,
@@ -485,7 +513,7 @@ async fn user_load(shared: Arc<Shared>, i: usize, mut phase: watch::Receiver<Pha
     tokio::time::sleep_until(at.into()).await;
     let (user, source) = login_of(&shared, i);
     let login = Login {
-        target: shared.target,
+        target: shared.target(i),
         source,
         domain: &sc.domain,
         user: &user,
@@ -585,7 +613,23 @@ async fn user_load(shared: Arc<Shared>, i: usize, mut phase: watch::Receiver<Pha
             _ = async { tokio::time::sleep_until(msg_due.expect("guarded")).await }, if msg_due.is_some() => {
                 let iv = interval.expect("a due message implies an interval");
                 next_msg = Some(msg_due.expect("guarded") + iv);
-                if let Some(to) = pick_target(&shared, &contacts, i, &mut rng) {
+                let offline = sc.offline_share > 0.0
+                    && (rng.next_u32() as f64) < sc.offline_share * f64::from(u32::MAX);
+                if offline {
+                    // To someone not online: stored by the server, never received here.
+                    let j = sc.online() + (rng.next_u64() as usize) % (sc.users - sc.online());
+                    seq += 1;
+                    let ns = shared.ns();
+                    let to = format!("{}@{}", sc.local(j), sc.domain);
+                    c.queue(&format!(
+                        "<message to='{to}' type='chat' id='m{seq}'><body>T{ns} {padding}</body></message>"
+                    ));
+                    let mut s = stats.borrow_mut();
+                    s.stanzas_sent += 1;
+                    if shared.measured(ns) {
+                        s.measured_stored += 1;
+                    }
+                } else if let Some(to) = pick_target(&shared, &contacts, i, &mut rng) {
                     seq += 1;
                     let ns = shared.ns();
                     let to = format!("{}@{}", sc.local(to), sc.domain);
@@ -685,8 +729,8 @@ fn on_stanza(shared: &Shared, stats: &Stats, c: &mut Connection, st: &Element) {
 fn load(shared: &Arc<Shared>, args: &BenchArgs) -> Result<Report, String> {
     let sc = &shared.sc;
     let (tx, rx) = watch::channel(Phase::Login);
-    let pid = args.server_pid;
-    let rss_before = pid.and_then(rss_kib);
+    let pids = args.server_pids.as_slice();
+    let rss_before = rss_kib_of(pids);
     let handles = spawn_threads(shared, &rx, user_load);
     let mut timeline = Vec::new();
     let sample = |timeline: &mut Vec<report::Sample>| {
@@ -695,8 +739,8 @@ fn load(shared: &Arc<Shared>, args: &BenchArgs) -> Result<Report, String> {
             logins: shared.logins_ok.load(Ordering::Relaxed),
             sent: shared.sent.load(Ordering::Relaxed),
             received: shared.received.load(Ordering::Relaxed),
-            server_cpu: cpu_secs(pid),
-            server_rss_kib: pid.and_then(rss_kib),
+            server_cpu: if pids.is_empty() { None } else { cpu_secs_of(pids) },
+            server_rss_kib: rss_kib_of(pids),
             ..Default::default()
         })
     };
@@ -715,7 +759,7 @@ fn load(shared: &Arc<Shared>, args: &BenchArgs) -> Result<Report, String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let login_secs = shared.start.elapsed().as_secs_f64();
-    let rss_online = pid.and_then(rss_kib);
+    let rss_online = rss_kib_of(pids);
     // Load: warm-up, then the measured window.
     let warm = Duration::from_secs_f64(sc.warmup_secs);
     let dur = Duration::from_secs_f64(sc.duration_secs);
@@ -733,10 +777,11 @@ fn load(shared: &Arc<Shared>, args: &BenchArgs) -> Result<Report, String> {
         }
     };
     until(from, &mut timeline, &mut next_sample);
-    let (srv0, own0) = (cpu_secs(pid), cpu_secs(None));
+    let srv = || if pids.is_empty() { None } else { cpu_secs_of(pids) };
+    let (srv0, own0) = (srv(), cpu_secs(None));
     until(from + dur, &mut timeline, &mut next_sample);
-    let (srv1, own1) = (cpu_secs(pid), cpu_secs(None));
-    let rss_end = pid.and_then(rss_kib);
+    let (srv1, own1) = (srv(), cpu_secs(None));
+    let rss_end = rss_kib_of(pids);
     // Drain: what was sent in the window may still be on its way.
     let _ = tx.send(Phase::Drain);
     until(from + dur + Duration::from_secs(2), &mut timeline, &mut next_sample);
@@ -749,14 +794,19 @@ fn load(shared: &Arc<Shared>, args: &BenchArgs) -> Result<Report, String> {
     Ok(report::build(report::Inputs {
         label: args.label.clone(),
         scenario: sc.clone(),
-        target: shared.target.to_string(),
+        target: shared
+            .targets
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         stats,
         logins_ok: shared.logins_ok.load(Ordering::Relaxed),
         logins_failed: shared.logins_failed.load(Ordering::Relaxed),
         login_secs,
         measured_secs: dur.as_secs_f64(),
         generator_cores: cpu(own0, own1),
-        server_pid: pid,
+        server_pid: pids.first().copied(),
         server_cores: cpu(srv0, srv1),
         rss_before,
         rss_online,

@@ -52,6 +52,11 @@ pub struct Report {
     pub messages_lost: u64,
     pub messages_sent_per_sec: f64,
     pub messages_received_per_sec: f64,
+    /// Sent in the measured window to users not online (the server stores them).
+    #[serde(default)]
+    pub messages_stored: u64,
+    #[serde(default)]
+    pub messages_stored_per_sec: f64,
     pub stanzas_sent: u64,
     pub stanzas_received: u64,
     /// End-to-end message latency in the measured window, milliseconds.
@@ -135,6 +140,8 @@ pub fn build(i: Inputs) -> Report {
         messages_lost: s.measured_sent.saturating_sub(s.measured_received),
         messages_sent_per_sec: s.measured_sent as f64 / i.measured_secs,
         messages_received_per_sec: received_per_sec,
+        messages_stored: s.measured_stored,
+        messages_stored_per_sec: s.measured_stored as f64 / i.measured_secs,
         stanzas_sent: s.stanzas_sent,
         stanzas_received: s.stanzas_received,
         latency_ms: percentiles(&s.latency_us, 1000.0),
@@ -142,7 +149,11 @@ pub fn build(i: Inputs) -> Report {
         generator_cores: i.generator_cores,
         server_pid: i.server_pid,
         server_cores: i.server_cores,
-        messages_per_server_core_sec: i.server_cores.filter(|c| *c > 0.0).map(|c| received_per_sec / c),
+        // Delivered or stored: each is a message the server handled.
+        messages_per_server_core_sec: i
+            .server_cores
+            .filter(|c| *c > 0.0)
+            .map(|c| (received_per_sec + s.measured_stored as f64 / i.measured_secs) / c),
         server_rss_before_kib: i.rss_before,
         server_rss_online_kib: i.rss_online,
         server_rss_end_kib: i.rss_end,
@@ -168,6 +179,7 @@ fn rows(r: &Report) -> Vec<(&'static str, Option<f64>, usize, bool)> {
         ("login time p99 (ms)", Some(r.login_ms.p99), 1, false),
         ("messages sent/s", Some(r.messages_sent_per_sec), 0, true),
         ("messages received/s", Some(r.messages_received_per_sec), 0, true),
+        ("messages stored offline/s", Some(r.messages_stored_per_sec), 0, true),
         ("latency p50 (ms)", Some(r.latency_ms.p50), 2, false),
         ("latency p90 (ms)", Some(r.latency_ms.p90), 2, false),
         ("latency p99 (ms)", Some(r.latency_ms.p99), 2, false),

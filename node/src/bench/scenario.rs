@@ -43,6 +43,10 @@ pub struct Scenario {
     pub threads: usize,
     /// Give up on a login that has not completed in this many seconds.
     pub login_timeout_secs: f64,
+    /// The share of messages sent to users who are not online (among users past
+    /// `online_users`): the server stores them (XEP-0160), and the report counts them as
+    /// stored rather than lost.
+    pub offline_share: f64,
 }
 
 impl Default for Scenario {
@@ -66,6 +70,7 @@ impl Default for Scenario {
             source_addrs: 16,
             threads: 1,
             login_timeout_secs: 30.0,
+            offline_share: 0.0,
         }
     }
 }
@@ -115,6 +120,12 @@ impl Scenario {
         }
         if self.threads == 0 {
             return Err("threads must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.offline_share) {
+            return Err("offline_share must be between 0 and 1".into());
+        }
+        if self.offline_share > 0.0 && self.online() >= self.users {
+            return Err("offline_share needs users beyond online_users to send to".into());
         }
         if self.messages_per_user_per_sec < 0.0 || self.duration_secs <= 0.0 || self.warmup_secs < 0.0 {
             return Err("rates and durations must not be negative (duration positive)".into());
@@ -181,6 +192,22 @@ mod tests {
         assert!(s.check().unwrap_err().contains("mechanism"));
         let e = toml::from_str::<Scenario>("userz = 3").unwrap_err().to_string();
         assert!(e.contains("userz"), "{e}");
+        let all_online = Scenario {
+            offline_share: 0.5,
+            ..Scenario::default()
+        };
+        assert!(all_online.check().unwrap_err().contains("online_users"));
+        let half = Scenario {
+            offline_share: 0.5,
+            online_users: Some(500),
+            ..Scenario::default()
+        };
+        assert!(half.check().is_ok());
+        let too_much = Scenario {
+            offline_share: 1.5,
+            ..half
+        };
+        assert!(too_much.check().unwrap_err().contains("offline_share"));
     }
 
     #[test]
