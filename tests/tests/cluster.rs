@@ -1,7 +1,9 @@
-//! Three real `starling` processes on loopback, joined by SWIM gossip: users whose actors live
-//! on other nodes than their connections subscribe, exchange presence and messages (one
-//! offline), through tokio-xmpp; `starling cluster status` shows the members; a node killed
-//! with SIGKILL is seen down within the stated bound and the others carry on.
+//! Real `starling` processes on loopback, joined by SWIM gossip: users whose actors live on
+//! other nodes than their connections subscribe, exchange presence and messages (one
+//! offline), through tokio-xmpp; `starling cluster status` shows the members and the slots; a
+//! node killed with SIGKILL is seen down within the stated bound and the others carry on,
+//! sessions staying connected while their users' actors move; five nodes lose two, one after
+//! the other, and a sixth joins, with nothing acknowledged lost.
 
 use std::time::{Duration, Instant};
 
@@ -535,4 +537,164 @@ async fn a_joining_node_acknowledges_nothing_before_the_cluster_has_it() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     Raw::login_plain(n1.port, "early", "pw", "r").await;
+}
+
+/// Whether every slot has a leader and exactly `r` voters among `alive`, and no learner or
+/// change under way, as the nodes' `/cluster/slots` show (each node lists the slots it hosts).
+fn settled(nodes: &[&Server], alive: &[&str], r: usize) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for n in nodes {
+        let (code, body) = n.http_get("/cluster/slots");
+        if !code.contains("200") {
+            return Err(format!("/cluster/slots answered {code}"));
+        }
+        let rows: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        for row in rows.as_array().ok_or("not a list")? {
+            let slot = row["slot"].as_u64().ok_or("no slot")?;
+            let voters: Vec<&str> = row["voters"]
+                .as_array()
+                .ok_or("no voters")?
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            let ok = row["leader"].as_str().is_some()
+                && voters.len() == r
+                && voters.iter().all(|v| alive.contains(v))
+                && row["learners"].as_array().is_some_and(|l| l.is_empty())
+                && row["changing"] == false;
+            if !ok {
+                return Err(format!("slot {slot}: {row}"));
+            }
+            seen.insert(slot);
+        }
+    }
+    if seen.len() != 64 {
+        return Err(format!("{} of 64 slots seen", seen.len()));
+    }
+    Ok(())
+}
+
+fn wait_settled(nodes: &[&Server], alive: &[&str], r: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        match settled(nodes, alive, r) {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("the slots did not settle on {alive:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+/// Five nodes with replication 3: users with rosters and offline messages spread over them;
+/// `kill -9` of one node, then, once its slots have three members again, of a second: every
+/// account, roster item and offline message is served by the survivors. A sixth node joins
+/// and takes a share of the slots. Two clients connected to surviving nodes stay connected
+/// throughout, and every message they exchange meanwhile arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_lose_two_one_after_the_other_and_a_sixth_joins() {
+    let g1 = free_port();
+    let start = |name: &str, g: u16| Server::start_node(name, g, free_port(), &[g1], &["cluster.replication=3"]);
+    let n1 = start("n1", g1);
+    let n2 = start("n2", free_port());
+    let n3 = start("n3", free_port());
+    let mut n4 = start("n4", free_port());
+    let mut n5 = start("n5", free_port());
+    let five = ["n1", "n2", "n3", "n4", "n5"];
+    for n in [&n1, &n2, &n3, &n4, &n5] {
+        wait_alive(n, &five, Duration::from_secs(30));
+    }
+    wait_settled(&[&n1, &n2, &n3, &n4, &n5], &five, 3, Duration::from_secs(60));
+
+    // Ten users, registered through every node, each with bob on the roster and a message
+    // stored while offline.
+    register(&n1, "alice5", "pa").await;
+    register(&n2, "bob5", "pb").await;
+    let (aj, bj) = ("alice5@localhost".to_string(), "bob5@localhost".to_string());
+    let (mut a, _) = login(&n1, &aj, "pa").await;
+    let (mut b, _) = login(&n2, &bj, "pb").await;
+    for c in [&mut a, &mut b] {
+        roster_of(c).await;
+        c.send_stanza(Stanza::Presence(Presence::available())).await.unwrap();
+    }
+    befriend(&mut a, &aj, &mut b, &bj).await;
+    let nodes = [&n1, &n2, &n3, &n4, &n5];
+    let users: Vec<String> = (0..10).map(|i| format!("spread{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        register(nodes[i % 5], u, "pw").await;
+        add_contact_and_leave(nodes[(i + 1) % 5], u, "pw", &bj).await;
+        message_stored(&mut a, &format!("{u}@localhost"), &format!("for {u}")).await;
+    }
+    let mut sent = 0;
+    let talk = async |a: &mut Client, b: &mut Client, sent: &mut usize| {
+        for _ in 0..3 {
+            *sent += 1;
+            a.send_stanza(chat(&bj, &format!("a2b {sent}"))).await.unwrap();
+            b.send_stanza(chat(&aj, &format!("b2a {sent}"))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+
+    // kill -9 n4; its slots get a third member among the four left; then kill -9 n5.
+    n4.kill9();
+    talk(&mut a, &mut b, &mut sent).await;
+    let four = ["n1", "n2", "n3", "n5"];
+    for n in [&n1, &n2, &n3, &n5] {
+        wait_alive(n, &four, Duration::from_secs(15));
+    }
+    wait_settled(&[&n1, &n2, &n3, &n5], &four, 3, Duration::from_secs(60));
+    talk(&mut a, &mut b, &mut sent).await;
+    n5.kill9();
+    let three = ["n1", "n2", "n3"];
+    for n in [&n1, &n2, &n3] {
+        wait_alive(n, &three, Duration::from_secs(15));
+    }
+    wait_settled(&[&n1, &n2, &n3], &three, 3, Duration::from_secs(60));
+    talk(&mut a, &mut b, &mut sent).await;
+
+    // Every account, roster item and offline message is there, served by the survivors.
+    for (i, u) in users.iter().enumerate() {
+        let via = [&n1, &n2, &n3][i % 3];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut r = loop {
+            match Raw::try_login_plain(via.port, u, "pw", "r").await {
+                Ok(r) => break r,
+                Err(got) => assert!(
+                    Instant::now() < deadline,
+                    "{u} cannot log in after two nodes died: {got}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        r.send("<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq><presence/>")
+            .await;
+        let got = r.until(&format!("for {u}")).await;
+        assert!(
+            got.contains(&format!("jid=\"{bj}\"")),
+            "{u}'s roster after two nodes died: {got}"
+        );
+    }
+
+    // A sixth node joins and takes its share of the slots.
+    let n6 = start("n6", free_port());
+    talk(&mut a, &mut b, &mut sent).await;
+    let four = ["n1", "n2", "n3", "n6"];
+    for n in [&n1, &n2, &n3, &n6] {
+        wait_alive(n, &four, Duration::from_secs(30));
+    }
+    wait_settled(&[&n1, &n2, &n3, &n6], &four, 3, Duration::from_secs(60));
+    let hosted = serde_json::from_str::<serde_json::Value>(&n6.http_get("/cluster/slots").1).unwrap();
+    let share = hosted.as_array().unwrap().len();
+    assert!((16..64).contains(&share), "n6 hosts {share} of 64 slots");
+    talk(&mut a, &mut b, &mut sent).await;
+
+    // alice and bob stayed connected (a disconnect fails any read) and got everything once.
+    a.send_stanza(chat(&bj, "a2b end")).await.unwrap();
+    b.send_stanza(chat(&aj, "b2a end")).await.unwrap();
+    for (c, prefix) in [(&mut b, "a2b"), (&mut a, "b2a")] {
+        let got = bodies_until(c, &format!("{prefix} end")).await;
+        for i in 1..=sent {
+            let n = got.iter().filter(|g| **g == format!("{prefix} {i}")).count();
+            assert_eq!(n, 1, "{prefix} {i} arrived {n} times: {got:?}");
+        }
+    }
 }
