@@ -51,6 +51,22 @@ struct Session {
     directed: BTreeSet<String>,
 }
 
+impl Session {
+    /// A session as far as presence goes: `available` or not, with these directed-presence
+    /// recipients, no presence stanza kept, priority 0, not asking for roster pushes.
+    fn bare(resource: String, addr: SessionAddr, available: bool, directed: BTreeSet<String>) -> Self {
+        Session {
+            resource,
+            addr,
+            available,
+            presence: None,
+            priority: 0,
+            interested: false,
+            directed,
+        }
+    }
+}
+
 pub struct UserActor {
     jid: BareJid,
     exists: bool,
@@ -307,15 +323,8 @@ impl UserActor {
                 }
             }
         }
-        self.sessions.push(Session {
-            resource: resource.clone(),
-            addr,
-            available: false,
-            presence: None,
-            priority: 0,
-            interested: false,
-            directed: BTreeSet::new(),
-        });
+        self.sessions
+            .push(Session::bare(resource.clone(), addr, false, BTreeSet::new()));
         self.send(Envelope::to_session(addr, SessionMsg::Bound { resource }));
     }
 
@@ -329,15 +338,7 @@ impl UserActor {
                 // A session this incarnation never saw: it was bound before the actor was
                 // restarted (a panic, a shard restart). Its contacts may still see it online,
                 // so tell them it is gone; a second unavailable is harmless.
-                let ghost = Session {
-                    resource: resource.to_string(),
-                    addr,
-                    available: true,
-                    presence: None,
-                    priority: 0,
-                    interested: false,
-                    directed: BTreeSet::new(),
-                };
+                let ghost = Session::bare(resource.to_string(), addr, true, BTreeSet::new());
                 for e in self.unavailable_broadcast(&ghost, None) {
                     self.send(e);
                 }
@@ -407,15 +408,7 @@ impl UserActor {
                 "the roster changed while this session moved; please reconnect",
             );
             // Its contacts are told it went, as for any session that closes.
-            let gone = Session {
-                resource,
-                addr,
-                available: presence.is_some(),
-                presence: None,
-                priority: 0,
-                interested: false,
-                directed: directed.into_iter().collect(),
-            };
+            let gone = Session::bare(resource, addr, presence.is_some(), directed.into_iter().collect());
             for e in self.unavailable_broadcast(&gone, None) {
                 self.send(e);
             }
@@ -431,13 +424,8 @@ impl UserActor {
             })
             .collect();
         self.sessions.push(Session {
-            resource: resource.clone(),
-            addr,
-            available: false,
-            presence: None,
-            priority: 0,
             interested,
-            directed,
+            ..Session::bare(resource.clone(), addr, false, directed)
         });
         if let Some(p) = presence {
             // As initial presence, minus what the client had already: its own echo, the

@@ -156,15 +156,8 @@ impl UserActor {
         let Some(i) = self.sessions.iter().position(|s| s.resource == resource) else {
             return;
         };
-        let snapshot = Session {
-            resource: self.sessions[i].resource.clone(),
-            addr: self.sessions[i].addr,
-            available: self.sessions[i].available,
-            presence: None,
-            priority: 0,
-            interested: false,
-            directed: std::mem::take(&mut self.sessions[i].directed),
-        };
+        let s = &mut self.sessions[i];
+        let snapshot = Session::bare(s.resource.clone(), s.addr, s.available, std::mem::take(&mut s.directed));
         let envs = self.unavailable_broadcast(&snapshot, Some(st));
         let s = &mut self.sessions[i];
         s.available = false;
