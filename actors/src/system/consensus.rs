@@ -312,6 +312,16 @@ struct Reading<T, R> {
     asked: Option<u64>,
 }
 
+impl<T, R> Reading<T, R> {
+    fn kind(&self) -> Kind {
+        if self.account.is_some() {
+            Kind::Account
+        } else {
+            Kind::Pulled
+        }
+    }
+}
+
 enum Task {
     /// A log write: ready `number` of the slot's group is durable once it is.
     Persist {
@@ -827,11 +837,7 @@ impl<T, R> Consensus<T, R> {
             if let Some(r) = self.reads.remove(&id) {
                 let e = format!("slot {}: no read index in time", r.slot);
                 tracing::warn!(slot = r.slot, "raft: a read timed out");
-                let kind = if r.account.is_some() {
-                    Kind::Account
-                } else {
-                    Kind::Pulled
-                };
+                let kind = r.kind();
                 self.finish(r.whom, Self::failed(kind, e));
             }
         }
@@ -896,7 +902,7 @@ impl<T, R> Consensus<T, R> {
                 // A log that cannot be written: this member stops taking part (it would
                 // acknowledge what it does not have). Its peers go on without it.
                 tracing::error!(slot, error = %e, "raft: the slot's log cannot be stored; leaving the group here");
-                self.drop_group(slot);
+                self.drop_group(slot, "its log cannot be stored here");
             }
             (Task::Quiet, r) => {
                 if let Err(e) = r {
@@ -1002,9 +1008,36 @@ impl<T, R> Consensus<T, R> {
         }
     }
 
-    fn drop_group(&mut self, slot: u32) {
+    /// This node stops taking part in `slot`'s group: what waits on it here fails (a read
+    /// whose index was reached may be reading the copy about to be wiped: it fails too, and
+    /// its answer from storage, when it comes, finds no read).
+    fn drop_group(&mut self, slot: u32, why: &str) {
         self.groups.remove(&slot);
         self.dirty.remove(&slot);
+        let e = format!("slot {slot}: {why}");
+        let mine: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| p.slot == slot)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in mine {
+            if let Some(p) = self.proposals.remove(&id) {
+                self.finish(p.whom, Self::failed(p.kind, e.clone()));
+            }
+        }
+        let mine: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.slot == slot)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in mine {
+            if let Some(r) = self.reads.remove(&id) {
+                let kind = r.kind();
+                self.finish(r.whom, Self::failed(kind, e.clone()));
+            }
+        }
     }
 
     // ---- membership ---------------------------------------------------------------------
@@ -1158,7 +1191,7 @@ impl<T, R> Consensus<T, R> {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::error!(slot, error = %e, "raft: unreadable snapshot; leaving the group here");
-                    self.drop_group(slot);
+                    self.drop_group(slot, "unreadable snapshot");
                     return false;
                 }
             };
@@ -1239,7 +1272,7 @@ impl<T, R> Consensus<T, R> {
             // Its log and its copy of the slot's data go (a later member here starts from a
             // snapshot).
             tracing::info!(slot, "raft: this node left the slot's group; its copy is dropped");
-            self.drop_group(slot);
+            self.drop_group(slot, "this node left the slot's group");
             let slots = self.cfg.slots;
             let forget = RaftWrite {
                 slot,
@@ -1257,17 +1290,6 @@ impl<T, R> Consensus<T, R> {
                     writes: Vec::new(),
                 },
             );
-            let mine: Vec<u64> = self
-                .proposals
-                .iter()
-                .filter(|(_, p)| p.slot == slot)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in mine {
-                if let Some(p) = self.proposals.remove(&id) {
-                    self.finish(p.whom, Self::failed(p.kind, format!("this node left slot {slot}")));
-                }
-            }
         }
         any
     }
