@@ -310,11 +310,12 @@ fn the_cluster_runs_that_found_fixes_hold_every_invariant() {
 /// invariant until a fix, each checked failing with the fix undone.
 #[test]
 fn all_fault_runs_that_found_fixes_hold_every_invariant() {
-    for (nodes, seed, what) in [(
-        5u32,
-        970u64,
+    const RUNS: &[(u32, u64, &str)] = &[(
+        5,
+        970,
         "an account read of a slot this node was just removed from answered from the wiped copy",
-    )] {
+    )];
+    for &(nodes, seed, what) in RUNS {
         let cfg = Config { nodes, ..quiet() };
         let out = run(seed, &cfg);
         assert!(
