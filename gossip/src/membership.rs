@@ -10,12 +10,13 @@
 //! 0, empty name) which the real one replaces as soon as it answers (same address, higher
 //! generation wins — foca's address-conflict rule).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use foca::{Config, Foca, Identity, NoCustomBroadcast, OwnedNotification, PostcardCodec, Timer};
+use foca::{BroadcastHandler, Config, Foca, Identity, Invalidates, OwnedNotification, PostcardCodec, Timer};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -106,6 +107,51 @@ pub enum MemberState {
 pub enum Change {
     Up(NodeIdentity),
     Down(NodeIdentity),
+    /// A member (perhaps this node) is being decommissioned (`starling cluster leave`): it
+    /// stays up and reachable, but leaves the ring, so its slots and actors move away.
+    Leaving(NodeIdentity),
+}
+
+/// What a leaving member gossips (a foca custom broadcast): its name and generation, and a
+/// sequence it bumps each time it says it again (a member that joins later learns it too).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct LeavingNote {
+    name: String,
+    generation: u64,
+    seq: u64,
+}
+
+impl Invalidates for LeavingNote {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.name == other.name && (self.generation, self.seq) >= (other.generation, other.seq)
+    }
+}
+
+/// The leaving notes heard, by name: (generation, seq). Shared with foca's handler (foca
+/// owns the handler and offers no way back to it).
+type Leavers = Arc<Mutex<BTreeMap<String, (u64, u64)>>>;
+
+struct LeavingHandler(Leavers);
+
+impl BroadcastHandler<NodeIdentity> for LeavingHandler {
+    type Key = LeavingNote;
+    type Error = postcard::Error;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeIdentity>,
+    ) -> Result<Option<LeavingNote>, postcard::Error> {
+        let note: LeavingNote = postcard::from_bytes(data)?;
+        let mut heard = self.0.lock().expect("leavers lock");
+        match heard.get(&note.name) {
+            Some(had) if *had >= (note.generation, note.seq) => Ok(None),
+            _ => {
+                heard.insert(note.name.clone(), (note.generation, note.seq));
+                Ok(Some(note))
+            }
+        }
+    }
 }
 
 /// What the state machine asks of its host.
@@ -126,8 +172,14 @@ pub struct Output {
 
 pub struct Membership {
     me: NodeIdentity,
-    foca: Foca<NodeIdentity, PostcardCodec, SeededRng, NoCustomBroadcast>,
+    foca: Foca<NodeIdentity, PostcardCodec, SeededRng, LeavingHandler>,
     seeds: Vec<String>,
+    /// Leaving notes heard (this node's own included).
+    leavers: Leavers,
+    /// This node is leaving: the sequence of its last note.
+    leaving_seq: Option<u64>,
+    /// The members seen leaving at the last drain (to report the new ones).
+    leaving_seen: BTreeSet<String>,
     out: foca::AccumulatingRuntime<NodeIdentity>,
     /// Real members seen up, by name (BTreeMap: iteration order must not depend on a hasher).
     up: BTreeMap<String, NodeIdentity>,
@@ -170,12 +222,16 @@ impl Membership {
             num_members: std::num::NonZeroUsize::new(1).expect("non-zero"),
         });
         let rng = SeededRng(ChaCha8Rng::seed_from_u64(seed));
-        let foca = Foca::new(me.clone(), cfg, rng, PostcardCodec);
+        let leavers = Leavers::default();
+        let foca = Foca::with_custom_broadcast(me.clone(), cfg, rng, PostcardCodec, LeavingHandler(leavers.clone()));
         let seeds = seeds.into_iter().filter(|s| *s != me.gossip).collect();
         Membership {
             me,
             foca,
             seeds,
+            leavers,
+            leaving_seq: None,
+            leaving_seen: BTreeSet::new(),
             out: foca::AccumulatingRuntime::new(),
             up: BTreeMap::new(),
         }
@@ -201,7 +257,61 @@ impl Membership {
         if self.foca.num_members() == 0 {
             return self.join();
         }
+        if self.leaving_seq.is_some() {
+            // Said again every tick: foca stops disseminating a note after a few rounds, and
+            // a member that joined or healed since must hear it too.
+            self.say_leaving();
+        }
         self.drain()
+    }
+
+    /// Starts decommissioning this node: the others (and this node) take it off the ring,
+    /// so its slots' groups replace it and its actors move; it stays a member, reachable,
+    /// until the host calls [`Membership::leave`].
+    pub fn start_leaving(&mut self) -> Output {
+        if self.leaving_seq.is_none() {
+            self.leaving_seq = Some(0);
+            self.say_leaving();
+        }
+        self.drain()
+    }
+
+    /// Whether this node is leaving.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving_seq.is_some()
+    }
+
+    fn say_leaving(&mut self) {
+        let seq = self.leaving_seq.map_or(0, |s| s + 1);
+        self.leaving_seq = Some(seq);
+        let note = LeavingNote {
+            name: self.me.name.clone(),
+            generation: self.me.generation,
+            seq,
+        };
+        let data = postcard::to_stdvec(&note).expect("postcard encoding of a note cannot fail");
+        if let Err(e) = self.foca.add_broadcast(&data) {
+            tracing::warn!(error = %e, "gossip: the leaving note was not queued");
+        }
+        // Sent now to a few members rather than with the next probe.
+        if let Err(e) = self.foca.gossip(&mut self.out) {
+            tracing::debug!(error = %e, "gossip: the leaving note waits for the next round");
+        }
+    }
+
+    /// The members leaving (by name), this node included when it is: a note is honoured for
+    /// the generation that sent it (a restarted node is not leaving).
+    pub fn leaving(&self) -> BTreeSet<String> {
+        let heard = self.leavers.lock().expect("leavers lock");
+        let mut out: BTreeSet<String> = heard
+            .iter()
+            .filter(|(name, (generation, _))| self.up.get(*name).is_some_and(|m| m.generation == *generation))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if self.leaving_seq.is_some() {
+            out.insert(self.me.name.clone());
+        }
+        out
     }
 
     pub fn handle_data(&mut self, data: &[u8]) -> Output {
@@ -227,11 +337,13 @@ impl Membership {
         self.drain()
     }
 
-    /// This node and every member seen up, by name.
+    /// This node and every member seen up, by name, less those leaving.
     pub fn ring(&self) -> Ring {
+        let leaving = self.leaving();
         Ring::new(
             std::iter::once(self.me.name.clone())
                 .chain(self.up.keys().cloned())
+                .filter(|n| !leaving.contains(n))
                 .collect::<Vec<_>>(),
         )
     }
@@ -337,6 +449,19 @@ impl Membership {
                 }
                 _ => {}
             }
+        }
+        let leaving = self.leaving();
+        if leaving != self.leaving_seen {
+            for name in leaving.difference(&self.leaving_seen) {
+                let id = if *name == self.me.name {
+                    Some(self.me.clone())
+                } else {
+                    self.up.get(name).cloned()
+                };
+                out.changes.extend(id.map(Change::Leaving));
+            }
+            // (A leaver no longer leaving went down or restarted: its `Down` or `Up` says so.)
+            self.leaving_seen = leaving;
         }
         out
     }

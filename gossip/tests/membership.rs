@@ -296,3 +296,62 @@ fn members_whose_names_collide_are_refused_the_same_way_everywhere() {
         assert!(!net.up_names(&high).contains(&low), "{high} refuses {low}");
     }
 }
+
+/// `cluster leave`: every member takes the leaver off the ring while it stays up, a member
+/// that was cut off meanwhile learns it after the heal, the leaver's clean exit then removes
+/// it, and a restart of the same name is not leaving.
+#[test]
+fn a_leaving_member_leaves_every_ring_but_stays_up_until_it_goes() {
+    let mut net = Net::new();
+    for n in ["n1", "n2", "n3", "n4"] {
+        net.start(n, 1, "n1");
+    }
+    net.run_for(Duration::from_secs(5));
+    net.partition(&["n4"], &["n1", "n2", "n3"]);
+    let out = net.nodes.get_mut("n3").unwrap().start_leaving();
+    net.carry("n3", out);
+    assert!(net.nodes["n3"].is_leaving());
+    net.run_for(Duration::from_secs(3));
+    for n in ["n1", "n2", "n3"] {
+        let ring = net.nodes[n].ring();
+        assert!(
+            !ring.members().contains(&"n3".to_string()) && ring.members().contains(&"n1".to_string()),
+            "{n}'s ring {:?}",
+            ring.members()
+        );
+        assert!(net.up_names(n).contains(&"n3".to_string()), "{n} still sees n3 up");
+        assert_eq!(net.nodes[n].leaving(), BTreeSet::from(["n3".to_string()]));
+        assert!(
+            net.changes
+                .iter()
+                .any(|(_, at, c)| at == n && matches!(c, Change::Leaving(id) if id.name == "n3")),
+            "{n} reported n3 leaving"
+        );
+    }
+    net.cut.clear();
+    net.run_for(Duration::from_secs(30));
+    assert_eq!(
+        net.nodes["n4"].leaving(),
+        BTreeSet::from(["n3".to_string()]),
+        "n4 after the heal"
+    );
+    assert_eq!(net.nodes["n4"].ring().members(), &names(&["n1", "n2", "n4"])[..]);
+    let out = net.nodes.get_mut("n3").unwrap().leave();
+    net.carry("n3", out);
+    net.run_for(Duration::from_millis(500));
+    net.kill("n3");
+    net.run_for(Duration::from_secs(10));
+    for n in ["n1", "n2", "n4"] {
+        assert_eq!(net.up_names(n), names(&["n1", "n2", "n4"]), "{n} after n3 left");
+        assert!(net.nodes[n].leaving().is_empty());
+    }
+    net.start("n3", 2, "n1");
+    net.run_for(Duration::from_secs(10));
+    for n in ["n1", "n2", "n3", "n4"] {
+        assert_eq!(
+            net.nodes[n].ring().members(),
+            &names(&["n1", "n2", "n3", "n4"])[..],
+            "{n} after the restart"
+        );
+    }
+}

@@ -16,7 +16,7 @@
 //! member, and are lost when the sender drops it from its view (the node closes the link)
 //! or the receiver restarts. Gossip datagrams have no such care: lost, duplicated, reordered.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use jid::BareJid;
 use starling_actors::address::{NodeId, ShardId};
@@ -41,6 +41,11 @@ pub const SLOTS: u32 = 8;
 pub const LINK_QUEUE: usize = starling_actors::system::limits::LINK_QUEUE;
 /// The driver's membership tick.
 const TICK_US: u64 = 1_000_000;
+/// How often a leaving node's driver looks at its slots, and how many looks in a row must
+/// find none before it stops (a leader that has not heard of the leave yet may still be
+/// adding it to a group: the node refuses, and the leader learns).
+const LEAVE_CHECK_US: u64 = 500_000;
+const LEAVE_QUIET_CHECKS: u32 = 3;
 
 pub fn name(i: u32) -> String {
     format!("n{i}")
@@ -72,6 +77,8 @@ pub struct NodeCluster {
     pub ring: Ring,
     /// The other members up, with their generations.
     pub peers: BTreeMap<u32, u64>,
+    /// Members being decommissioned (this node included when it is).
+    pub leaving: BTreeSet<u32>,
     /// Membership changes applied (`Links::changes`).
     pub changes: u64,
 }
@@ -85,6 +92,7 @@ impl NodeCluster {
             member: None,
             ring: Ring::new([name(id)]),
             peers: BTreeMap::new(),
+            leaving: BTreeSet::new(),
             changes: 0,
         }
     }
@@ -93,6 +101,7 @@ impl NodeCluster {
         self.member = None;
         self.ring = Ring::new([name(self.id)]);
         self.peers.clear();
+        self.leaving.clear();
     }
 
     /// `View::place`: the owner node of a ring key (its slot's), and the slot's shard.
@@ -127,6 +136,9 @@ impl Members for View<'_> {
     }
     fn node_id(&self, name: &str) -> Option<NodeId> {
         index(name)
+    }
+    fn leaving(&self, node: NodeId) -> bool {
+        self.c.leaving.contains(&node)
     }
 }
 
@@ -368,6 +380,67 @@ impl World {
         self.after(TICK_US, Ev::GossipTick { node: n, epoch });
     }
 
+    /// `starling cluster leave` on node `n` (`Ev::LeaveStart`): it gossips that it leaves;
+    /// every member takes it off the ring, so its slots' groups replace it and its actors
+    /// move. A node not up (not joined yet, crashed) is asked again a second later.
+    pub fn leave_start(&mut self, n: u32) {
+        let node = &self.nodes[n as usize];
+        if !node.up || node.cluster.member.is_none() || self.leaving.is_some() {
+            if !self.quiescing {
+                self.after(TICK_US, Ev::LeaveStart(n));
+            }
+            return;
+        }
+        self.stats.leaves_started += 1;
+        let epoch = node.epoch;
+        self.leaving = Some((n, epoch, 0));
+        let out = self.nodes[n as usize]
+            .cluster
+            .member
+            .as_mut()
+            .expect("a member")
+            .start_leaving();
+        self.gossip_out(n, out);
+        self.after(LEAVE_CHECK_US, Ev::LeaveCheck { node: n, epoch });
+    }
+
+    /// The leaving node's driver (node/src/cluster/driver.rs): once its shards have hosted no
+    /// slot for `LEAVE_QUIET_CHECKS` looks in a row, it says goodbye and its process stops
+    /// for good — its sessions close (their clients reconnect elsewhere), and the data it
+    /// held must be on the others (the invariants check every acknowledged write).
+    pub fn leave_check(&mut self, n: u32, epoch: u64) {
+        let Some((l, e, quiet)) = self.leaving else { return };
+        if l != n || e != epoch || !self.live(n, epoch) {
+            return;
+        }
+        let hosted: usize = self.nodes[n as usize]
+            .shards
+            .iter()
+            .map(|sh| sh.protocol.slots().len())
+            .sum();
+        let quiet = if hosted == 0 { quiet + 1 } else { 0 };
+        if quiet < LEAVE_QUIET_CHECKS {
+            self.leaving = Some((n, epoch, quiet));
+            self.after(LEAVE_CHECK_US, Ev::LeaveCheck { node: n, epoch });
+            return;
+        }
+        self.trace.record(
+            self.now_us,
+            format!("n{n} hosts no slot: it leaves the cluster and stops"),
+        );
+        self.leaving = None;
+        self.stats.leaves_done += 1;
+        let out = self.nodes[n as usize]
+            .cluster
+            .member
+            .as_mut()
+            .expect("a member")
+            .leave();
+        self.gossip_out(n, out);
+        self.departed.insert(n);
+        self.node_stops(n);
+    }
+
     /// The driver pushed a membership to the shards (`follow_membership`): the ring changes,
     /// links to nodes gone close, the actors learn which nodes died, sessions whose user
     /// moved are closed, and users whose replica set gained a node are handed to it.
@@ -377,6 +450,7 @@ impl World {
         };
         let up = m.up();
         let new_ring = m.ring();
+        let leaving: BTreeSet<u32> = m.leaving().iter().filter_map(|n| index(n)).collect();
         let peers: BTreeMap<u32, u64> = up
             .iter()
             .filter_map(|i| Some((index(&i.name)?, i.generation)))
@@ -384,6 +458,7 @@ impl World {
             .collect();
         let c = &mut self.nodes[n as usize].cluster;
         let old_peers = std::mem::replace(&mut c.peers, peers);
+        c.leaving = leaving;
         let old_ring = std::mem::replace(&mut c.ring, new_ring.clone());
         let gone: Vec<(u32, u64)> = old_peers
             .iter()
@@ -1020,6 +1095,14 @@ impl World {
     /// when there are enough), no change under way, every member up has applied all that is
     /// committed, and no work waits. `None` when settled.
     pub fn raft_unsettled(&self) -> Option<String> {
+        if let Some((n, _, _)) = self.leaving {
+            let hosted: Vec<u32> = self.nodes[n as usize]
+                .shards
+                .iter()
+                .flat_map(|sh| sh.protocol.slots())
+                .collect();
+            return Some(format!("n{n} is leaving and still hosts slots {hosted:?}"));
+        }
         for n in self.nodes.iter().filter(|n| n.up) {
             for (s, sh) in n.shards.iter().enumerate() {
                 if sh.protocol.in_progress() > 0 {
@@ -1060,6 +1143,12 @@ impl World {
             };
             if !fits {
                 return Some(format!("slot {slot}: members {:?}, the ring's {sorted:?}", info.voters));
+            }
+            if let Some(d) = info.voters.iter().find(|v| self.departed.contains(v)) {
+                return Some(format!(
+                    "slot {slot}: n{d} left the cluster but is still a member {:?}",
+                    info.voters
+                ));
             }
             for m in &info.voters {
                 let node = &self.nodes[*m as usize];

@@ -40,6 +40,8 @@ pub struct Faults {
     pub partitions: u32,
     /// The last node starts part-way through the run (a join) instead of at the start.
     pub late_join: bool,
+    /// `starling cluster leave`: (µs into the run, node) decommissioned (3 nodes or more).
+    pub leave: Option<(u64, u32)>,
 }
 
 impl Faults {
@@ -89,6 +91,17 @@ impl Faults {
             if !has("crashes") {
                 self.node_crashes = 0;
             }
+        }
+    }
+
+    /// A leave, drawn from its own generator (so that the other faults of a seed stay as
+    /// they were before leaves were simulated).
+    pub fn draw_leave(&mut self, seed: u64, nodes: u32, duration_us: u64, only: Option<&[String]>) {
+        let mut rng = Rng::new(seed ^ 0x1ea5_e5ee_d000_0000);
+        let allowed = only.is_none_or(|o| o.iter().any(|k| k == "leaves"));
+        if nodes >= 3 && allowed && rng.chance(0.3) {
+            let at = rng.range(duration_us / 5, duration_us * 3 / 5);
+            self.leave = Some((at, rng.below(nodes as usize) as u32));
         }
     }
 

@@ -122,6 +122,11 @@ pub struct Stats {
     /// before it passed (kept, with their state in memory).
     pub passivated_late: u64,
     pub idle_reused: u64,
+    /// `cluster leave`: started, finished (the node stopped once its slots had moved), and
+    /// given up because the leaving node crashed.
+    pub leaves_started: u64,
+    pub leaves_done: u64,
+    pub leaves_abandoned: u64,
 }
 
 /// Runs one simulation.
@@ -179,6 +184,13 @@ impl Outcome {
                 st.leader_changes,
                 st.write_failures,
                 st.activations_failed
+            );
+        }
+        if st.leaves_started > 0 {
+            let _ = writeln!(
+                s,
+                "  leaves: started {} done {} abandoned (crashed) {}",
+                st.leaves_started, st.leaves_done, st.leaves_abandoned
             );
         }
         if st.passivated_late + st.idle_reused > 0 {

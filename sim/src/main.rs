@@ -37,7 +37,7 @@ struct Args {
     #[arg(long = "bug")]
     bugs: Vec<String>,
     /// With --nodes > 1, only these cluster faults (comma-separated: loss, partitions,
-    /// joins, crashes; `none` for none of them); all by default.
+    /// joins, crashes, leaves; `none` for none of them); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// How long an idle user actor stays before it is let go (0: at once, as by default).
@@ -84,8 +84,8 @@ fn main() -> ExitCode {
         passivate_after_ms: a.passivate_after_ms,
     };
     for o in a.only.iter().flatten() {
-        if !["loss", "partitions", "joins", "crashes", "none"].contains(&o.as_str()) {
-            eprintln!("--only takes loss, partitions, joins, crashes or none; not {o:?}");
+        if !["loss", "partitions", "joins", "crashes", "leaves", "none"].contains(&o.as_str()) {
+            eprintln!("--only takes loss, partitions, joins, crashes, leaves or none; not {o:?}");
             return ExitCode::from(2);
         }
     }

@@ -98,6 +98,13 @@ pub enum Ev {
     },
     NodeCrash(u32),
     NodeRestart(u32),
+    /// `starling cluster leave` on the node.
+    LeaveStart(u32),
+    /// The leaving node's driver looks whether its slots have moved (cluster.rs).
+    LeaveCheck {
+        node: u32,
+        epoch: u64,
+    },
     /// A node that was not started yet starts and joins the cluster.
     NodeJoin(u32),
     /// A gossip datagram arrives (cluster.rs).
@@ -169,6 +176,8 @@ impl Ev {
             Ev::FlushDone { .. } => "flush done",
             Ev::NodeCrash(_) => "node crash",
             Ev::NodeRestart(_) => "node restart",
+            Ev::LeaveStart(_) => "leave",
+            Ev::LeaveCheck { .. } => "leave check",
             Ev::NodeJoin(_) => "node join",
             Ev::Datagram { .. } => "datagram",
             Ev::GossipTimer { .. } => "gossip timer",
@@ -193,6 +202,7 @@ impl Ev {
                 | Ev::GossipTimer { .. }
                 | Ev::GossipTick { .. }
                 | Ev::RaftTick { .. }
+                | Ev::LeaveCheck { .. }
                 | Ev::Link {
                     frame: crate::cluster::Frame::Raft { .. },
                     ..
@@ -248,6 +258,11 @@ pub struct World {
     pub cut_pairs: BTreeSet<(u32, u32)>,
     /// Events queued that are not membership chatter.
     work: u64,
+    /// A leave under way: the node, its process's epoch, and checks in a row that found it
+    /// hosting no slot.
+    pub leaving: Option<(u32, u64, u32)>,
+    /// Nodes that left (`cluster leave`) and stopped for good.
+    pub departed: BTreeSet<u32>,
 }
 
 impl World {
@@ -260,6 +275,7 @@ impl World {
         };
         if cfg.faults && cfg.nodes > 1 {
             faults.draw_cluster(&mut rng, cfg.cluster_faults.as_deref());
+            faults.draw_leave(seed, cfg.nodes, cfg.duration_ms * 1000, cfg.cluster_faults.as_deref());
         }
         let c2s_cfg = Rc::new(C2sConfig {
             domains: vec![client::DOMAIN.to_string()],
@@ -308,6 +324,8 @@ impl World {
             links: BTreeMap::new(),
             cut_pairs: BTreeSet::new(),
             work: 0,
+            leaving: None,
+            departed: BTreeSet::new(),
         }
     }
 
@@ -371,6 +389,9 @@ impl World {
             for _ in 0..self.faults.partitions {
                 let t = self.rng.range(dur / 10, dur * 7 / 10);
                 self.at(t, Ev::Partition);
+            }
+            if let Some((t, n)) = self.faults.leave {
+                self.at(t, Ev::LeaveStart(n));
             }
         }
         for c in 0..self.clients.len() {
@@ -444,10 +465,21 @@ impl World {
                 .collect();
             eprintln!("work left {}: {pending:?}", self.work);
             eprintln!("raft unsettled: {:?}", self.raft_unsettled());
+            eprintln!("membership: {:?}", self.membership_disagreement());
             // Each node's slots at the end: (slot, leader, leads here, committed, applied).
             for n in &self.nodes {
                 for (s, sh) in n.shards.iter().enumerate() {
-                    eprintln!("n{} (up {}) shard {s}: {:?}", n.id, n.up, sh.protocol.status());
+                    eprintln!(
+                        "n{} (up {}) shard {s}: {:?} {:?}",
+                        n.id,
+                        n.up,
+                        sh.protocol.status(),
+                        sh.protocol
+                            .slots()
+                            .iter()
+                            .map(|x| sh.protocol.slot_info(*x))
+                            .collect::<Vec<_>>()
+                    );
                 }
             }
         }
@@ -571,6 +603,15 @@ impl World {
             Ev::NodeCrash(n) => {
                 self.trace.record(self.now_us, format!("CRASH node {n}"));
                 self.node_crash(n);
+            }
+            Ev::LeaveStart(n) => {
+                self.trace
+                    .record(self.now_us, format!("LEAVE node {n} (cluster leave)"));
+                self.leave_start(n);
+            }
+            Ev::LeaveCheck { node, epoch } => {
+                self.trace.record(self.now_us, format!("leave check n{node}"));
+                self.leave_check(node, epoch);
             }
             Ev::NodeRestart(n) => {
                 self.trace.record(self.now_us, format!("restart node {n}"));
@@ -941,11 +982,25 @@ impl World {
     }
 
     fn node_crash(&mut self, n: u32) {
-        let node = &mut self.nodes[n as usize];
-        if !node.up {
+        if !self.nodes[n as usize].up {
             return;
         }
         self.stats.node_crashes += 1;
+        if self.leaving.is_some_and(|(l, _, _)| l == n) {
+            // The restarted process is not leaving: the operator would run it again.
+            self.trace.record(self.now_us, format!("n{n} crashed while leaving"));
+            self.leaving = None;
+            self.stats.leaves_abandoned += 1;
+        }
+        self.node_stops(n);
+        let d = self.rng.range(200_000, 3_000_000);
+        self.after(d, Ev::NodeRestart(n));
+    }
+
+    /// The node's process ends (a crash, or the end of a leave): its sessions close, what
+    /// was in flight through it is excused as lost with it.
+    pub(crate) fn node_stops(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
         node.crash();
         // What is still durably in offline storage may be handed over again.
         // So may the offline messages on their way to sessions on other nodes now: their
@@ -966,8 +1021,6 @@ impl World {
         for id in conns {
             self.server_close(id);
         }
-        let d = self.rng.range(200_000, 3_000_000);
-        self.after(d, Ev::NodeRestart(n));
     }
 
     /// Ids of the messages on their way to a session anywhere: in a session mailbox, between

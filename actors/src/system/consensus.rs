@@ -39,7 +39,7 @@ use starling_storage::{Account, RaftStored, RaftWrite, StorageError, Write};
 
 use super::cluster as rules;
 use super::limits;
-use super::slot::{RaftMsg, Slot};
+use super::slot::{RaftMsg, Slot, TOMBSTONE};
 use crate::address::{NodeId, ShardId};
 
 /// The writes of the entries a stored log holds past its applied index: what a restart
@@ -72,6 +72,9 @@ pub trait Members {
     /// No other member is up.
     fn alone(&self) -> bool;
     fn node_id(&self, name: &str) -> Option<NodeId>;
+    /// A member being decommissioned (`cluster leave`): off the ring already; its groups
+    /// replace it even when fewer than `replication` members remain.
+    fn leaving(&self, node: NodeId) -> bool;
 }
 
 /// A node's raft id (raft ids start at 1).
@@ -379,6 +382,8 @@ pub struct Consensus<T, R> {
     asked: BTreeMap<u64, (T, Kind)>,
     outbox: BTreeMap<NodeId, Vec<(u32, RaftMsg)>>,
     out: VecDeque<Act<T, R>>,
+    /// This node is being decommissioned (as the last tick saw it).
+    leaving: bool,
 }
 
 impl<T, R> Consensus<T, R> {
@@ -398,6 +403,7 @@ impl<T, R> Consensus<T, R> {
             asked: BTreeMap::new(),
             outbox: BTreeMap::new(),
             out: VecDeque::new(),
+            leaving: false,
         }
     }
 
@@ -776,6 +782,11 @@ impl<T, R> Consensus<T, R> {
                 if !from_leader.contains(&msg.kind) {
                     continue;
                 }
+                if self.leaving {
+                    // Decommissioning: a leader that has not heard yet adds no copy here.
+                    tracing::debug!(slot, "raft: leaving; not joining the slot's group");
+                    continue;
+                }
                 match Slot::joining(slot, self.me) {
                     Ok((g, w)) => {
                         tracing::info!(slot, leader = node_of(msg.from), "raft: joining the slot's group");
@@ -787,6 +798,37 @@ impl<T, R> Consensus<T, R> {
                         continue;
                     }
                 }
+            }
+            let g = self.groups.get_mut(&slot).expect("inserted");
+            if msg.kind == TOMBSTONE {
+                // Told by a member that applied our removal (its applied index is past all
+                // we have: had we been added again since, our log would hold more).
+                if g.last_index() <= msg.index && !g.is_leader() {
+                    tracing::info!(
+                        slot,
+                        by = node_of(msg.from),
+                        "raft: removed from the slot's group earlier; its copy is dropped"
+                    );
+                    self.forget(slot, "this node was removed from the slot's group");
+                }
+                continue;
+            }
+            let campaign = [
+                raft::eraftpb::MessageType::MsgRequestVote as i32,
+                raft::eraftpb::MessageType::MsgRequestPreVote as i32,
+            ];
+            if campaign.contains(&msg.kind) && g.initialized() && !g.knows(msg.from) {
+                // A member removed by a change it never learnt of campaigns for ever: tell it.
+                // (Or one added by a change this member has not applied yet: its log is past
+                // our applied index, so it ignores this; the vote request goes on to raft.)
+                let applied = g.applied;
+                tracing::debug!(
+                    slot,
+                    from = node_of(msg.from),
+                    "raft: a campaign from a node not in the group; telling it"
+                );
+                let t = RaftMsg::tombstone(self.me, msg.from, applied);
+                self.outbox.entry(node_of(t.to)).or_default().push((slot, t));
             }
             let g = self.groups.get_mut(&slot).expect("inserted");
             if let Err(e) = g.step(msg) {
@@ -801,6 +843,21 @@ impl<T, R> Consensus<T, R> {
     /// configuration and leadership moved toward the ring's.
     pub fn tick(&mut self, m: &impl Members) {
         self.now += 1;
+        self.leaving = m.leaving(m.me());
+        if self.leaving {
+            // A copy still waiting for its first snapshot holds nothing and acknowledged
+            // nothing: it goes (its leader, told of the leave, drops it as a stale learner).
+            let empty: Vec<u32> = self
+                .groups
+                .iter()
+                .filter(|(_, g)| !g.initialized())
+                .map(|(s, _)| *s)
+                .collect();
+            for slot in empty {
+                tracing::info!(slot, "raft: leaving; the copy waiting for a snapshot is dropped");
+                self.forget(slot, "this node is leaving");
+            }
+        }
         let slots: Vec<u32> = self.groups.keys().copied().collect();
         for slot in &slots {
             if let Some(g) = self.groups.get_mut(slot) {
@@ -1064,7 +1121,8 @@ impl<T, R> Consensus<T, R> {
         let target: BTreeSet<u64> = if want.len() >= r {
             want.iter().copied().collect()
         } else {
-            let mut t = voters.clone();
+            // (A member leaving is not coming back: it goes all the same.)
+            let mut t: BTreeSet<u64> = voters.iter().copied().filter(|v| !m.leaving(node_of(*v))).collect();
             for w in &want {
                 if t.len() < r {
                     t.insert(*w);
@@ -1269,10 +1327,17 @@ impl<T, R> Consensus<T, R> {
             );
         }
         if out.removed {
-            // Its log and its copy of the slot's data go (a later member here starts from a
-            // snapshot).
             tracing::info!(slot, "raft: this node left the slot's group; its copy is dropped");
-            self.drop_group(slot, "this node left the slot's group");
+            self.forget(slot, "this node left the slot's group");
+        }
+        any
+    }
+
+    /// This node is no member of `slot`'s group any more: its log and its copy of the slot's
+    /// data go (a later member here starts from a snapshot).
+    fn forget(&mut self, slot: u32, why: &str) {
+        {
+            self.drop_group(slot, why);
             let slots = self.cfg.slots;
             let forget = RaftWrite {
                 slot,
@@ -1291,7 +1356,6 @@ impl<T, R> Consensus<T, R> {
                 },
             );
         }
-        any
     }
 
     /// An entry's writes, and this shard's proposal it answers, if it is one.

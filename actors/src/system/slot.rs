@@ -25,7 +25,7 @@ mod log;
 mod wire;
 
 pub use log::SlotLog;
-pub use wire::{RaftEntry, RaftMsg, RaftSnapshot, MAX_CONF_CHANGE};
+pub use wire::{RaftEntry, RaftMsg, RaftSnapshot, MAX_CONF_CHANGE, TOMBSTONE};
 
 use starling_storage::{RaftStored, RaftWrite};
 
@@ -200,6 +200,16 @@ impl Slot {
 
     pub fn conf(&self) -> &ConfState {
         self.rn.store().conf()
+    }
+
+    /// Whether raft id `id` is in this member's configuration (voter or learner, incoming or
+    /// outgoing).
+    pub fn knows(&self, id: u64) -> bool {
+        let c = self.conf();
+        c.voters.contains(&id)
+            || c.learners.contains(&id)
+            || c.voters_outgoing.contains(&id)
+            || c.learners_next.contains(&id)
     }
 
     /// Whether this member has a configuration (a joining one has none until its snapshot).

@@ -109,16 +109,22 @@ impl DriverState {
                     Change::Down(id) => {
                         tracing::warn!(node = %id.name, generation = id.generation, "cluster: member down")
                     }
+                    Change::Leaving(id) => {
+                        tracing::info!(node = %id.name, "cluster: member leaving (its slots move to the others)")
+                    }
                 }
             }
-            let members: Members = Arc::new(self.membership.up());
+            let members: Members = Arc::new(super::MemberList {
+                up: self.membership.up(),
+                leaving: self.membership.leaving().into_iter().collect(),
+            });
             *self.latest.lock().expect("members lock") = members.clone();
             for tx in &self.shards {
                 // A wake-up, bounded at 1: when one is already pending the shard will read
                 // the latest membership anyway.
                 let _ = tx.try_send(());
             }
-            metrics::gauge!("starling_cluster_members").set(members.len() as f64);
+            metrics::gauge!("starling_cluster_members").set(members.up.len() as f64);
             self.refresh_status();
         }
     }

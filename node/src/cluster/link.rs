@@ -115,7 +115,7 @@ impl Links {
     /// Applies a membership: the ring changes, links to nodes gone (or restarted) close.
     /// Returns the nodes that died, restarted or were declared down, each with the
     /// generation that went (the sessions it hosted are gone), and the ring before.
-    pub fn update(&self, members: &[starling_gossip::NodeIdentity]) -> (Vec<(NodeId, u64)>, starling_gossip::Ring) {
+    pub fn update(&self, members: &super::MemberList) -> (Vec<(NodeId, u64)>, starling_gossip::Ring) {
         let mut view = self.view.borrow_mut();
         let before = view.peers.clone();
         let old_ring = view.ring.clone();
@@ -819,6 +819,7 @@ pub async fn follow_membership(
         // Declared down by the others, this node rejoined under a new generation (see
         // `Output::rejoined`): they dropped its sessions and may have served its users.
         let now = members
+            .up
             .iter()
             .find(|m| m.name == shard.cluster.name)
             .map_or(my_generation, |m| m.generation);

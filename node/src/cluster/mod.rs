@@ -19,7 +19,15 @@ use starling_actors::address::{NodeId, ShardId};
 use starling_gossip::{node_id, NodeIdentity, Ring};
 
 /// What a shard is told at start and on every membership change.
-pub type Members = Arc<Vec<NodeIdentity>>;
+pub type Members = Arc<MemberList>;
+
+/// The members up (this node included) and those of them leaving (`cluster leave`: off the
+/// ring, still reachable).
+#[derive(Clone, Debug, Default)]
+pub struct MemberList {
+    pub up: Vec<NodeIdentity>,
+    pub leaving: Vec<String>,
+}
 
 /// A shard's part of the cluster configuration.
 #[derive(Clone)]
@@ -59,6 +67,8 @@ pub struct View {
     pub slots: u32,
     pub ring: Ring,
     pub peers: HashMap<NodeId, Peer>,
+    /// Members leaving (`cluster leave`), this node included when it is.
+    pub leaving: std::collections::HashSet<NodeId>,
 }
 
 impl starling_actors::system::consensus::Members for View {
@@ -76,6 +86,9 @@ impl starling_actors::system::consensus::Members for View {
     }
     fn node_id(&self, name: &str) -> Option<NodeId> {
         Some(node_id(name))
+    }
+    fn leaving(&self, node: NodeId) -> bool {
+        self.leaving.contains(&node)
     }
 }
 
@@ -95,12 +108,21 @@ impl View {
             slots,
             ring: Ring::new([name.to_string()]),
             peers: HashMap::new(),
+            leaving: Default::default(),
         }
     }
 
-    pub fn update(&mut self, members: &[NodeIdentity]) {
-        self.ring = Ring::new(members.iter().map(|m| m.name.clone()));
+    pub fn update(&mut self, members: &MemberList) {
+        self.ring = Ring::new(
+            members
+                .up
+                .iter()
+                .filter(|m| !members.leaving.contains(&m.name))
+                .map(|m| m.name.clone()),
+        );
+        self.leaving = members.leaving.iter().map(|n| node_id(n)).collect();
         self.peers = members
+            .up
             .iter()
             .filter(|m| node_id(&m.name) != self.me)
             .filter_map(|m| {
@@ -167,7 +189,10 @@ pub fn setup(cfg: &crate::config::Config, shards: usize) -> Result<Option<Setup>
             transport,
             replication: c.replication,
             bootstrap: c.seeds.iter().all(|s| *s == c.gossip),
-            latest: Arc::new(std::sync::Mutex::new(Arc::new(vec![me.clone()]))),
+            latest: Arc::new(std::sync::Mutex::new(Arc::new(MemberList {
+                up: vec![me.clone()],
+                leaving: Vec::new(),
+            }))),
             updates,
             slot_table: status::SlotTable::default(),
         },

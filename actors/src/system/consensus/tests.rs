@@ -16,6 +16,7 @@ struct View {
     name: String,
     me: NodeId,
     ring: Ring,
+    leaving: Vec<NodeId>,
 }
 
 impl Members for View {
@@ -29,10 +30,13 @@ impl Members for View {
         &self.ring
     }
     fn alone(&self) -> bool {
-        self.ring.members().len() <= 1
+        self.ring.members().len() <= 1 && self.leaving.is_empty()
     }
     fn node_id(&self, name: &str) -> Option<NodeId> {
         name.strip_prefix('n')?.parse().ok()
+    }
+    fn leaving(&self, node: NodeId) -> bool {
+        self.leaving.contains(&node)
     }
 }
 
@@ -109,6 +113,7 @@ impl Net {
                         name: if single { String::new() } else { format!("n{i}") },
                         me: i,
                         ring: Ring::new(vec![format!("n{i}")]),
+                        leaving: Vec::new(),
                     },
                     unflushed: Vec::new(),
                     up: true,
@@ -134,6 +139,17 @@ impl Net {
         for h in &mut self.hosts {
             if h.up {
                 h.view.ring = ring.clone();
+            }
+        }
+    }
+
+    /// Every node up sees `i` leaving: off the ring, still up.
+    fn leave(&mut self, i: NodeId) {
+        let name = format!("n{i}");
+        for h in &mut self.hosts {
+            if h.up {
+                h.view.ring = Ring::new(h.view.ring.members().iter().filter(|n| **n != name).cloned());
+                h.view.leaving.push(i);
             }
         }
     }
@@ -409,6 +425,41 @@ fn a_cluster_grows_from_its_first_node_and_keeps_what_it_acknowledged() {
     for (i, u) in users().iter().enumerate() {
         let got = net.read(0, u).unwrap();
         assert!(got == 100 + i as u64 || got == 999, "{u}: {got}");
+    }
+}
+
+/// `cluster leave` at three nodes with replication 3: every group replaces the leaver (two
+/// members remain: it goes all the same), it hosts nothing, and what it acknowledged is
+/// served by the other two once it is gone.
+#[test]
+fn a_leaving_node_hands_its_slots_over_even_below_the_replication() {
+    let mut net = Net::new(3, false);
+    net.members(&[0, 1, 2]);
+    net.ticks(200);
+    for (i, u) in users().iter().enumerate() {
+        let created = net.call(2, 10, |c, w, v| c.create_account(w, u.clone(), account(1), v));
+        assert_eq!(created, Some(Outcome::Created(Ok(true))));
+        assert_eq!(net.write(2, u, i as u64 + 1), Some(Outcome::Written(Ok(()))), "{u}");
+    }
+    net.leave(2);
+    net.ticks(200);
+    assert!(
+        net.hosts[2].c.groups.is_empty(),
+        "the leaver still hosts {:?}",
+        net.hosts[2].c.slots()
+    );
+    for i in 0..2 {
+        assert_eq!(net.voters(i), vec![vec![1, 2]; SLOTS as usize], "node {i}");
+    }
+    // It stops; the other two serve everything it acknowledged, and take writes.
+    net.crash(2);
+    net.members(&[0, 1]);
+    net.hosts[0].view.leaving.clear();
+    net.hosts[1].view.leaving.clear();
+    net.ticks(50);
+    for (i, u) in users().iter().enumerate() {
+        assert_eq!(net.read(0, u), Ok(i as u64 + 1), "{u} without the leaver");
+        assert_eq!(net.write(0, u, 50 + i as u64), Some(Outcome::Written(Ok(()))), "{u}");
     }
 }
 

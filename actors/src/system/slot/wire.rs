@@ -11,6 +11,11 @@ use raft::eraftpb::{ConfState, Entry, EntryType, Message, MessageType, Snapshot,
 /// raft-rs parses these bytes with protobuf 2, so their nesting is bounded by their size.
 pub const MAX_CONF_CHANGE: usize = 256;
 
+/// Not a raft-rs message but ours: "you are not a member of this slot's group as of my
+/// applied index `index`" — the answer to a message from a member removed by a change it
+/// never learnt of (raft-rs stops talking to a removed member; it would wait forever).
+pub const TOMBSTONE: i32 = -1;
+
 /// A Raft message in our own form: an rkyv archive, validated on receipt like every frame
 /// (`wire.rs`), then checked again by [`RaftMsg::into_raft`].
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -104,6 +109,29 @@ impl RaftEntry {
             context: self.context.into(),
             ..Default::default()
         })
+    }
+}
+
+impl RaftMsg {
+    /// [`TOMBSTONE`] from `from` to `to`, as of `applied`.
+    pub fn tombstone(from: u64, to: u64, applied: u64) -> Self {
+        RaftMsg {
+            kind: TOMBSTONE,
+            to,
+            from,
+            term: 0,
+            log_term: 0,
+            index: applied,
+            entries: Vec::new(),
+            commit: 0,
+            commit_term: 0,
+            snapshot: None,
+            request_snapshot: 0,
+            reject: false,
+            reject_hint: 0,
+            context: Vec::new(),
+            priority: 0,
+        }
     }
 }
 
