@@ -183,6 +183,10 @@ pub struct Membership {
     out: foca::AccumulatingRuntime<NodeIdentity>,
     /// Real members seen up, by name (BTreeMap: iteration order must not depend on a hasher).
     up: BTreeMap<String, NodeIdentity>,
+    /// foca probes (its `Active` notification came, and no `Idle`, `Defunct` or `Rejoin`
+    /// since). After a rejoin foca waits, probing nothing, for a message addressed to its new
+    /// identity; its timers from before (a suspect's way to down among them) are void.
+    connected: bool,
 }
 
 /// SWIM timings. LAN defaults from foca, with failure detection tightened for a data-centre
@@ -234,6 +238,7 @@ impl Membership {
             leaving_seen: BTreeSet::new(),
             out: foca::AccumulatingRuntime::new(),
             up: BTreeMap::new(),
+            connected: false,
         }
     }
 
@@ -253,9 +258,34 @@ impl Membership {
 
     /// Called by the host every few seconds: while this node knows no live member, it keeps
     /// announcing itself to the seeds (they may have started after it, or a partition healed).
+    /// While foca is not probing — after a rejoin it waits for a message addressed to its new
+    /// identity, and nobody may send one: the others hold its old identity as down, and may
+    /// have forgotten it (found by the simulator, 3 nodes, seed 36: two members left after a
+    /// leave, both rejoined, never spoke again) — it announces itself to the seeds and to every
+    /// member it knows of, down ones included (an announce is accepted by address).
     pub fn tick(&mut self) -> Output {
         if self.foca.num_members() == 0 {
             return self.join();
+        }
+        if !self.connected {
+            let mut to: Vec<NodeIdentity> = self
+                .foca
+                .iter_membership_state()
+                .map(|m| m.id().clone())
+                .filter(|id| id.gossip != self.me.gossip)
+                .collect();
+            let seeds: Vec<NodeIdentity> = self
+                .seeds
+                .iter()
+                .filter(|s| !to.iter().any(|m| m.gossip == **s))
+                .map(|s| NodeIdentity::seed(s))
+                .collect();
+            to.extend(seeds);
+            for id in to {
+                if let Err(e) = self.foca.announce(id, &mut self.out) {
+                    tracing::warn!(error = %e, "gossip: announce failed");
+                }
+            }
         }
         if self.leaving_seq.is_some() {
             // Said again every tick: foca stops disseminating a note after a few rounds, and
@@ -446,7 +476,10 @@ impl Membership {
                     tracing::warn!(?id, "gossip: this node was declared down; rejoined");
                     self.me = id;
                     out.rejoined = true;
+                    self.connected = false;
                 }
+                OwnedNotification::Active => self.connected = true,
+                OwnedNotification::Idle | OwnedNotification::Defunct => self.connected = false,
                 _ => {}
             }
         }

@@ -108,6 +108,16 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Decommission the node: its slots move to the others, then it stops by itself.
+    /// Waits until it has stopped (asks from this machine only).
+    Leave {
+        /// Return once the node has accepted, without waiting for it to stop.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the node goes on leaving).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,6 +175,9 @@ pub fn main() -> i32 {
         Cmd::Cluster {
             cmd: ClusterCmd::Status { json },
         } => crate::cluster::status::print(&cfg, json),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Leave { no_wait, timeout_secs },
+        } => crate::cluster::leave::run(&cfg, !no_wait, Duration::from_secs(timeout_secs)),
         Cmd::Bench { .. } => unreachable!("handled before the configuration is loaded"),
     };
     match r {
@@ -349,6 +362,8 @@ fn serve(cfg: Config) -> Result<(), String> {
     rt.block_on(async move {
         let live = Liveness::default();
         let status = crate::metrics::ClusterStatus::default();
+        let control = crate::metrics::ClusterControl::default();
+        let left = Arc::new(tokio::sync::Notify::new());
         let slot_table = cluster.as_ref().map(|c| c.params.slot_table.clone());
         let metrics_task = match cfg.metrics_addr() {
             Some(addr) => {
@@ -361,10 +376,13 @@ fn serve(cfg: Config) -> Result<(), String> {
                 tracing::info!(%addr, "metrics and health endpoint listening");
                 Some(tokio::spawn(crate::metrics::serve(
                     listener,
-                    handle,
-                    health,
-                    status.clone(),
-                    slot_table,
+                    crate::metrics::Endpoints {
+                        handle,
+                        health,
+                        cluster: status.clone(),
+                        slots: slot_table,
+                        control: control.clone(),
+                    },
                 )))
             }
             None => None,
@@ -385,13 +403,16 @@ fn serve(cfg: Config) -> Result<(), String> {
                 ractor::Actor::spawn(
                     Some("membership".into()),
                     crate::cluster::driver::Driver,
-                    c.driver_args(status),
+                    c.driver_args(status, left.clone()),
                 )
                 .await
                 .map_err(|e| format!("cluster membership failed to start: {e}"))?,
             ),
             None => None,
         };
+        if let Some((d, _)) = &driver {
+            let _ = control.set(d.clone());
+        }
         tracing::info!(
             domains = ?cfg.server.domains,
             c2s = %cfg.c2s.listen,
@@ -400,8 +421,10 @@ fn serve(cfg: Config) -> Result<(), String> {
             data_dir = %cfg.server.data_dir.display(),
             "starling is up"
         );
-        wait_for_signal().await;
-        tracing::info!("signal received");
+        tokio::select! {
+            _ = wait_for_signal() => tracing::info!("signal received"),
+            _ = left.notified() => tracing::info!("cluster leave finished: stopping"),
+        }
         if let Some((d, h)) = driver {
             // Leave first: the others stop routing here before our shards go.
             let _ = ractor::call!(d, crate::cluster::driver::DriverMsg::Leave);

@@ -2,7 +2,8 @@
 //!
 //! Shards record into `metrics` handles registered once per shard with a `shard` label, so no
 //! counter is shared between cores. The Prometheus recorder renders them; a small hyper server
-//! on the control-plane thread serves `/metrics` and `/health` at `metrics.listen`.
+//! on the control-plane thread serves `/metrics` and `/health` at `metrics.listen`, and a
+//! cluster member's `/cluster`, `/cluster/slots` and `POST /cluster/leave`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -232,13 +233,62 @@ pub type HealthCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 /// The membership as JSON, kept by the cluster driver (empty on a single node).
 pub type ClusterStatus = Arc<std::sync::Mutex<String>>;
 
+/// The membership driver, once it runs (`POST /cluster/leave` asks it); `None` on a single
+/// node and while the node starts.
+pub type ClusterControl = Arc<std::sync::OnceLock<ractor::ActorRef<crate::cluster::driver::DriverMsg>>>;
+
+/// What the listener serves.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub handle: PrometheusHandle,
+    pub health: HealthCheck,
+    pub cluster: ClusterStatus,
+    pub slots: Option<crate::cluster::status::SlotTable>,
+    pub control: ClusterControl,
+}
+
+/// `POST /cluster/leave` (`starling cluster leave`): only from this machine — the listener
+/// has no authentication yet (the admin API with tokens is issue 23's), and a leave stops
+/// the node.
+async fn cluster_leave(control: &ClusterControl, peer: SocketAddr) -> (StatusCode, String) {
+    if !peer.ip().is_loopback() {
+        tracing::warn!(%peer, "POST /cluster/leave refused: not from this machine");
+        return (
+            StatusCode::FORBIDDEN,
+            "cluster leave is accepted from this machine only (loopback)\n".into(),
+        );
+    }
+    let Some(driver) = control.get() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "not a cluster member (cluster.node_name is empty), or still starting\n".into(),
+        );
+    };
+    match ractor::call!(driver, crate::cluster::driver::DriverMsg::StartLeave) {
+        Ok(Ok(())) => (
+            StatusCode::ACCEPTED,
+            "leaving: this node stops once its slots have moved to the others\n".into(),
+        ),
+        Ok(Err(e)) => (StatusCode::CONFLICT, format!("{e}\n")),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the membership driver did not answer: {e}\n"),
+        ),
+    }
+}
+
 async fn respond(
     req: Request<hyper::body::Incoming>,
-    handle: PrometheusHandle,
-    health: HealthCheck,
-    cluster: ClusterStatus,
-    slots: Option<crate::cluster::status::SlotTable>,
+    e: Endpoints,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let Endpoints {
+        handle,
+        health,
+        cluster,
+        slots,
+        control,
+    } = e;
     let text = |code: StatusCode, ctype: &str, body: String| {
         Response::builder()
             .status(code)
@@ -285,20 +335,18 @@ async fn respond(
                 "not a cluster member (cluster.node_name is empty)\n".into(),
             ),
         },
+        ("POST", "/cluster/leave") => {
+            let (code, body) = cluster_leave(&control, peer).await;
+            text(code, "text/plain", body)
+        }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }
 
 /// Serves until the task is dropped. Runs on the control-plane (tokio) thread.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    handle: PrometheusHandle,
-    health: HealthCheck,
-    cluster: ClusterStatus,
-    slots: Option<crate::cluster::status::SlotTable>,
-) {
+pub async fn serve(listener: tokio::net::TcpListener, endpoints: Endpoints) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics accept failed");
@@ -306,11 +354,9 @@ pub async fn serve(
                 continue;
             }
         };
-        let (handle, health, cluster, slots) = (handle.clone(), health.clone(), cluster.clone(), slots.clone());
+        let e = endpoints.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                respond(req, handle.clone(), health.clone(), cluster.clone(), slots.clone())
-            });
+            let svc = hyper::service::service_fn(move |req| respond(req, e.clone(), peer));
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, svc)

@@ -41,11 +41,11 @@ pub const SLOTS: u32 = 8;
 pub const LINK_QUEUE: usize = starling_actors::system::limits::LINK_QUEUE;
 /// The driver's membership tick.
 const TICK_US: u64 = 1_000_000;
-/// How often a leaving node's driver looks at its slots, and how many looks in a row must
-/// find none before it stops (a leader that has not heard of the leave yet may still be
-/// adding it to a group: the node refuses, and the leader learns).
+/// How often a leaving node's driver looks at its slots (how many looks in a row must find
+/// none before it stops: `starling_actors::system::leave::QUIET_LOOKS`). The node's driver
+/// looks once a second, at its membership tick; half that here makes leaves end sooner in
+/// a run.
 const LEAVE_CHECK_US: u64 = 500_000;
-const LEAVE_QUIET_CHECKS: u32 = 3;
 
 pub fn name(i: u32) -> String {
     format!("n{i}")
@@ -382,10 +382,18 @@ impl World {
 
     /// `starling cluster leave` on node `n` (`Ev::LeaveStart`): it gossips that it leaves;
     /// every member takes it off the ring, so its slots' groups replace it and its actors
-    /// move. A node not up (not joined yet, crashed) is asked again a second later.
+    /// move. A node not up (not joined yet, crashed), or one that sees no other member
+    /// staying (`leave::may_start`: the node's driver refuses the command then), is asked
+    /// again a second later, as an operator would.
     pub fn leave_start(&mut self, n: u32) {
+        use starling_actors::system::leave;
         let node = &self.nodes[n as usize];
-        if !node.up || node.cluster.member.is_none() || self.leaving.is_some() {
+        let staying = node.cluster.member.as_ref().map(|m| {
+            let me = name(n);
+            m.ring().members().iter().filter(|o| **o != me).count()
+        });
+        let refused = staying.is_some_and(|s| leave::may_start(s).is_err());
+        if !node.up || staying.is_none() || self.leaving.is_some() || refused {
             if !self.quiescing {
                 self.after(TICK_US, Ev::LeaveStart(n));
             }
@@ -393,7 +401,7 @@ impl World {
         }
         self.stats.leaves_started += 1;
         let epoch = node.epoch;
-        self.leaving = Some((n, epoch, 0));
+        self.leaving = Some((n, epoch, leave::Leave::new()));
         let out = self.nodes[n as usize]
             .cluster
             .member
@@ -404,12 +412,13 @@ impl World {
         self.after(LEAVE_CHECK_US, Ev::LeaveCheck { node: n, epoch });
     }
 
-    /// The leaving node's driver (node/src/cluster/driver.rs): once its shards have hosted no
-    /// slot for `LEAVE_QUIET_CHECKS` looks in a row, it says goodbye and its process stops
+    /// The leaving node's driver (node/src/cluster/driver.rs) looks at the slots its shards
+    /// host (`leave::Leave::look`); once it may stop, it says goodbye and its process stops
     /// for good — its sessions close (their clients reconnect elsewhere), and the data it
     /// held must be on the others (the invariants check every acknowledged write).
     pub fn leave_check(&mut self, n: u32, epoch: u64) {
-        let Some((l, e, quiet)) = self.leaving else { return };
+        use starling_actors::system::leave::Step;
+        let Some((l, e, mut look)) = self.leaving else { return };
         if l != n || e != epoch || !self.live(n, epoch) {
             return;
         }
@@ -418,9 +427,8 @@ impl World {
             .iter()
             .map(|sh| sh.protocol.slots().len())
             .sum();
-        let quiet = if hosted == 0 { quiet + 1 } else { 0 };
-        if quiet < LEAVE_QUIET_CHECKS {
-            self.leaving = Some((n, epoch, quiet));
+        if let Step::Wait { .. } = look.look(hosted) {
+            self.leaving = Some((n, epoch, look));
             self.after(LEAVE_CHECK_US, Ev::LeaveCheck { node: n, epoch });
             return;
         }

@@ -258,9 +258,9 @@ pub struct World {
     pub cut_pairs: BTreeSet<(u32, u32)>,
     /// Events queued that are not membership chatter.
     work: u64,
-    /// A leave under way: the node, its process's epoch, and checks in a row that found it
-    /// hosting no slot.
-    pub leaving: Option<(u32, u64, u32)>,
+    /// A leave under way: the node, its process's epoch, and its driver's looks at its slots
+    /// (`starling_actors::system::leave`).
+    pub leaving: Option<(u32, u64, starling_actors::system::leave::Leave)>,
     /// Nodes that left (`cluster leave`) and stopped for good.
     pub departed: BTreeSet<u32>,
 }
@@ -466,6 +466,16 @@ impl World {
             eprintln!("work left {}: {pending:?}", self.work);
             eprintln!("raft unsettled: {:?}", self.raft_unsettled());
             eprintln!("membership: {:?}", self.membership_disagreement());
+            for n in &self.nodes {
+                if let Some(m) = n.cluster.member.as_ref() {
+                    let seen: Vec<String> = m
+                        .members()
+                        .iter()
+                        .map(|(id, st)| format!("{}@{} {st:?}", id.name, id.generation))
+                        .collect();
+                    eprintln!("n{} gossip members: {seen:?}", n.id);
+                }
+            }
             // Each node's slots at the end: (slot, leader, leads here, committed, applied).
             for n in &self.nodes {
                 for (s, sh) in n.shards.iter().enumerate() {

@@ -210,6 +210,25 @@ impl Server {
         Command::new(binary()).args(a).output().expect("run starling")
     }
 
+    /// Starts a `starling` subcommand on this server's data dir without waiting for it.
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        let mut a = self.base_args();
+        a.extend(args.iter().map(|s| s.to_string()));
+        Command::new(binary())
+            .args(a)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run starling")
+    }
+
+    /// Whether the process has exited by itself (its status then), without waiting.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().expect("wait")?;
+        self.child = None;
+        Some(st)
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)

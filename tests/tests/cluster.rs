@@ -3,7 +3,8 @@
 //! offline), through tokio-xmpp; `starling cluster status` shows the members and the slots; a
 //! node killed with SIGKILL is seen down within the stated bound and the others carry on,
 //! sessions staying connected while their users' actors move; five nodes lose two, one after
-//! the other, and a sixth joins, with nothing acknowledged lost.
+//! the other, a sixth joins and another leaves (`starling cluster leave`), with nothing
+//! acknowledged lost.
 
 use std::time::{Duration, Instant};
 
@@ -592,16 +593,17 @@ fn wait_settled(nodes: &[&Server], alive: &[&str], r: usize, within: Duration) {
 /// Five nodes with replication 3: users with rosters and offline messages spread over them;
 /// `kill -9` of one node, then, once its slots have three members again, of a second: every
 /// account, roster item and offline message is served by the survivors. A sixth node joins
-/// and takes a share of the slots. Two clients connected to surviving nodes stay connected
-/// throughout (one's actor moves to the newcomer), and every message they exchange meanwhile
-/// arrives once.
+/// and takes a share of the slots; then `starling cluster leave` decommissions n3: its slots
+/// move, it stops by itself, and every account, roster item and offline message is served by
+/// the three left. Two clients connected to surviving nodes stay connected throughout (one's
+/// actor moves to the newcomer), and every message they exchange meanwhile arrives once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_lose_two_one_after_the_other_and_a_sixth_joins() {
     let g1 = free_port();
     let start = |name: &str, g: u16| Server::start_node(name, g, free_port(), &[g1], &["cluster.replication=3"]);
     let n1 = start("n1", g1);
     let n2 = start("n2", free_port());
-    let n3 = start("n3", free_port());
+    let mut n3 = start("n3", free_port());
     let mut n4 = start("n4", free_port());
     let mut n5 = start("n5", free_port());
     let five = ["n1", "n2", "n3", "n4", "n5"];
@@ -701,6 +703,55 @@ async fn five_nodes_lose_two_one_after_the_other_and_a_sixth_joins() {
     let share = hosted.as_array().unwrap().len();
     assert!((16..64).contains(&share), "n6 hosts {share} of 64 slots");
     talk(&mut a, &mut b, &mut sent).await;
+
+    // `starling cluster leave` on n3, with a message stored for every user first: n3's
+    // slots move to the three others (replication 3: all of them), then it stops by itself.
+    for u in &users {
+        message_stored(&mut a, &format!("{u}@localhost"), &format!("again for {u}")).await;
+    }
+    let leave = n3.cli_spawn(&["cluster", "leave"]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let exit = loop {
+        talk(&mut a, &mut b, &mut sent).await;
+        if let Some(st) = n3.exited() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n3 did not leave within 90 s\n{}",
+            n3.log_text()
+        );
+    };
+    assert!(exit.success(), "n3 left with {exit}\n{}", n3.log_text());
+    let out = tokio::task::spawn_blocking(move || leave.wait_with_output().expect("cluster leave"))
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && said.contains("leaving") && said.contains("has left the cluster and stopped"),
+        "cluster leave: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(n3.log_text().contains("cluster leave finished"), "{}", n3.log_text());
+    let left3 = ["n1", "n2", "n6"];
+    for n in [&n1, &n2, &n6] {
+        wait_alive(n, &left3, Duration::from_secs(15));
+    }
+    wait_settled(&[&n1, &n2, &n6], &left3, 3, Duration::from_secs(60));
+    talk(&mut a, &mut b, &mut sent).await;
+    for (i, u) in users.iter().enumerate() {
+        let via = [&n1, &n2, &n6][i % 3];
+        let mut r = Raw::try_login_plain(via.port, u, "pw", "r2")
+            .await
+            .unwrap_or_else(|got| panic!("{u} cannot log in after n3 left: {got}"));
+        r.send("<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq><presence/>")
+            .await;
+        let got = r.until(&format!("again for {u}")).await;
+        assert!(
+            got.contains(&format!("jid=\"{bj}\"")),
+            "{u}'s roster after n3 left: {got}"
+        );
+    }
 
     // alice and bob stayed connected (a disconnect fails any read) and got everything once.
     a.send_stanza(chat(&bj, "a2b end")).await.unwrap();

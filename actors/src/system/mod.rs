@@ -5,7 +5,7 @@
 //! `ShardCore`), a connection's effect loop (`conn`), group commit (`commit`), the cluster's
 //! rules (`cluster`: placement, slots, which sessions reconnect), the replicated state on Raft
 //! (`slot`: one slot's group over raft-rs; `consensus`: the groups of a shard, writes,
-//! read-index reads, membership, snapshots), every limit and timeout in one place
+//! read-index reads, membership, snapshots), when a leaving node may stop (`leave`), every limit and timeout in one place
 //! (`limits`), the rules around an actor's life (`life`), and those for a stanza that reaches
 //! a vanished session or cannot be delivered (`crate::msg::session_gone`,
 //! `crate::msg::undeliverable`). The node (`node/`) and the simulator (`sim/`) only move bytes
@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod commit;
 pub mod conn;
 pub mod consensus;
+pub mod leave;
 pub mod life;
 pub mod limits;
 pub mod queues;

@@ -1,7 +1,10 @@
 //! The membership driver: a ractor actor on the control-plane thread that hosts the sans-io
 //! [`Membership`] — it owns the UDP socket, turns foca's timer requests into tokio sleeps, and
 //! pushes every membership change to every shard. It also keeps the JSON that `/cluster`
-//! (and so `starling cluster status`) shows.
+//! (and so `starling cluster status`) shows, and runs `starling cluster leave`
+//! (`DriverMsg::StartLeave`): it gossips that this node leaves, looks at the slots its shards
+//! host once a tick (`starling_actors::system::leave`), and once they have all moved says
+//! goodbye and asks the process to stop.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -9,14 +12,15 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
+use starling_actors::system::leave::{self, Leave, Step};
 use starling_gossip::{Change, MemberState, Membership, NodeIdentity, Output, Ring, Timer, Timings};
 
 use super::Members;
 
 /// Datagrams larger than this are not gossip (foca's packets are ≤ 1400 bytes).
 const MAX_DATAGRAM: usize = 2048;
-/// How often the driver checks whether it is alone (and re-announces to the seeds) and
-/// refreshes the status.
+/// How often the driver checks whether it is alone (and re-announces to the seeds),
+/// refreshes the status, and (leaving) looks at the slots still hosted.
 const TICK: Duration = Duration::from_secs(1);
 
 pub enum DriverMsg {
@@ -25,6 +29,9 @@ pub enum DriverMsg {
     Tick,
     /// A clean shutdown: tell the others, then answer.
     Leave(RpcReplyPort<()>),
+    /// `starling cluster leave`: start decommissioning this node; refused (with the reason)
+    /// when no other member stays. Asking again while leaving is not an error.
+    StartLeave(RpcReplyPort<Result<(), String>>),
 }
 
 pub struct DriverArgs {
@@ -33,6 +40,10 @@ pub struct DriverArgs {
     pub shards: Vec<flume::Sender<()>>,
     pub latest: Arc<Mutex<Members>>,
     pub status: Arc<Mutex<String>>,
+    /// The slots this node's shards host (`/cluster/slots`): a leave waits for it to empty.
+    pub slot_table: super::status::SlotTable,
+    /// Told once a leave has finished: the process stops (`cli::serve`).
+    pub stop: Arc<tokio::sync::Notify>,
 }
 
 pub struct DriverState {
@@ -42,6 +53,12 @@ pub struct DriverState {
     latest: Arc<Mutex<Members>>,
     status: Arc<Mutex<String>>,
     recv_task: tokio::task::JoinHandle<()>,
+    slot_table: super::status::SlotTable,
+    stop: Arc<tokio::sync::Notify>,
+    /// A leave under way.
+    leave: Option<Leave>,
+    /// Goodbye said (a finished leave, or the shutdown's): not said twice.
+    left: bool,
 }
 
 pub struct Driver;
@@ -53,6 +70,8 @@ struct StatusMember {
     transport: String,
     generation: u64,
     state: MemberState,
+    /// Decommissioning (`cluster leave`): off the ring, its slots moving away.
+    leaving: bool,
     /// Share of user keys this member owns, estimated over sample keys.
     ring_share: f64,
 }
@@ -132,6 +151,7 @@ impl DriverState {
     fn refresh_status(&self) {
         let ring = self.membership.ring();
         let shares = shares(&ring);
+        let leaving = self.membership.leaving();
         let members = self
             .membership
             .members()
@@ -142,6 +162,7 @@ impl DriverState {
                     .find(|(n, _)| *n == id.name)
                     .map(|(_, s)| *s)
                     .unwrap_or(0.0),
+                leaving: leaving.contains(&id.name),
                 name: id.name,
                 gossip: id.gossip,
                 transport: id.transport,
@@ -155,6 +176,45 @@ impl DriverState {
         };
         if let Ok(json) = serde_json::to_string_pretty(&status) {
             *self.status.lock().expect("status lock") = json;
+        }
+    }
+}
+
+impl DriverState {
+    fn start_leave(&mut self) -> Result<Output, String> {
+        if self.leave.is_some() {
+            return Ok(Output::default());
+        }
+        if self.left {
+            return Err("this node is stopping".into());
+        }
+        let me = self.membership.me().name.clone();
+        let staying = self.membership.ring().members().iter().filter(|m| **m != me).count();
+        leave::may_start(staying).map_err(|e| e.to_string())?;
+        tracing::warn!("cluster leave: this node leaves the cluster once its slots have moved to the others");
+        self.leave = Some(Leave::new());
+        Ok(self.membership.start_leaving())
+    }
+
+    /// A tick while leaving: once the shards have hosted no slot for long enough, goodbye,
+    /// and the process stops.
+    fn look(&mut self) -> Option<Output> {
+        let l = self.leave.as_mut()?;
+        if self.left {
+            return None;
+        }
+        let hosted = self.slot_table.lock().map(|t| t.len()).unwrap_or(usize::MAX);
+        match l.look(hosted) {
+            Step::Wait { hosted, .. } => {
+                tracing::info!(hosted, "cluster leave: waiting for this node's slots to move");
+                None
+            }
+            Step::Stop => {
+                tracing::warn!("cluster leave: no slot is hosted here any more; leaving the membership and stopping");
+                self.left = true;
+                self.stop.notify_one();
+                Some(self.membership.leave())
+            }
         }
     }
 }
@@ -198,6 +258,10 @@ impl Actor for Driver {
             latest: args.latest,
             status: args.status,
             recv_task,
+            slot_table: args.slot_table,
+            stop: args.stop,
+            leave: None,
+            left: false,
         };
         let out = state.membership.join();
         state.carry(&me, out).await;
@@ -217,13 +281,33 @@ impl Actor for Driver {
             DriverMsg::Packet(p) => state.membership.handle_data(&p),
             DriverMsg::Timer(t) => state.membership.handle_timer(t),
             DriverMsg::Tick => {
+                if let Some(out) = state.look() {
+                    state.carry(&me, out).await;
+                }
                 state.refresh_status();
                 state.membership.tick()
             }
             DriverMsg::Leave(reply) => {
-                let out = state.membership.leave();
-                state.carry(&me, out).await;
+                if !state.left {
+                    state.left = true;
+                    let out = state.membership.leave();
+                    state.carry(&me, out).await;
+                }
                 let _ = reply.send(());
+                return Ok(());
+            }
+            DriverMsg::StartLeave(reply) => {
+                match state.start_leave() {
+                    Ok(out) => {
+                        state.carry(&me, out).await;
+                        state.refresh_status();
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster leave refused");
+                        let _ = reply.send(Err(e));
+                    }
+                }
                 return Ok(());
             }
         };

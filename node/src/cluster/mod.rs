@@ -1,12 +1,14 @@
 //! The cluster: membership (a ractor actor driving foca over UDP, `driver.rs`), each shard's
 //! view of it (`View`: the ring and where every member's transport listens), and the
-//! node-to-node links between shards of different nodes (`link.rs`).
+//! node-to-node links between shards of different nodes (`link.rs`); `starling cluster
+//! status` (`status.rs`) and `starling cluster leave` (`leave.rs`).
 //!
 //! The driver pushes every membership change to every shard; a shard's `route` asks its view
 //! which node owns a user, and an envelope for another node goes over this shard's link to
 //! that node, which routes it on as if it had been sent locally.
 
 pub mod driver;
+pub mod leave;
 pub mod link;
 pub mod status;
 
@@ -203,13 +205,20 @@ pub fn setup(cfg: &crate::config::Config, shards: usize) -> Result<Option<Setup>
 }
 
 impl Setup {
-    pub fn driver_args(self, status: crate::metrics::ClusterStatus) -> driver::DriverArgs {
+    /// `stop` is told when a `cluster leave` has finished.
+    pub fn driver_args(
+        self,
+        status: crate::metrics::ClusterStatus,
+        stop: std::sync::Arc<tokio::sync::Notify>,
+    ) -> driver::DriverArgs {
         driver::DriverArgs {
             me: self.me,
             seeds: self.seeds,
             shards: self.wakeups,
             latest: self.params.latest,
             status,
+            slot_table: self.params.slot_table,
+            stop,
         }
     }
 }

@@ -86,6 +86,8 @@ struct Member {
     transport: String,
     generation: u64,
     state: String,
+    #[serde(default)]
+    leaving: bool,
     ring_share: f64,
 }
 
@@ -95,20 +97,49 @@ struct Status {
     members: Vec<Member>,
 }
 
-fn fetch(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("cannot reach the node at {addr} (metrics.listen): {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+/// Why a request to the node's listener failed.
+#[derive(Debug)]
+pub enum AskError {
+    /// Nothing listens there (the node is not running, or has stopped).
+    Unreachable(String),
+    /// It answered with another status than expected.
+    Answered(String),
+}
+
+impl std::fmt::Display for AskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::Unreachable(e) | AskError::Answered(e) => f.write_str(e),
+        }
+    }
+}
+
+/// One HTTP/1.1 request to the node's `metrics.listen` endpoint; the body when the status is
+/// `want` (a 2xx code).
+pub fn ask(addr: std::net::SocketAddr, method: &str, path: &str, want: &str) -> Result<String, AskError> {
+    let unreachable =
+        |e: std::io::Error| AskError::Unreachable(format!("cannot reach the node at {addr} (metrics.listen): {e}"));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(unreachable)?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(unreachable)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(unreachable)?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-    let (head, body) = resp.split_once("\r\n\r\n").ok_or("malformed answer")?;
+    s.read_to_string(&mut resp).map_err(unreachable)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| AskError::Unreachable(format!("the node at {addr} closed the connection mid-answer")))?;
     let code = head.split_whitespace().nth(1).unwrap_or("");
-    if code != "200" {
-        return Err(format!("the node answered {code}: {}", body.trim()));
+    if code != want {
+        return Err(AskError::Answered(format!("the node answered {code}: {}", body.trim())));
     }
     Ok(body.to_string())
+}
+
+fn fetch(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    ask(addr, "GET", path, "200").map_err(|e| e.to_string())
 }
 
 pub fn print(cfg: &crate::config::Config, json: bool) -> Result<(), String> {
@@ -128,10 +159,15 @@ pub fn print(cfg: &crate::config::Config, json: bool) -> Result<(), String> {
         "NODE", "STATE", "SHARE", "GOSSIP (UDP)", "TRANSPORT (TCP)"
     );
     for m in st.members {
+        let state = if m.leaving {
+            format!("{} (leaving)", m.state.to_lowercase())
+        } else {
+            m.state.to_lowercase()
+        };
         println!(
             "{:<16} {:<8} {:>6.1}%  {:<22} {:<22} {}",
             m.name,
-            m.state.to_lowercase(),
+            state,
             m.ring_share * 100.0,
             m.gossip,
             m.transport,
