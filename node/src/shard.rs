@@ -78,7 +78,7 @@ pub struct Shard {
     pub(crate) calls: Option<Senders<crate::cluster::link::ShardCall>>,
     /// The actor system's state machine for this shard: mailboxes, routing, overflow
     /// (`starling_actors::system::shard`). This host moves what it decides.
-    core: RefCell<ShardCore>,
+    pub(crate) core: RefCell<ShardCore>,
     /// The task waiting for each empty mailbox.
     wakers: RefCell<HashMap<MailboxKey, Waker>>,
     pub storage: StorageHandle,

@@ -896,6 +896,16 @@ impl World {
             let Some(m) = sh.core.pop_user(&jid) else {
                 return;
             };
+            if sh.core.take_stale(&jid) {
+                // A handoff undone since (`ShardCore::pop_user`): the actor ends as stale
+                // before this message, which goes to the next incarnation (user_host.rs).
+                let sessions = r.actor().sessions();
+                sh.users.remove(&jid);
+                let again = vec![Envelope::to_user(jid.clone(), m.msg)];
+                sh.core.end_user(&jid, sessions, life::Ending::Stale, again);
+                self.stats.stale_ends += 1;
+                return self.drive(node, shard);
+            }
             h.handled += 1;
             h.idle = false;
             if self.cfg.keep_events > 0 {

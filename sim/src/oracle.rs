@@ -101,8 +101,11 @@ impl Messages {
                 invariant: 1,
                 at_ms: now_ms,
                 what: format!(
-                    "message {id} from {} to {} handed over twice (accepted at {} ms) with no crash to excuse it",
-                    r.from, r.to, r.accepted_ms
+                    "message {id} from {} to {} handed over twice (accepted at {} ms) with no crash to excuse it (its deletion {})",
+                    r.from,
+                    r.to,
+                    r.accepted_ms,
+                    if r.deleted { "was acknowledged" } else { "was never acknowledged" }
                 ),
             });
         }

@@ -133,13 +133,6 @@ fn a_three_node_sweep_holds_every_invariant() {
 /// loss 49 (stale presence) since sessions register with a moved actor (`UserMsg::Rebind`).
 const KNOWN_OPEN: &[(&str, u64, &str)] = &[];
 
-/// The class left open (sim/README.md, "Sessions stay connected across moves"): presence
-/// that does not converge (invariant 3) when, in a five-node run with every fault, a
-/// contact's actor moved more than once before the views settled and a probe was answered
-/// by an incarnation that did not know the contact's sessions yet. The data invariants
-/// hold in these runs.
-const STALE_PRESENCE: &str = "presence not converged after actors moved under faults (invariant 3)";
-
 /// An offline message whose confirmation waited behind its actor, stuck for seconds on a
 /// slot without a quorum, came again after the client reconnected elsewhere (invariant 1:
 /// offline delivery is at-least-once, but the oracle excuses only confirmations the server
@@ -147,7 +140,7 @@ const STALE_PRESENCE: &str = "presence not converged after actors moved under fa
 const CONFIRM_STUCK: &str = "offline message confirmed behind a stuck actor came again (invariant 1)";
 
 /// Runs with every cluster fault at once that must still fail (as `KNOWN_OPEN`).
-const KNOWN_OPEN_ALL: &[(u32, u64, &str)] = &[(5, 7, CONFIRM_STUCK), (5, 39, STALE_PRESENCE)];
+const KNOWN_OPEN_ALL: &[(u32, u64, &str)] = &[(5, 7, CONFIRM_STUCK)];
 
 #[test]
 fn every_invariant_holds_under_each_cluster_fault() {

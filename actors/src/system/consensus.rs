@@ -39,7 +39,7 @@ use starling_storage::{Account, RaftStored, RaftWrite, StorageError, Write};
 
 use super::cluster as rules;
 use super::limits;
-use super::slot::{RaftMsg, Slot, TOMBSTONE};
+use super::slot::{RaftMsg, Slot, ASK, ELECTION_TICKS, TOMBSTONE};
 use crate::address::{NodeId, ShardId};
 
 /// The writes of the entries a stored log holds past its applied index: what a restart
@@ -813,6 +813,18 @@ impl<T, R> Consensus<T, R> {
                 }
                 continue;
             }
+            if msg.kind == ASK {
+                if g.initialized() && !g.knows(msg.from) {
+                    tracing::debug!(
+                        slot,
+                        from = node_of(msg.from),
+                        "raft: a learner not in the group asks; telling it"
+                    );
+                    let t = RaftMsg::tombstone(self.me, msg.from, g.applied);
+                    self.outbox.entry(node_of(t.to)).or_default().push((slot, t));
+                }
+                continue;
+            }
             let campaign = [
                 raft::eraftpb::MessageType::MsgRequestVote as i32,
                 raft::eraftpb::MessageType::MsgRequestPreVote as i32,
@@ -868,6 +880,7 @@ impl<T, R> Consensus<T, R> {
         if self.now.is_multiple_of(RECONCILE_TICKS) {
             for slot in &slots {
                 self.reconcile(*slot, m);
+                self.ask_if_removed(*slot);
             }
         }
         let now = self.now;
@@ -1101,6 +1114,21 @@ impl<T, R> Consensus<T, R> {
 
     /// On a leader: moves the group's configuration one step toward the ring's members for
     /// the slot, or hands leadership to the ring's owner of the slot.
+    /// A learner that has heard from no leader for two election timeouts asks the voters it
+    /// knows whether it is still in the group ([`ASK`]): one that applied its removal answers
+    /// [`TOMBSTONE`], and the copy goes (a voter removed that way campaigns and is told
+    /// the same).
+    fn ask_if_removed(&mut self, slot: u32) {
+        let Some(g) = self.groups.get(&slot) else { return };
+        if !g.initialized() || g.is_leader() || !g.is_learner() || g.unheard() < 2 * ELECTION_TICKS {
+            return;
+        }
+        for v in g.voters() {
+            let a = RaftMsg::ask(self.me, v);
+            self.outbox.entry(node_of(v)).or_default().push((slot, a));
+        }
+    }
+
     fn reconcile(&mut self, slot: u32, m: &impl Members) {
         let r = self.cfg.replication;
         let want: Vec<u64> = wanted(m, slot, r)

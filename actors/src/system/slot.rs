@@ -25,7 +25,7 @@ mod log;
 mod wire;
 
 pub use log::SlotLog;
-pub use wire::{RaftEntry, RaftMsg, RaftSnapshot, MAX_CONF_CHANGE, TOMBSTONE};
+pub use wire::{RaftEntry, RaftMsg, RaftSnapshot, ASK, MAX_CONF_CHANGE, TOMBSTONE};
 
 use starling_storage::{RaftStored, RaftWrite};
 
@@ -210,6 +210,30 @@ impl Slot {
             || c.learners.contains(&id)
             || c.voters_outgoing.contains(&id)
             || c.learners_next.contains(&id)
+    }
+
+    /// A learner in its own configuration (no vote, incoming or outgoing): it never
+    /// campaigns.
+    pub fn is_learner(&self) -> bool {
+        let c = self.conf();
+        let id = self.id();
+        !c.voters.contains(&id) && !c.voters_outgoing.contains(&id) && self.knows(id)
+    }
+
+    /// The voters this member's configuration names (incoming and outgoing), itself aside.
+    pub fn voters(&self) -> Vec<u64> {
+        let c = self.conf();
+        let mut v: Vec<u64> = c.voters.iter().chain(c.voters_outgoing.iter()).copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v.retain(|x| *x != self.id());
+        v
+    }
+
+    /// Counted ticks since this member last heard from a leader (raft-rs's election clock;
+    /// a voter's is reset at each campaign, a learner's only by a leader).
+    pub fn unheard(&self) -> usize {
+        self.rn.raft.election_elapsed
     }
 
     /// Whether this member has a configuration (a joining one has none until its snapshot).

@@ -49,6 +49,10 @@ struct Session {
     interested: bool,
     /// Full or bare JIDs that got directed presence from this resource (§4.6).
     directed: BTreeSet<String>,
+    /// A moved session: the offline messages up to this sequence number reached its client
+    /// from an earlier incarnation (`UserMsg::Rebind`'s `offline_upto`); they are not sent
+    /// again, even while their deletion is still on its way.
+    offline_had: u64,
 }
 
 impl Session {
@@ -63,6 +67,7 @@ impl Session {
             priority: 0,
             interested: false,
             directed,
+            offline_had: 0,
         }
     }
 }
@@ -425,6 +430,7 @@ impl UserActor {
             .collect();
         self.sessions.push(Session {
             interested,
+            offline_had: offline_upto,
             ..Session::bare(resource.clone(), addr, false, directed)
         });
         if let Some(p) = presence {

@@ -314,9 +314,12 @@ impl Shard {
         }
     }
 
-    /// Whether the actor of `jid`, if it runs here, was told its state is stale (once).
+    /// Whether the actor of `jid`, if it runs here, was told its state is stale (once): by
+    /// the consensus (`Act::Stale`) or by its shard core (a handoff undone since:
+    /// `ShardCore::take_stale`).
     pub(crate) fn take_stale(&self, jid: &jid::BareJid) -> bool {
-        self.cluster.stale.borrow_mut().remove(jid)
+        let told = self.cluster.stale.borrow_mut().remove(jid);
+        self.core.borrow_mut().take_stale(jid) | told
     }
 
     /// Work for the slots another shard of this node hosts.

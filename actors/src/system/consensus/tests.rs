@@ -463,6 +463,51 @@ fn a_leaving_node_hands_its_slots_over_even_below_the_replication() {
     }
 }
 
+/// A node that joins is cut off while still a learner of some slots, and leaves: the leaders
+/// remove it without hearing from it. A learner never campaigns, so it is not told by the
+/// answer to a campaign; after the heal it asks (`ASK`), is told (`TOMBSTONE`), and drops
+/// every copy — the leave can end.
+#[test]
+fn a_learner_removed_while_cut_off_learns_it_after_the_heal() {
+    let mut net = Net::new(3, false);
+    net.members(&[0, 1]);
+    net.ticks(100);
+    for (i, u) in users().iter().enumerate() {
+        assert_eq!(net.write(0, u, i as u64 + 1), Some(Outcome::Written(Ok(()))), "{u}");
+    }
+    net.members(&[0, 1, 2]);
+    let learner = |net: &Net| {
+        net.hosts[2]
+            .c
+            .groups
+            .values()
+            .any(|g| g.initialized() && g.is_learner())
+    };
+    let mut ticks = 0;
+    while !learner(&net) {
+        net.ticks(1);
+        ticks += 1;
+        assert!(ticks < 200, "node 2 never became a learner with data");
+    }
+    net.cut = vec![(2, 0), (2, 1)];
+    net.leave(2);
+    net.ticks(200);
+    for i in 0..2 {
+        assert_eq!(net.voters(i), vec![vec![1, 2]; SLOTS as usize], "node {i}");
+    }
+    assert!(learner(&net), "cut off, node 2 still holds its learner copies");
+    net.cut.clear();
+    net.ticks(100);
+    assert!(
+        net.hosts[2].c.groups.is_empty(),
+        "after the heal node 2 still hosts {:?}",
+        net.hosts[2].c.slots()
+    );
+    for (i, u) in users().iter().enumerate() {
+        assert_eq!(net.read(0, u), Ok(i as u64 + 1), "{u}");
+    }
+}
+
 #[test]
 fn a_minority_side_serves_nothing_stale() {
     let mut net = Net::new(3, false);

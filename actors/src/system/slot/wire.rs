@@ -16,6 +16,14 @@ pub const MAX_CONF_CHANGE: usize = 256;
 /// never learnt of (raft-rs stops talking to a removed member; it would wait forever).
 pub const TOMBSTONE: i32 = -1;
 
+/// Ours too: "am I still in this slot's group?" — sent by a learner that has heard from no
+/// leader for a while to the voters it knows. A learner never campaigns, so a learner removed
+/// by a change it never learnt of would otherwise wait for ever (found by the simulator:
+/// 3 nodes, seeds 196 and 241, a node that joined late left while still a learner, and its
+/// copies kept it from ever stopping); a voter whose applied configuration lacks it answers
+/// [`TOMBSTONE`].
+pub const ASK: i32 = -2;
+
 /// A Raft message in our own form: an rkyv archive, validated on receipt like every frame
 /// (`wire.rs`), then checked again by [`RaftMsg::into_raft`].
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -117,11 +125,20 @@ impl RaftMsg {
     pub fn tombstone(from: u64, to: u64, applied: u64) -> Self {
         RaftMsg {
             kind: TOMBSTONE,
+            index: applied,
+            ..Self::ask(from, to)
+        }
+    }
+
+    /// [`ASK`] from `from` to `to`.
+    pub fn ask(from: u64, to: u64) -> Self {
+        RaftMsg {
+            kind: ASK,
             to,
             from,
             term: 0,
             log_term: 0,
-            index: applied,
+            index: 0,
             entries: Vec::new(),
             commit: 0,
             commit_term: 0,
