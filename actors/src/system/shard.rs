@@ -637,6 +637,11 @@ impl ShardCore {
             }
         }
         for t in queued {
+            // A handoff was for the sessions of the incarnation that ended: the next one's
+            // register with it themselves.
+            if matches!(t.msg, UserMsg::Handoff) {
+                continue;
+            }
             self.emit(Out::Route(Envelope::to_user(jid.clone(), t.msg)));
         }
         self.done();

@@ -467,6 +467,32 @@ fn membership_changes_reach_the_actors_and_move_the_sessions() {
     );
     assert!(c.pop_user(&bob).is_none());
     outs(&mut c);
+    // An actor that ends with a handoff queued does not pass it on: it was for its sessions.
+    c.membership_changed(1, false, &[], |_| 9, 0);
+    c.route(inbound("bob@x", "kept"), 0, Origin::Actor, &one_shard());
+    outs(&mut c);
+    c.end_user(&bob, Vec::new(), Ending::Stale, Vec::new());
+    let passed: Vec<Out> = outs(&mut c);
+    assert!(
+        passed.iter().all(|o| !matches!(
+            o,
+            Out::Route(Envelope::User {
+                msg: UserMsg::Handoff,
+                ..
+            })
+        )),
+        "{passed:?}"
+    );
+    assert!(
+        passed.iter().any(|o| matches!(
+            o,
+            Out::Route(Envelope::User {
+                msg: UserMsg::Inbound { .. },
+                ..
+            })
+        )),
+        "{passed:?}"
+    );
 
     for u in ["bob@x", "eve@x"] {
         c.route(inbound(u, "m"), 0, Origin::Actor, &one_shard());
