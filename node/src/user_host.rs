@@ -93,7 +93,7 @@ async fn run(shard: Rc<Shard>, jid: BareJid) {
             // state is older than the store's. The actor ends; the message goes to the next
             // incarnation, which reloads, and the sessions register with it.
             tracing::info!(user = %jid, "user actor's state is stale; ending it");
-            let again = vec![starling_actors::msg::Envelope::to_user(jid.clone(), msg)];
+            let again = life::stale_again(&jid, msg);
             return shard.end_user(&jid, runner.actor().sessions(), Ending::Stale, again);
         }
         tracing::trace!(user = %jid, ?msg, "user actor input");

@@ -901,7 +901,7 @@ impl World {
                 // before this message, which goes to the next incarnation (user_host.rs).
                 let sessions = r.actor().sessions();
                 sh.users.remove(&jid);
-                let again = vec![Envelope::to_user(jid.clone(), m.msg)];
+                let again = life::stale_again(&jid, m.msg);
                 sh.core.end_user(&jid, sessions, life::Ending::Stale, again);
                 self.stats.stale_ends += 1;
                 return self.drive(node, shard);

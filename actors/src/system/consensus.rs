@@ -880,7 +880,7 @@ impl<T, R> Consensus<T, R> {
         if self.now.is_multiple_of(RECONCILE_TICKS) {
             for slot in &slots {
                 self.reconcile(*slot, m);
-                self.ask_if_removed(*slot);
+                self.ask_if_removed(*slot, m);
             }
         }
         let now = self.now;
@@ -1114,16 +1114,38 @@ impl<T, R> Consensus<T, R> {
 
     /// On a leader: moves the group's configuration one step toward the ring's members for
     /// the slot, or hands leadership to the ring's owner of the slot.
-    /// A learner that has heard from no leader for two election timeouts asks the voters it
-    /// knows whether it is still in the group ([`ASK`]): one that applied its removal answers
-    /// [`TOMBSTONE`], and the copy goes (a voter removed that way campaigns and is told
-    /// the same).
-    fn ask_if_removed(&mut self, slot: u32) {
+    /// A learner that has heard from no leader for two election timeouts asks whether it is
+    /// still in the group ([`ASK`]) — the voters it knows, and the ring's members for the slot
+    /// (those it knows may all have left the group since: a learner that missed its own
+    /// promotion and then its removal, found in the five-node end-to-end test): a member that
+    /// applied its removal answers [`TOMBSTONE`], and the copy goes (a voter removed that way
+    /// campaigns and is told the same).
+    fn ask_if_removed(&mut self, slot: u32, m: &impl Members) {
         let Some(g) = self.groups.get(&slot) else { return };
+        let wanted_here = wanted(m, slot, self.cfg.replication)
+            .into_iter()
+            .any(|n| m.node_id(n) == Some(m.me()));
+        if !g.initialized() && !wanted_here && g.unheard() >= 2 * ELECTION_TICKS {
+            // An empty copy made for a leader that then stopped feeding it (it removed this
+            // node before the snapshot came), on a node the ring no longer wants in the
+            // group: it holds and acknowledged nothing, and a leader that still wants it makes
+            // it again with its next message. (One the ring wants waits: reads of its keys
+            // wait for its snapshot.)
+            tracing::info!(slot, "raft: an empty copy no leader has fed for long is dropped");
+            return self.forget(slot, "an empty copy no leader fed");
+        }
         if !g.initialized() || g.is_leader() || !g.is_learner() || g.unheard() < 2 * ELECTION_TICKS {
             return;
         }
-        for v in g.voters() {
+        let mut to: BTreeSet<u64> = g.voters().into_iter().collect();
+        to.extend(
+            wanted(m, slot, self.cfg.replication)
+                .into_iter()
+                .filter_map(|n| m.node_id(n))
+                .map(raft_id)
+                .filter(|id| *id != self.me),
+        );
+        for v in to {
             let a = RaftMsg::ask(self.me, v);
             self.outbox.entry(node_of(v)).or_default().push((slot, a));
         }

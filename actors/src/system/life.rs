@@ -58,6 +58,16 @@ pub fn ended(jid: &BareJid, sessions: Vec<(SessionAddr, String)>, why: Ending) -
     out
 }
 
+/// What the message just popped becomes when the actor ends as stale before handling it
+/// (`Ending::Stale`): it goes to the next incarnation — but a handoff, which was for the
+/// ended one's sessions, goes nowhere.
+pub fn stale_again(jid: &BareJid, popped: UserMsg) -> Vec<Envelope> {
+    match popped {
+        UserMsg::Handoff => Vec::new(),
+        m => vec![Envelope::to_user(jid.clone(), m)],
+    }
+}
+
 /// What a message for an actor that cannot start (its state cannot be read) becomes.
 #[derive(Debug, PartialEq)]
 pub enum NotStarted {

@@ -543,21 +543,20 @@ impl ShardCore {
     /// may the actor go on: while the key was elsewhere another incarnation may have written
     /// its state (3 nodes, `--only partitions`, seed 7: a roster view behind). It ends as
     /// stale instead ([`ShardCore::take_stale`]): its sessions register with the next
-    /// incarnation, which loads what is stored.
+    /// incarnation, which loads what is stored. (The handoff is still returned, so that the
+    /// host asks at once; `life::stale_again` drops it.)
     pub fn pop_user(&mut self, jid: &BareJid) -> Option<Queued<UserMsg>> {
-        loop {
-            let t = self.user_mail.pop_front(self.users.get_mut(jid)?)?;
-            if matches!(t.msg, UserMsg::Handoff) && !self.away.contains(jid) {
-                tracing::debug!(user = %jid, "a handoff the membership has undone since: the actor ends as stale");
-                self.stale.insert(jid.clone());
-                continue;
-            }
-            return Some(t);
+        let t = self.user_mail.pop_front(self.users.get_mut(jid)?)?;
+        if matches!(t.msg, UserMsg::Handoff) && !self.away.contains(jid) {
+            tracing::debug!(user = %jid, "a handoff the membership has undone since: the actor ends as stale");
+            self.stale.insert(jid.clone());
         }
+        Some(t)
     }
 
-    /// Whether the user's actor must end as stale now, before the message just popped (which
-    /// goes to the next incarnation): `life::Ending::Stale`. Asked once per message.
+    /// Whether the user's actor must end as stale now, before the message just popped
+    /// (`life::stale_again` says where that goes): `life::Ending::Stale`. Asked once per
+    /// message.
     pub fn take_stale(&mut self, jid: &BareJid) -> bool {
         self.stale.remove(jid)
     }

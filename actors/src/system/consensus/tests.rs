@@ -508,6 +508,67 @@ fn a_learner_removed_while_cut_off_learns_it_after_the_heal() {
     }
 }
 
+/// The same, when every voter the learner knows has left the group meanwhile (it was added
+/// while the first node was the only voter, missed its promotion, and the groups then moved
+/// to other nodes altogether): it asks the ring's members for the slot too, and is told.
+#[test]
+fn a_learner_whose_voters_all_left_learns_its_removal_from_the_ring() {
+    let mut net = Net::new(5, false);
+    net.members(&[0]);
+    net.ticks(50);
+    net.members(&[0, 1, 2, 3]);
+    let learner = |net: &Net| {
+        net.hosts[3]
+            .c
+            .groups
+            .values()
+            .any(|g| g.initialized() && g.is_learner())
+    };
+    let mut ticks = 0;
+    while !learner(&net) {
+        net.ticks(1);
+        ticks += 1;
+        assert!(ticks < 200, "node 3 never became a learner with data");
+    }
+    net.cut = (0..5).filter(|n| *n != 3).flat_map(|n| [(3, n), (n, 3)]).collect();
+    net.members(&[1, 2, 4]);
+    net.ticks(400);
+    assert!(
+        net.hosts[0].c.groups.is_empty(),
+        "node 0 left every group: {:?}",
+        net.hosts[0].c.slots()
+    );
+    assert!(learner(&net), "cut off, node 3 still holds its learner copies");
+    net.cut.clear();
+    net.ticks(200);
+    let left: Vec<String> = net.hosts[3]
+        .c
+        .groups
+        .iter()
+        .map(|(slot, g)| {
+            let others: Vec<String> = (0..5)
+                .filter_map(|n| {
+                    let o = net.hosts[n].c.groups.get(slot)?;
+                    Some(format!(
+                        "n{n}: conf {:?} applied {} leader {}",
+                        o.conf(),
+                        o.applied,
+                        o.is_leader()
+                    ))
+                })
+                .collect();
+            format!(
+                "slot {slot}: learner {} conf {:?} last {} unheard {} | {others:?}",
+                g.is_learner(),
+                g.conf(),
+                g.last_index(),
+                g.unheard()
+            )
+        })
+        .collect();
+    assert!(left.is_empty(), "after the heal node 3 still hosts {left:#?}");
+}
+
 #[test]
 fn a_minority_side_serves_nothing_stale() {
     let mut net = Net::new(3, false);

@@ -454,17 +454,18 @@ fn membership_changes_reach_the_actors_and_move_the_sessions() {
     assert_eq!(moved.handed_off, 1);
     assert!(matches!(c.pop_user(&bob).map(|t| t.msg), Some(UserMsg::Handoff)));
     outs(&mut c);
-    // A handoff the membership undid before the actor took it (the key came back here) is
-    // dropped: sessions may have registered here since.
+    // A handoff the membership undid before the actor took it (the key came back here) ends
+    // the actor as stale: sessions may have registered here since.
     c.route(inbound("bob@x", "m"), 0, Origin::Actor, &one_shard());
     c.pop_user(&bob);
     c.membership_changed(1, false, &[], |_| 9, 0);
     c.membership_changed(1, false, &[], |_| 7, 0);
     c.route(inbound("bob@x", "after"), 0, Origin::Actor, &one_shard());
-    assert!(
-        matches!(c.pop_user(&bob).map(|t| t.msg), Some(UserMsg::Inbound { .. })),
-        "the stale handoff is skipped"
-    );
+    assert!(matches!(c.pop_user(&bob).map(|t| t.msg), Some(UserMsg::Handoff)));
+    assert!(c.take_stale(&bob), "the actor ends as stale instead of taking it");
+    assert!(!c.take_stale(&bob), "once");
+    assert!(matches!(c.pop_user(&bob).map(|t| t.msg), Some(UserMsg::Inbound { .. })));
+    assert!(!c.take_stale(&bob), "the next message is not affected");
     assert!(c.pop_user(&bob).is_none());
     outs(&mut c);
     // An actor that ends with a handoff queued does not pass it on: it was for its sessions.
