@@ -540,6 +540,34 @@ async fn a_joining_node_acknowledges_nothing_before_the_cluster_has_it() {
     Raw::login_plain(n1.port, "early", "pw", "r").await;
 }
 
+/// `starling cluster leave` where it cannot work: a node alone in its cluster refuses (its
+/// slots would have nowhere to go) and keeps serving; a single node (no cluster) says it is
+/// not a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_leave_is_refused_by_a_node_alone_and_by_a_single_node() {
+    let g = free_port();
+    let mut solo = Server::start_node("solo", g, free_port(), &[g], &[]);
+    wait_alive(&solo, &["solo"], Duration::from_secs(30));
+    let out = solo.cli(&["cluster", "leave"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("409") && err.contains("no other member stays"),
+        "cluster leave alone: {err}{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    register(&solo, "still", "pw").await;
+    assert!(solo.exited().is_none(), "the node refused and goes on");
+    assert!(solo.http_get("/health").0.contains("200"));
+
+    let single = Server::start(&[], &[]);
+    let out = single.cli(&["cluster", "leave"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a cluster member"),
+        "cluster leave on a single node: {err}"
+    );
+}
+
 /// Whether every slot has a leader, its voters are the ring's `r` members for it among
 /// `alive` (`cluster::slot_voters`), and no learner or change is under way, as the nodes'
 /// `/cluster/slots` show (each node lists the slots it hosts).
