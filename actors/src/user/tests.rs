@@ -571,11 +571,6 @@ fn writes_of(actor: &mut UserActor, msg: UserMsg) -> Vec<Write> {
 #[test]
 fn a_confirmation_from_an_earlier_incarnations_session_deletes_what_it_was_sent() {
     let bob: BareJid = "bob@localhost".parse().unwrap();
-    let stored = |seq| OfflineMessage {
-        seq,
-        stamp_unix_ms: 1,
-        xml: format!("<message to='bob@localhost' id='m{seq}'><body>x</body></message>"),
-    };
     // An earlier incarnation sent seqs 5 and 6 to a session, then the actor moved: this one
     // loads them with the state at version 9.
     let data = UserData {
@@ -605,6 +600,15 @@ fn a_confirmation_from_an_earlier_incarnations_session_deletes_what_it_was_sent(
     );
     assert!(writes_of(&mut a, UserMsg::OfflineDelivered { session: old, upto: 6 }).is_empty());
     assert_eq!(a.offline_len(), 1);
+}
+
+/// An offline message for bob, numbered `seq`, stored with id `m{seq}`.
+fn stored(seq: u64) -> OfflineMessage {
+    OfflineMessage {
+        seq,
+        stamp_unix_ms: 1,
+        xml: format!("<message to='bob@localhost' id='m{seq}'><body>x</body></message>"),
+    }
 }
 
 fn failed_of(actor: &mut UserActor, msg: UserMsg) -> Vec<Envelope> {
@@ -1127,11 +1131,6 @@ fn a_resync_asks_the_contacts_whose_actors_moved_in_full() {
 #[test]
 fn a_moved_session_does_not_get_again_the_offline_messages_it_had() {
     let bob: BareJid = "bob@localhost".parse().unwrap();
-    let stored = |seq| OfflineMessage {
-        seq,
-        stamp_unix_ms: 1,
-        xml: format!("<message to='bob@localhost' id='m{seq}'><body>x</body></message>"),
-    };
     let data = UserData {
         offline: vec![stored(5), stored(6)],
         version: 9,

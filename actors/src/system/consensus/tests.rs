@@ -336,6 +336,25 @@ impl Net {
         self.run();
     }
 
+    /// Whether node `i` holds a copy with data in which it is a learner.
+    fn learner_with_data(&self, i: NodeId) -> bool {
+        self.hosts[i as usize]
+            .c
+            .groups
+            .values()
+            .any(|g| g.initialized() && g.is_learner())
+    }
+
+    /// Ticks, one at a time, until node `i` is a learner with data somewhere.
+    fn until_learner_with_data(&mut self, i: NodeId) {
+        let mut ticks = 0;
+        while !self.learner_with_data(i) {
+            self.ticks(1);
+            ticks += 1;
+            assert!(ticks < 200, "node {i} never became a learner with data");
+        }
+    }
+
     fn voters(&self, i: NodeId) -> Vec<Vec<u64>> {
         self.hosts[i as usize]
             .c
@@ -476,19 +495,8 @@ fn a_learner_removed_while_cut_off_learns_it_after_the_heal() {
         assert_eq!(net.write(0, u, i as u64 + 1), Some(Outcome::Written(Ok(()))), "{u}");
     }
     net.members(&[0, 1, 2]);
-    let learner = |net: &Net| {
-        net.hosts[2]
-            .c
-            .groups
-            .values()
-            .any(|g| g.initialized() && g.is_learner())
-    };
-    let mut ticks = 0;
-    while !learner(&net) {
-        net.ticks(1);
-        ticks += 1;
-        assert!(ticks < 200, "node 2 never became a learner with data");
-    }
+    let learner = |net: &Net| net.learner_with_data(2);
+    net.until_learner_with_data(2);
     net.cut = vec![(2, 0), (2, 1)];
     net.leave(2);
     net.ticks(200);
@@ -517,19 +525,8 @@ fn a_learner_whose_voters_all_left_learns_its_removal_from_the_ring() {
     net.members(&[0]);
     net.ticks(50);
     net.members(&[0, 1, 2, 3]);
-    let learner = |net: &Net| {
-        net.hosts[3]
-            .c
-            .groups
-            .values()
-            .any(|g| g.initialized() && g.is_learner())
-    };
-    let mut ticks = 0;
-    while !learner(&net) {
-        net.ticks(1);
-        ticks += 1;
-        assert!(ticks < 200, "node 3 never became a learner with data");
-    }
+    let learner = |net: &Net| net.learner_with_data(3);
+    net.until_learner_with_data(3);
     net.cut = (0..5).filter(|n| *n != 3).flat_map(|n| [(3, n), (n, 3)]).collect();
     net.members(&[1, 2, 4]);
     net.ticks(400);
