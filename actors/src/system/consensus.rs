@@ -1112,14 +1112,13 @@ impl<T, R> Consensus<T, R> {
 
     // ---- membership ---------------------------------------------------------------------
 
-    /// On a leader: moves the group's configuration one step toward the ring's members for
-    /// the slot, or hands leadership to the ring's owner of the slot.
-    /// A learner that has heard from no leader for two election timeouts asks whether it is
-    /// still in the group ([`ASK`]) — the voters it knows, and the ring's members for the slot
-    /// (those it knows may all have left the group since: a learner that missed its own
-    /// promotion and then its removal, found in the five-node end-to-end test): a member that
-    /// applied its removal answers [`TOMBSTONE`], and the copy goes (a voter removed that way
-    /// campaigns and is told the same).
+    /// A learner that has heard from no leader for two election timeouts, or a voter that has
+    /// known none for four, asks whether it is still in the group ([`ASK`]) — the voters it
+    /// knows, and the ring's members for the slot (those it knows may all have left the group
+    /// since: a learner that missed its own promotion and then its removal, found in the
+    /// five-node end-to-end test): a member that applied its removal answers [`TOMBSTONE`],
+    /// and the copy goes. (A removed voter's campaign is answered the same way by the voters
+    /// it knows that are still in the group.)
     fn ask_if_removed(&mut self, slot: u32, m: &impl Members) {
         let Some(g) = self.groups.get(&slot) else { return };
         let wanted_here = wanted(m, slot, self.cfg.replication)
@@ -1134,7 +1133,15 @@ impl<T, R> Consensus<T, R> {
             tracing::info!(slot, "raft: an empty copy no leader has fed for long is dropped");
             return self.forget(slot, "an empty copy no leader fed");
         }
-        if !g.initialized() || g.is_leader() || !g.is_learner() || g.unheard() < 2 * ELECTION_TICKS {
+        // A learner never campaigns; a voter does, but only to the voters it knows, and a
+        // node without the slot ignores a vote request: either asks once it has long known
+        // no leader.
+        let stuck = if g.is_learner() {
+            g.unheard() >= 2 * ELECTION_TICKS
+        } else {
+            g.leaderless() >= 4 * ELECTION_TICKS as u64
+        };
+        if !g.initialized() || g.is_leader() || !stuck {
             return;
         }
         let mut to: BTreeSet<u64> = g.voters().into_iter().collect();
@@ -1151,6 +1158,8 @@ impl<T, R> Consensus<T, R> {
         }
     }
 
+    /// On a leader: moves the group's configuration one step toward the ring's members for
+    /// the slot, or hands leadership to the ring's owner of the slot.
     fn reconcile(&mut self, slot: u32, m: &impl Members) {
         let r = self.cfg.replication;
         let want: Vec<u64> = wanted(m, slot, r)

@@ -78,6 +78,8 @@ pub struct Slot {
     pub submitted: (u64, u64),
     /// The last entry the host's storage applied.
     pub applied: u64,
+    /// Host ticks in a row this member has known no leader.
+    leaderless: u64,
 }
 
 fn config(id: u64, applied: u64) -> Config {
@@ -108,6 +110,7 @@ impl Slot {
             held: Default::default(),
             submitted: (applied, 0),
             applied,
+            leaderless: 0,
         };
         s.submitted.1 = s.rn.store().term_of(applied).unwrap_or(0);
         Ok(s)
@@ -165,6 +168,13 @@ impl Slot {
         if self.is_leader() || self.coin() {
             self.rn.tick();
         }
+        self.leaderless = if self.leader() == 0 { self.leaderless + 1 } else { 0 };
+    }
+
+    /// Host ticks in a row this member has known no leader (a voter's election clock
+    /// restarts at each campaign, so `unheard` does not show it).
+    pub fn leaderless(&self) -> u64 {
+        self.leaderless
     }
 
     /// A message from another member.

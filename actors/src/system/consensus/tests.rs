@@ -566,6 +566,35 @@ fn a_learner_whose_voters_all_left_learns_its_removal_from_the_ring() {
     assert!(left.is_empty(), "after the heal node 3 still hosts {left:#?}");
 }
 
+/// A voter cut off, then removed with every other voter it knows (the groups moved to three
+/// other nodes altogether): its campaigns reach only nodes without the slot, which ignore
+/// them; once it has long known no leader it asks the ring's members, and is told.
+#[test]
+fn a_voter_whose_voters_all_left_learns_its_removal_from_the_ring() {
+    let mut net = Net::new(6, false);
+    net.members(&[0, 1, 3]);
+    net.ticks(200);
+    assert_eq!(net.voters(3), vec![vec![1, 2, 4]; SLOTS as usize]);
+    net.cut = (0..6).filter(|n| *n != 3).flat_map(|n| [(3, n), (n, 3)]).collect();
+    net.members(&[2, 4, 5]);
+    net.ticks(400);
+    for i in [0, 1] {
+        assert!(net.hosts[i].c.groups.is_empty(), "node {i} left every group");
+    }
+    assert_eq!(
+        net.hosts[3].c.groups.len(),
+        SLOTS as usize,
+        "cut off, node 3 keeps its copies"
+    );
+    net.cut.clear();
+    net.ticks(300);
+    assert!(
+        net.hosts[3].c.groups.is_empty(),
+        "after the heal node 3 still hosts {:?}",
+        net.hosts[3].c.slots()
+    );
+}
+
 #[test]
 fn a_minority_side_serves_nothing_stale() {
     let mut net = Net::new(3, false);
