@@ -360,6 +360,10 @@ fn serve(cfg: Config) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the control plane: {e}"))?;
     rt.block_on(async move {
+        // The handlers first: a SIGTERM while the node starts (a supervisor that gives up
+        // quickly, a test that restarts at once) must stop it cleanly once it is up, not kill
+        // it with the signal's default action.
+        let mut signals = Signals::install()?;
         let live = Liveness::default();
         let status = crate::metrics::ClusterStatus::default();
         let control = crate::metrics::ClusterControl::default();
@@ -422,7 +426,7 @@ fn serve(cfg: Config) -> Result<(), String> {
             "starling is up"
         );
         tokio::select! {
-            _ = wait_for_signal() => tracing::info!("signal received"),
+            _ = signals.wait() => tracing::info!("signal received"),
             _ = left.notified() => tracing::info!("cluster leave finished: stopping"),
         }
         if let Some((d, h)) = driver {
@@ -442,11 +446,27 @@ fn serve(cfg: Config) -> Result<(), String> {
     })
 }
 
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, registered as soon as `serve` starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let e = |e: std::io::Error| format!("cannot handle signals: {e}");
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(e)?,
+            int: signal(SignalKind::interrupt()).map_err(e)?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
