@@ -388,12 +388,12 @@ impl World {
     pub fn leave_start(&mut self, n: u32) {
         use starling_actors::system::leave;
         let node = &self.nodes[n as usize];
-        let staying = node.cluster.member.as_ref().map(|m| {
-            let me = name(n);
-            m.ring().members().iter().filter(|o| **o != me).count()
-        });
-        let refused = staying.is_some_and(|s| leave::may_start(s).is_err());
-        if !node.up || staying.is_none() || self.leaving.is_some() || refused {
+        let may = node
+            .cluster
+            .member
+            .as_ref()
+            .is_some_and(|m| leave::may_start(&m.ring(), &m.me().name).is_ok());
+        if !node.up || !may || self.leaving.is_some() {
             if !self.quiescing {
                 self.after(TICK_US, Ev::LeaveStart(n));
             }

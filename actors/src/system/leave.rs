@@ -32,9 +32,10 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// Whether a node may start leaving, given how many other members are up and not leaving.
-pub fn may_start(others_staying: usize) -> Result<(), Refused> {
-    if others_staying == 0 {
+/// Whether node `me` may start leaving, given the ring as it sees it (the members up and not
+/// leaving): some other member must stay to take its slots.
+pub fn may_start(ring: &starling_gossip::Ring, me: &str) -> Result<(), Refused> {
+    if !ring.members().iter().any(|m| m != me) {
         Err(Refused::Alone)
     } else {
         Ok(())
@@ -96,8 +97,11 @@ mod tests {
 
     #[test]
     fn a_node_alone_may_not_leave() {
-        assert_eq!(may_start(0), Err(Refused::Alone));
+        let ring = |names: &[&str]| starling_gossip::Ring::new(names.iter().map(|n| n.to_string()));
+        assert_eq!(may_start(&ring(&["n1"]), "n1"), Err(Refused::Alone));
+        // Leaving already: off its own ring, alone all the same.
+        assert_eq!(may_start(&ring(&[]), "n1"), Err(Refused::Alone));
         assert!(Refused::Alone.to_string().contains("stop it instead"));
-        assert_eq!(may_start(1), Ok(()));
+        assert_eq!(may_start(&ring(&["n1", "n2"]), "n1"), Ok(()));
     }
 }

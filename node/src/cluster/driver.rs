@@ -188,9 +188,7 @@ impl DriverState {
         if self.left {
             return Err("this node is stopping".into());
         }
-        let me = self.membership.me().name.clone();
-        let staying = self.membership.ring().members().iter().filter(|m| **m != me).count();
-        leave::may_start(staying).map_err(|e| e.to_string())?;
+        leave::may_start(&self.membership.ring(), &self.membership.me().name).map_err(|e| e.to_string())?;
         tracing::warn!("cluster leave: this node leaves the cluster once its slots have moved to the others");
         self.leave = Some(Leave::new());
         Ok(self.membership.start_leaving())
