@@ -1121,10 +1121,13 @@ impl<T, R> Consensus<T, R> {
     /// it knows that are still in the group.)
     fn ask_if_removed(&mut self, slot: u32, m: &impl Members) {
         let Some(g) = self.groups.get(&slot) else { return };
-        let wanted_here = wanted(m, slot, self.cfg.replication)
-            .into_iter()
-            .any(|n| m.node_id(n) == Some(m.me()));
-        if !g.initialized() && !wanted_here && g.unheard() >= 2 * ELECTION_TICKS {
+        // (The ring is asked only for a copy long unfed: this runs for every slot.)
+        let wanted_here = || {
+            wanted(m, slot, self.cfg.replication)
+                .into_iter()
+                .any(|n| m.node_id(n) == Some(m.me()))
+        };
+        if !g.initialized() && g.unheard() >= 2 * ELECTION_TICKS && !wanted_here() {
             // An empty copy made for a leader that then stopped feeding it (it removed this
             // node before the snapshot came), on a node the ring no longer wants in the
             // group: it holds and acknowledged nothing, and a leader that still wants it makes
